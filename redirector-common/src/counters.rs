@@ -1,0 +1,40 @@
+//! Per-CPU packet counters: one slot per verdict and drop reason.
+
+/// `PerCpuArray<u64>` with [`COUNT`] slots, indexed by the constants below.
+pub const COUNTER_MAP: &str = "COUNTERS_V1";
+
+macro_rules! counters {
+    ($($name:ident = $index:literal : $label:literal,)+) => {
+        $(pub const $name: u32 = $index;)+
+        /// Number of counter slots.
+        pub const COUNT: u32 = [$($index),+].len() as u32;
+        /// Metric label of each slot, by index.
+        pub const LABELS: [&str; COUNT as usize] = [$($label),+];
+        const _: () = {
+            let mut i = 0;
+            let indexes = [$($index),+];
+            while i < indexes.len() {
+                assert!(indexes[i] == i as u32, "counter indexes must be dense and in order");
+                i += 1;
+            }
+        };
+    };
+}
+
+counters! {
+    PASS_NOT_IPV4 = 0: "pass_not_ipv4",
+    PASS_NOT_TCP_UDP = 1: "pass_not_tcp_udp",
+    PASS_NOT_SERVICE = 2: "pass_not_service",
+    PASS_UNPARSABLE = 3: "pass_unparsable",
+    FORWARD_NEW_FLOW = 4: "forward_new_flow",
+    FORWARD_ESTABLISHED = 5: "forward_established",
+    REPLY_TRANSLATED = 6: "reply_translated",
+    REFUSED_NO_ENDPOINTS = 7: "refused_no_endpoints",
+    REFUSED_UNALLOCATED_IP = 8: "refused_unallocated_cluster_ip",
+    DROP_UNKNOWN_PORT = 9: "drop_unknown_port",
+    DROP_FRAGMENT = 10: "drop_fragment",
+    DROP_TRUNCATED = 11: "drop_truncated",
+    DROP_BACKEND_MISSING = 12: "drop_backend_missing",
+    DROP_CT_FULL = 13: "drop_conntrack_insert_failed",
+    DROP_REWRITE_FAILED = 14: "drop_rewrite_failed",
+}

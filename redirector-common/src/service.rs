@@ -1,0 +1,81 @@
+//! Services, their backend slots and the backends themselves.
+//!
+//! Modelled on Cilium's `lb4` maps: one hash map holds, for every service port,
+//! a master entry (`slot == 0`) with the number of backends, and entries for
+//! slots `1..=count` naming a backend ID. Backends live in their own map. The
+//! writer fills backends and slots before the master entry points at them and
+//! removes them only after the master entry shrank, so the datapath never sees
+//! a half-programmed service.
+
+/// Service port → backend slots. Key [`ServiceKey`], value [`ServiceEntry`].
+pub const SERVICE_MAP: &str = "SVC_V1";
+/// Backend ID → address. Key `u32` (host order, never 0), value [`Backend`].
+pub const BACKEND_MAP: &str = "BACKEND_V1";
+/// Service address → [`VipEntry`]; tells "a service address on an undefined
+/// port" (dropped) from "not a service address" (passed).
+pub const VIP_MAP: &str = "VIP_V1";
+
+/// The master entry of a service port.
+pub const MASTER_SLOT: u16 = 0;
+
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable,
+)]
+pub struct ServiceKey {
+    /// Service IPv4 address, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// 0 for the master entry, 1..=count for backend slots; host byte order.
+    pub slot: u16,
+    /// [`crate::proto`] number.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ServiceEntry {
+    /// Slot entries: the backend ID (host order). Master entry: 0.
+    pub backend_id: u32,
+    /// Master entry: number of backend slots; 0 means "no endpoints" and the
+    /// datapath refuses new flows. Host byte order.
+    pub count: u16,
+    /// Reserved for per-service flags (affinity, traffic policy); host order.
+    pub flags: u16,
+    /// Stable ID of the service port (host order, never 0), shared by the
+    /// master and its slots; indexes per-service statistics.
+    pub svc_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 12);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Backend {
+    /// Endpoint IPv4 address, network byte order.
+    pub addr: u32,
+    /// Endpoint port, network byte order.
+    pub port: u16,
+    /// [`crate::proto`] number.
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VipEntry {
+    /// How many service ports use this address (host order); informational.
+    pub port_count: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipEntry>() == 4);
+
+#[cfg(feature = "user")]
+mod user {
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceEntry {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::VipEntry {}
+}

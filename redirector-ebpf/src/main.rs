@@ -1,0 +1,230 @@
+//! The service datapath: a TC program on the node side of pod interfaces.
+//!
+//! Per packet: parse → conntrack → (new flow: look up service → select backend
+//! → record both directions) → rewrite with checksums. Every outcome bumps one
+//! per-CPU counter; nothing is logged per packet.
+//!
+//! Deliberate handling of awkward input (see also the README):
+//! - non-IPv4, non-TCP/UDP: passed untouched;
+//! - an IPv4 header that is truncated or malformed: passed (the kernel drops it;
+//!   it cannot be matched to a service);
+//! - IPv4 options: honoured (the L4 header is found after them; the ICMP quote
+//!   carries them);
+//! - fragments addressed to a service: dropped (no L4 ports in later fragments,
+//!   so translating only the first would mis-translate); other fragments pass;
+//! - a truncated TCP/UDP header addressed to a service: dropped.
+#![no_std]
+#![no_main]
+
+mod packet;
+mod refuse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_get_prandom_u32,
+    macros::{classifier, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use redirector_common::{
+    config::Config,
+    conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey},
+    counters,
+    service::{Backend, MASTER_SLOT, ServiceEntry, ServiceKey, VipEntry},
+};
+
+use packet::Packet;
+
+// Sizes here are defaults; the agent sets the real ones at load time.
+#[map]
+static SVC_V1: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(65536, 0);
+#[map]
+static BACKEND_V1: HashMap<u32, Backend> = HashMap::pinned(65536, 0);
+#[map]
+static VIP_V1: HashMap<u32, VipEntry> = HashMap::pinned(16384, 0);
+#[map]
+static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(262144, 0);
+#[map]
+static CONFIG_V1: Array<Config> = Array::pinned(1, 0);
+#[map]
+static COUNTERS_V1: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+
+/// What happens to a packet, and which counter says so.
+#[must_use]
+#[derive(Clone, Copy)]
+pub struct Verdict {
+    action: i32,
+    counter: u32,
+}
+
+impl Verdict {
+    const fn pass(counter: u32) -> Self {
+        Self {
+            action: TC_ACT_OK as i32,
+            counter,
+        }
+    }
+    const fn drop(counter: u32) -> Self {
+        Self {
+            action: TC_ACT_SHOT as i32,
+            counter,
+        }
+    }
+}
+
+#[classifier]
+pub fn redirector_tc(ctx: TcContext) -> i32 {
+    let (Ok(verdict) | Err(verdict)) = try_redirect(&ctx);
+    if let Some(count) = COUNTERS_V1.get_ptr_mut(verdict.counter) {
+        // Per-CPU slot: no other writer.
+        unsafe { *count += 1 };
+    }
+    verdict.action
+}
+
+/// `Ok` for packets that go on (passed, translated, answered); `Err` for drops.
+#[inline(always)]
+fn try_redirect(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    let pkt = packet::parse(ctx)?;
+
+    if pkt.is_fragment || pkt.l4_truncated {
+        return if is_service_address(pkt.daddr) {
+            Err(Verdict::drop(if pkt.is_fragment {
+                counters::DROP_FRAGMENT
+            } else {
+                counters::DROP_TRUNCATED
+            }))
+        } else {
+            Ok(Verdict::pass(counters::PASS_UNPARSABLE))
+        };
+    }
+
+    let tuple = pkt.tuple();
+    if let Some(entry) = unsafe { CT_V1.get(&tuple) }.copied() {
+        if entry.kind == CT_REPLY {
+            packet::rewrite_source(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
+            return Ok(Verdict::pass(counters::REPLY_TRANSLATED));
+        }
+        if entry.kind == CT_FORWARD && !(pkt.opens_connection() && backend_gone(entry.backend_id)) {
+            packet::rewrite_destination(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
+            return Ok(Verdict::pass(counters::FORWARD_ESTABLISHED));
+        }
+    }
+
+    let master_key = service_key(&pkt, MASTER_SLOT);
+    let Some(master) = (unsafe { SVC_V1.get(&master_key) }).copied() else {
+        return not_a_service_port(ctx, &pkt);
+    };
+    if master.count == 0 {
+        return refuse::port_unreachable(ctx, &pkt, counters::REFUSED_NO_ENDPOINTS);
+    }
+
+    let (backend_id, backend) = select_backend(&pkt, master.count)?;
+    remember_flow(&pkt, &tuple, backend_id, &backend, master.svc_id)?;
+    packet::rewrite_destination(ctx, &pkt, backend.addr, backend.port)?;
+    Ok(Verdict::pass(counters::FORWARD_NEW_FLOW))
+}
+
+/// A new flow picks uniformly among the service port's slots.
+#[inline(always)]
+fn select_backend(pkt: &Packet, count: u16) -> Result<(u32, Backend), Verdict> {
+    let slot = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16;
+    let missing = Verdict::drop(counters::DROP_BACKEND_MISSING);
+    let entry = unsafe { SVC_V1.get(&service_key(pkt, slot)) }.ok_or(missing)?;
+    let backend_id = entry.backend_id;
+    let backend = unsafe { BACKEND_V1.get(&backend_id) }
+        .copied()
+        .ok_or(Verdict::drop(counters::DROP_BACKEND_MISSING))?;
+    Ok((backend_id, backend))
+}
+
+/// Records both directions; the reply entry first so a forwarded packet always
+/// has its way back.
+#[inline(always)]
+fn remember_flow(
+    pkt: &Packet,
+    tuple: &CtKey,
+    backend_id: u32,
+    backend: &Backend,
+    svc_id: u32,
+) -> Result<(), Verdict> {
+    let reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: pkt.saddr,
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let reply = CtEntry {
+        nat_addr: pkt.daddr,
+        nat_port: pkt.dport,
+        kind: CT_REPLY,
+        _pad: 0,
+        backend_id,
+        svc_id,
+    };
+    let forward = CtEntry {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        kind: CT_FORWARD,
+        ..reply
+    };
+    let full = Verdict::drop(counters::DROP_CT_FULL);
+    CT_V1.insert(&reply_key, &reply, 0).map_err(|_| full)?;
+    CT_V1
+        .insert(tuple, &forward, 0)
+        .map_err(|_| Verdict::drop(counters::DROP_CT_FULL))
+}
+
+#[inline(always)]
+fn backend_gone(backend_id: u32) -> bool {
+    unsafe { BACKEND_V1.get(&backend_id) }.is_none()
+}
+
+/// No service port matched: a service address on another port is dropped, an
+/// unused address of the service CIDR is refused, anything else passes.
+#[inline(always)]
+fn not_a_service_port(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, Verdict> {
+    if unsafe { VIP_V1.get(&pkt.daddr) }.is_some() {
+        return Err(Verdict::drop(counters::DROP_UNKNOWN_PORT));
+    }
+    if in_service_cidr(pkt.daddr) {
+        return refuse::port_unreachable(ctx, pkt, counters::REFUSED_UNALLOCATED_IP);
+    }
+    Ok(Verdict::pass(counters::PASS_NOT_SERVICE))
+}
+
+#[inline(always)]
+fn is_service_address(addr: u32) -> bool {
+    unsafe { VIP_V1.get(&addr) }.is_some() || in_service_cidr(addr)
+}
+
+#[inline(always)]
+fn in_service_cidr(addr: u32) -> bool {
+    match CONFIG_V1.get(0) {
+        Some(cfg) => cfg.service_cidr_mask != 0 && addr & cfg.service_cidr_mask == cfg.service_cidr_addr,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn service_key(pkt: &Packet, slot: u16) -> ServiceKey {
+    ServiceKey {
+        addr: pkt.daddr,
+        port: pkt.dport,
+        slot,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

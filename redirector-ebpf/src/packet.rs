@@ -1,0 +1,228 @@
+//! Parsing and rewriting of Ethernet/IPv4/TCP/UDP headers.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use redirector_common::{conntrack::CtKey, counters, proto};
+
+use crate::Verdict;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPV4_MIN_HLEN: usize = 20;
+const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+/// More-fragments flag and fragment offset, in host order.
+const IP_MF_OR_OFFSET: u16 = 0x3fff;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// The fields the datapath decides on, copied out of the packet.
+pub struct Packet {
+    /// Addresses and ports in network byte order, as on the wire.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    /// IPv4 header length in bytes (20..=60).
+    pub ip_hlen: usize,
+    pub is_fragment: bool,
+    /// Ports were not read: the L4 header is cut short.
+    pub l4_truncated: bool,
+}
+
+impl Packet {
+    pub fn tuple(&self) -> CtKey {
+        CtKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    pub fn l4_offset(&self) -> usize {
+        ETH_HLEN + self.ip_hlen
+    }
+
+    /// A TCP SYN without ACK, or any UDP datagram: a packet that may start a
+    /// new connection on a reused tuple.
+    pub fn opens_connection(&self) -> bool {
+        self.proto == proto::UDP || self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+
+    fn l4_csum_offset(&self) -> usize {
+        self.l4_offset() + if self.proto == proto::TCP { 16 } else { 6 }
+    }
+
+    /// UDP's zero checksum means "none" and must stay zero.
+    fn l4_csum_flags(&self) -> u64 {
+        if self.proto == proto::UDP {
+            BPF_F_MARK_MANGLED_0 as u64
+        } else {
+            0
+        }
+    }
+}
+
+#[inline(always)]
+fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
+    let start = ctx.data();
+    if start + offset + N > ctx.data_end() {
+        return None;
+    }
+    // Bounds checked above against data_end, as the verifier requires.
+    Some(unsafe { *((start + offset) as *const [u8; N]) })
+}
+
+/// Makes `len` bytes readable by direct access when the skb is non-linear.
+#[inline(always)]
+fn ensure_linear(ctx: &TcContext, len: usize) {
+    if ctx.data() + len > ctx.data_end() && ctx.len() as usize >= len {
+        let _ = ctx.pull_data(len as u32);
+    }
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Packet, Verdict> {
+    ensure_linear(ctx, ETH_HLEN + IPV4_MIN_HLEN + TCP_HLEN);
+    let unparsable = Verdict::pass(counters::PASS_UNPARSABLE);
+
+    let eth_proto: [u8; 2] = bytes_at(ctx, 12).ok_or(unparsable)?;
+    if u16::from_be_bytes(eth_proto) != ETH_P_IP {
+        return Err(Verdict::pass(counters::PASS_NOT_IPV4));
+    }
+    let ip: [u8; IPV4_MIN_HLEN] = bytes_at(ctx, ETH_HLEN).ok_or(Verdict::pass(counters::PASS_UNPARSABLE))?;
+    let ip_hlen = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ip_hlen < IPV4_MIN_HLEN {
+        return Err(Verdict::pass(counters::PASS_UNPARSABLE));
+    }
+    let l4_proto = ip[9];
+    if l4_proto != proto::TCP && l4_proto != proto::UDP {
+        return Err(Verdict::pass(counters::PASS_NOT_TCP_UDP));
+    }
+
+    let mut pkt = Packet {
+        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        sport: 0,
+        dport: 0,
+        proto: l4_proto,
+        tcp_flags: 0,
+        ip_hlen,
+        is_fragment: u16::from_be_bytes([ip[6], ip[7]]) & IP_MF_OR_OFFSET != 0,
+        l4_truncated: false,
+    };
+    if pkt.is_fragment {
+        return Ok(pkt);
+    }
+
+    let l4 = pkt.l4_offset();
+    let l4_hlen = if l4_proto == proto::TCP {
+        TCP_HLEN
+    } else {
+        UDP_HLEN
+    };
+    ensure_linear(ctx, l4 + l4_hlen);
+    let l4_header = if l4_proto == proto::TCP {
+        l4_fields::<TCP_HLEN>(ctx, l4)
+    } else {
+        l4_fields::<UDP_HLEN>(ctx, l4)
+    };
+    match l4_header {
+        Some((sport, dport, flags)) => {
+            pkt.sport = sport;
+            pkt.dport = dport;
+            pkt.tcp_flags = flags;
+        }
+        None => pkt.l4_truncated = true,
+    }
+    Ok(pkt)
+}
+
+/// Ports (network order) and, for TCP, the flags byte of a complete L4 header.
+#[inline(always)]
+fn l4_fields<const N: usize>(ctx: &TcContext, l4: usize) -> Option<(u16, u16, u8)> {
+    let h: [u8; N] = bytes_at(ctx, l4)?;
+    let flags = if N == TCP_HLEN { h[13] } else { 0 };
+    Some((
+        u16::from_ne_bytes([h[0], h[1]]),
+        u16::from_ne_bytes([h[2], h[3]]),
+        flags,
+    ))
+}
+
+/// Client → service: the destination becomes the backend.
+#[inline(always)]
+pub fn rewrite_destination(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), Verdict> {
+    rewrite(
+        ctx,
+        pkt,
+        IP_DADDR_OFF,
+        pkt.daddr,
+        addr,
+        pkt.l4_offset() + 2,
+        pkt.dport,
+        port,
+    )
+}
+
+/// Backend → client: the source becomes the service.
+#[inline(always)]
+pub fn rewrite_source(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), Verdict> {
+    rewrite(
+        ctx,
+        pkt,
+        IP_SADDR_OFF,
+        pkt.saddr,
+        addr,
+        pkt.l4_offset(),
+        pkt.sport,
+        port,
+    )
+}
+
+/// Replaces one address and one port, fixing the IPv4 and L4 checksums
+/// incrementally (the address is part of the L4 pseudo-header).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rewrite(
+    ctx: &TcContext,
+    pkt: &Packet,
+    addr_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), Verdict> {
+    let failed = Verdict::drop(counters::DROP_REWRITE_FAILED);
+    let csum_off = pkt.l4_csum_offset();
+    let l4_flags = pkt.l4_csum_flags();
+    ctx.l4_csum_replace(
+        csum_off,
+        u64::from(old_addr),
+        u64::from(new_addr),
+        l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
+    )
+    .map_err(|_| failed)?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
+        .map_err(|_| Verdict::drop(counters::DROP_REWRITE_FAILED))?;
+    ctx.store(addr_off, &new_addr, 0)
+        .map_err(|_| Verdict::drop(counters::DROP_REWRITE_FAILED))?;
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(new_port), l4_flags | 2)
+            .map_err(|_| Verdict::drop(counters::DROP_REWRITE_FAILED))?;
+        ctx.store(port_off, &new_port, 0)
+            .map_err(|_| Verdict::drop(counters::DROP_REWRITE_FAILED))?;
+    }
+    Ok(())
+}

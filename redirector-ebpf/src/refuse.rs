@@ -1,0 +1,113 @@
+//! Refusal: turn the packet into an ICMP port-unreachable for its sender and
+//! send it back out the interface it came in on, as kube-proxy's `REJECT` does
+//! for services without endpoints. For TCP the client's connect() fails at once
+//! with ECONNREFUSED; for UDP the next send/recv does.
+
+use aya_ebpf::{
+    bindings::TC_ACT_REDIRECT,
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use redirector_common::{counters, proto};
+
+use crate::{
+    Verdict,
+    packet::{ETH_HLEN, Packet},
+};
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const IP_HLEN: usize = 20;
+const ICMP_HLEN: usize = 8;
+/// RFC 792: the offending IP header (with options) and 8 bytes of its payload.
+const MAX_QUOTE: usize = 60 + 8;
+
+#[inline(always)]
+pub fn port_unreachable(ctx: &TcContext, pkt: &Packet, counter: u32) -> Result<Verdict, Verdict> {
+    let failed = Verdict::drop(counters::DROP_REWRITE_FAILED);
+    let skb = ctx.skb.skb;
+
+    let mut quote = [0u8; MAX_QUOTE];
+    // Read back opaquely so the compiler cannot drop the mask: the verifier
+    // needs it to prove the length fits the buffer (8..=68, a multiple of 4).
+    let ip_hlen = pkt.ip_hlen as u32;
+    let quote_len = (unsafe { core::ptr::read_volatile(&ip_hlen) } & 0x3c) + 8;
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| failed)?;
+    if unsafe { bpf_skb_load_bytes(skb.cast(), ETH_HLEN as u32, quote.as_mut_ptr().cast(), quote_len) } != 0 {
+        return Err(failed);
+    }
+
+    let total = ETH_HLEN + IP_HLEN + ICMP_HLEN + quote_len as usize;
+    if unsafe { bpf_skb_change_tail(skb, total as u32, 0) } != 0 {
+        return Err(failed);
+    }
+
+    // Ethernet: back to where it came from.
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&macs[6..12]);
+    eth[6..].copy_from_slice(&macs[..6]);
+
+    let mut hdr = [0u8; IP_HLEN + ICMP_HLEN];
+    let ip_total = (IP_HLEN + ICMP_HLEN) as u16 + quote_len as u16;
+    hdr[0] = 0x45;
+    hdr[1] = 0xc0; // precedence "internetwork control", as Linux sends ICMP errors
+    hdr[2..4].copy_from_slice(&ip_total.to_be_bytes());
+    hdr[8] = 64;
+    hdr[9] = proto::ICMP;
+    hdr[12..16].copy_from_slice(&pkt.daddr.to_ne_bytes());
+    hdr[16..20].copy_from_slice(&pkt.saddr.to_ne_bytes());
+    let ip_csum = fold(sum_words(&hdr[..IP_HLEN]));
+    hdr[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
+
+    hdr[IP_HLEN] = ICMP_DEST_UNREACH;
+    hdr[IP_HLEN + 1] = ICMP_PORT_UNREACH;
+    let quote_sum =
+        unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, quote.as_mut_ptr().cast(), quote_len, 0) };
+    if quote_sum < 0 {
+        return Err(failed);
+    }
+    let icmp_csum = fold(sum_words(&hdr[IP_HLEN..]) + (quote_sum as u64 & 0xffff_ffff));
+    hdr[IP_HLEN + 2..IP_HLEN + 4].copy_from_slice(&icmp_csum.to_ne_bytes());
+
+    ctx.store(0, &eth, 0).map_err(|_| failed)?;
+    ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| failed)?;
+    if unsafe {
+        aya_ebpf::helpers::bpf_skb_store_bytes(
+            skb.cast(),
+            (ETH_HLEN + IP_HLEN + ICMP_HLEN) as u32,
+            quote.as_ptr().cast(),
+            quote_len,
+            0,
+        )
+    } != 0
+    {
+        return Err(failed);
+    }
+
+    let ifindex = unsafe { (*skb).ifindex };
+    unsafe { bpf_redirect(ifindex, 0) };
+    Ok(Verdict {
+        action: TC_ACT_REDIRECT as i32,
+        counter,
+    })
+}
+
+/// Sum of 16-bit words as laid out in memory (the checksum is byte-order neutral).
+#[inline(always)]
+fn sum_words(bytes: &[u8]) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u64::from(u16::from_ne_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -1,0 +1,85 @@
+//! Typed handles on the datapath's maps, opened from a loaded object or from
+//! their pins (for the CLI and for a restarted agent).
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use redirector_common::{
+    config::{CONFIG_MAP, Config},
+    conntrack::{CT_MAP, CtEntry, CtKey},
+    counters::{self, COUNTER_MAP},
+    service::{BACKEND_MAP, Backend, SERVICE_MAP, ServiceEntry, ServiceKey, VIP_MAP, VipEntry},
+};
+
+/// Names of every map, as pinned under `<bpffs>/maps/`.
+pub const MAP_NAMES: [&str; 6] = [SERVICE_MAP, BACKEND_MAP, VIP_MAP, CT_MAP, CONFIG_MAP, COUNTER_MAP];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {name} is missing from the eBPF object")]
+    Missing { name: &'static str },
+    #[error("opening pinned map {path}: {source}")]
+    Pin { path: PathBuf, source: MapError },
+    #[error("map {name} has an unexpected type or layout: {source}")]
+    Layout { name: &'static str, source: MapError },
+    #[error("reading map {name}: {source}")]
+    Read { name: &'static str, source: MapError },
+}
+
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceEntry>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub vips: HashMap<MapData, u32, VipEntry>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub config: Array<MapData, Config>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
+        Self::build(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))
+    }
+
+    /// Opens the maps an agent pinned under `dir` (`<bpffs>/maps`).
+    pub fn from_pins(dir: &Path) -> Result<Self, MapsError> {
+        Self::build(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| MapsError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            Map::from_map_data(data).map_err(|source| MapsError::Pin { path, source })
+        })
+    }
+
+    fn build(mut open: impl FnMut(&'static str) -> Result<Map, MapsError>) -> Result<Self, MapsError> {
+        fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
+            T::try_from(map).map_err(|source| MapsError::Layout { name, source })
+        }
+        Ok(Self {
+            services: typed(SERVICE_MAP, open(SERVICE_MAP)?)?,
+            backends: typed(BACKEND_MAP, open(BACKEND_MAP)?)?,
+            vips: typed(VIP_MAP, open(VIP_MAP)?)?,
+            conntrack: typed(CT_MAP, open(CT_MAP)?)?,
+            config: typed(CONFIG_MAP, open(CONFIG_MAP)?)?,
+            counters: typed(COUNTER_MAP, open(COUNTER_MAP)?)?,
+        })
+    }
+
+    /// Every counter summed over CPUs, by [`counters::LABELS`] index.
+    pub fn counter_totals(&self) -> Result<[u64; counters::COUNT as usize], MapsError> {
+        let mut totals = [0u64; counters::COUNT as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters
+                .get(&(index as u32), 0)
+                .map_err(|source| MapsError::Read {
+                    name: COUNTER_MAP,
+                    source,
+                })?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(totals)
+    }
+}

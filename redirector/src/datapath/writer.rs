@@ -1,0 +1,624 @@
+//! Writes the desired service model into the maps, changing only what differs.
+//!
+//! Ordering keeps every intermediate state valid for the datapath:
+//! backends before the slots that name them, slots before the master entry that
+//! counts them, and removals (shrunk masters first, then slots, then backends,
+//! then whole services) after every addition. A service port whose writes fail
+//! is rolled back to its previous state and reported; the others go on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use aya::maps::MapError;
+use redirector_common::{
+    config::{CONFIG_MAP, Config},
+    service::{BACKEND_MAP, Backend, MASTER_SLOT, SERVICE_MAP, ServiceEntry, ServiceKey, VIP_MAP, VipEntry},
+};
+
+use super::Maps;
+use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, Protocol, ServicePort, ServicePortName};
+
+/// Slots are numbered by a `u16`, slot 0 being the master entry.
+pub const MAX_ENDPOINTS_PER_PORT: usize = u16::MAX as usize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(
+        "service port {service} ({frontend}) was not programmed: map {map} is full \
+         (raise its size; the service keeps its previous state)"
+    )]
+    MapFull {
+        service: ServicePortName,
+        frontend: Frontend,
+        map: &'static str,
+    },
+    #[error("service port {service} ({frontend}): writing map {map}: {source}")]
+    Write {
+        service: ServicePortName,
+        frontend: Frontend,
+        map: &'static str,
+        source: MapError,
+    },
+    #[error(
+        "service port {service} ({frontend}) has {count} endpoints; at most \
+         {MAX_ENDPOINTS_PER_PORT} per service port are supported"
+    )]
+    TooManyEndpoints {
+        service: ServicePortName,
+        frontend: Frontend,
+        count: usize,
+    },
+    #[error("service address {addr}: writing map {VIP_MAP}: {source}")]
+    Address { addr: Ipv4Addr, source: MapError },
+    #[error("writing map {CONFIG_MAP}: {source}")]
+    Config { source: MapError },
+    #[error("reading map {map} to resume from its pinned state: {source}")]
+    Restore { map: &'static str, source: MapError },
+}
+
+/// What one sync changed.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Map entries inserted or overwritten.
+    pub writes: usize,
+    /// Map entries deleted.
+    pub deletes: usize,
+    /// Service ports that could not be programmed (each kept its old state).
+    pub errors: Vec<SyncError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slot {
+    backend_id: u32,
+    endpoint: Endpoint,
+}
+
+#[derive(Clone, Debug)]
+struct Programmed {
+    svc_id: u32,
+    /// Slot `i + 1` holds `slots[i]`.
+    slots: Vec<Slot>,
+}
+
+/// Undo log of one service port's update, applied in reverse on failure.
+enum Undo {
+    DeleteBackend(u32),
+    DeleteSlot(ServiceKey),
+    RestoreSlot(ServiceKey, ServiceEntry),
+}
+
+pub struct MapWriter {
+    maps: Maps,
+    programmed: HashMap<Frontend, Programmed>,
+    addresses: HashMap<Ipv4Addr, u32>,
+    next_svc_id: u32,
+    next_backend_id: u32,
+    /// Set after resuming from pins: entries no programmed service accounts
+    /// for are removed at the end of the first sync.
+    collect_garbage: bool,
+}
+
+impl MapWriter {
+    /// Resumes from whatever the maps hold (empty maps for a first start).
+    pub fn new(maps: Maps) -> Result<Self, SyncError> {
+        let mut writer = Self {
+            maps,
+            programmed: HashMap::new(),
+            addresses: HashMap::new(),
+            next_svc_id: 1,
+            next_backend_id: 1,
+            collect_garbage: false,
+        };
+        writer.restore()?;
+        Ok(writer)
+    }
+
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// Frontends currently in the maps, with their endpoints by slot order.
+    pub fn programmed(&self) -> BTreeMap<Frontend, Vec<Endpoint>> {
+        self.programmed
+            .iter()
+            .map(|(fe, p)| (*fe, p.slots.iter().map(|s| s.endpoint).collect()))
+            .collect()
+    }
+
+    pub fn set_service_cidr(&mut self, cidr: Ipv4Cidr) -> Result<(), SyncError> {
+        let config = Config {
+            service_cidr_addr: (u32::from(cidr.addr) & cidr.mask()).to_be(),
+            service_cidr_mask: cidr.mask().to_be(),
+        };
+        self.maps
+            .config
+            .set(0, config, 0)
+            .map_err(|source| SyncError::Config { source })
+    }
+
+    pub fn sync(&mut self, desired: &Desired) -> SyncReport {
+        let mut report = SyncReport::default();
+        for (frontend, port) in desired {
+            if let Err(error) = self.upsert(*frontend, port, &mut report) {
+                report.errors.push(error);
+            }
+        }
+        let gone: Vec<Frontend> = self
+            .programmed
+            .keys()
+            .filter(|fe| !desired.contains_key(fe))
+            .copied()
+            .collect();
+        self.sync_addresses(&mut report, true);
+        for frontend in gone {
+            self.remove(frontend, &mut report);
+        }
+        self.sync_addresses(&mut report, false);
+        if self.collect_garbage {
+            self.collect_garbage = false;
+            self.remove_unaccounted(&mut report);
+        }
+        report
+    }
+
+    fn upsert(&mut self, fe: Frontend, port: &ServicePort, report: &mut SyncReport) -> Result<(), SyncError> {
+        if port.endpoints.len() > MAX_ENDPOINTS_PER_PORT {
+            return Err(SyncError::TooManyEndpoints {
+                service: port.name.clone(),
+                frontend: fe,
+                count: port.endpoints.len(),
+            });
+        }
+        let old = self.programmed.get(&fe).cloned();
+        let old_slots = old.as_ref().map(|p| p.slots.clone()).unwrap_or_default();
+        let mut next_backend_id = self.next_backend_id;
+        let new_slots = plan_slots(&old_slots, &port.endpoints, || alloc_id(&mut next_backend_id));
+        if old.is_some() && new_slots == old_slots {
+            return Ok(());
+        }
+        let svc_id = match &old {
+            Some(p) => p.svc_id,
+            None => alloc_id(&mut self.next_svc_id),
+        };
+
+        let mut undo = Vec::new();
+        let result = self.write_service(
+            fe,
+            svc_id,
+            old.is_some(),
+            &old_slots,
+            &new_slots,
+            &mut undo,
+            report,
+        );
+        if let Err(source) = result {
+            self.rollback(undo, report);
+            let (map, source) = source;
+            return Err(if is_map_full(&source) {
+                SyncError::MapFull {
+                    service: port.name.clone(),
+                    frontend: fe,
+                    map,
+                }
+            } else {
+                SyncError::Write {
+                    service: port.name.clone(),
+                    frontend: fe,
+                    map,
+                    source,
+                }
+            });
+        }
+        self.next_backend_id = next_backend_id;
+
+        // Now that the master no longer counts them: surplus slots, then
+        // backends no slot names.
+        for slot in new_slots.len() + 1..=old_slots.len() {
+            self.delete_service_entry(service_key(fe, slot as u16), report);
+        }
+        let kept: HashSet<u32> = new_slots.iter().map(|s| s.backend_id).collect();
+        for gone in old_slots.iter().filter(|s| !kept.contains(&s.backend_id)) {
+            self.delete_backend(gone.backend_id, report);
+        }
+        self.programmed.insert(
+            fe,
+            Programmed {
+                svc_id,
+                slots: new_slots,
+            },
+        );
+        Ok(())
+    }
+
+    /// Backends, then changed slots, then the master entry.
+    #[allow(clippy::too_many_arguments)]
+    fn write_service(
+        &mut self,
+        fe: Frontend,
+        svc_id: u32,
+        existed: bool,
+        old_slots: &[Slot],
+        new_slots: &[Slot],
+        undo: &mut Vec<Undo>,
+        report: &mut SyncReport,
+    ) -> Result<(), (&'static str, MapError)> {
+        let old_ids: HashSet<u32> = old_slots.iter().map(|s| s.backend_id).collect();
+        for slot in new_slots.iter().filter(|s| !old_ids.contains(&s.backend_id)) {
+            let backend = Backend {
+                addr: u32::from_ne_bytes(slot.endpoint.addr.octets()),
+                port: slot.endpoint.port.to_be(),
+                proto: fe.protocol.number(),
+                _pad: 0,
+            };
+            self.maps
+                .backends
+                .insert(slot.backend_id, backend, 0)
+                .map_err(|e| (BACKEND_MAP, e))?;
+            undo.push(Undo::DeleteBackend(slot.backend_id));
+            report.writes += 1;
+        }
+        for (index, slot) in new_slots.iter().enumerate() {
+            let old = old_slots.get(index);
+            if old.map(|o| o.backend_id) == Some(slot.backend_id) {
+                continue;
+            }
+            let key = service_key(fe, index as u16 + 1);
+            let entry = ServiceEntry {
+                backend_id: slot.backend_id,
+                count: 0,
+                flags: 0,
+                svc_id,
+            };
+            self.maps
+                .services
+                .insert(key, entry, 0)
+                .map_err(|e| (SERVICE_MAP, e))?;
+            undo.push(match old {
+                Some(old) => Undo::RestoreSlot(
+                    key,
+                    ServiceEntry {
+                        backend_id: old.backend_id,
+                        ..entry
+                    },
+                ),
+                None => Undo::DeleteSlot(key),
+            });
+            report.writes += 1;
+        }
+        if !existed || old_slots.len() != new_slots.len() {
+            let master = ServiceEntry {
+                backend_id: 0,
+                count: new_slots.len() as u16,
+                flags: 0,
+                svc_id,
+            };
+            self.maps
+                .services
+                .insert(service_key(fe, MASTER_SLOT), master, 0)
+                .map_err(|e| (SERVICE_MAP, e))?;
+            report.writes += 1;
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self, undo: Vec<Undo>, report: &mut SyncReport) {
+        for step in undo.into_iter().rev() {
+            match step {
+                Undo::DeleteBackend(id) => self.delete_backend(id, report),
+                Undo::DeleteSlot(key) => self.delete_service_entry(key, report),
+                Undo::RestoreSlot(key, entry) => {
+                    // Overwriting an existing key needs no new room.
+                    if self.maps.services.insert(key, entry, 0).is_ok() {
+                        report.writes += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Master first (new flows stop), then slots, then backends.
+    fn remove(&mut self, fe: Frontend, report: &mut SyncReport) {
+        let Some(old) = self.programmed.remove(&fe) else {
+            return;
+        };
+        self.delete_service_entry(service_key(fe, MASTER_SLOT), report);
+        for slot in 1..=old.slots.len() {
+            self.delete_service_entry(service_key(fe, slot as u16), report);
+        }
+        for slot in &old.slots {
+            self.delete_backend(slot.backend_id, report);
+        }
+    }
+
+    /// Adds (`adding`) or removes address entries to match the programmed
+    /// frontends.
+    fn sync_addresses(&mut self, report: &mut SyncReport, adding: bool) {
+        let mut wanted: HashMap<Ipv4Addr, u32> = HashMap::new();
+        for fe in self.programmed.keys() {
+            *wanted.entry(fe.addr).or_default() += 1;
+        }
+        if adding {
+            for (addr, count) in &wanted {
+                if self.addresses.get(addr) == Some(count) {
+                    continue;
+                }
+                let key = u32::from_ne_bytes(addr.octets());
+                match self.maps.vips.insert(key, VipEntry { port_count: *count }, 0) {
+                    Ok(()) => {
+                        report.writes += 1;
+                        self.addresses.insert(*addr, *count);
+                    }
+                    Err(source) => report.errors.push(SyncError::Address { addr: *addr, source }),
+                }
+            }
+        } else {
+            let gone: Vec<Ipv4Addr> = self
+                .addresses
+                .keys()
+                .filter(|a| !wanted.contains_key(a))
+                .copied()
+                .collect();
+            for addr in gone {
+                if self.maps.vips.remove(&u32::from_ne_bytes(addr.octets())).is_ok() {
+                    report.deletes += 1;
+                }
+                self.addresses.remove(&addr);
+            }
+        }
+    }
+
+    fn delete_service_entry(&mut self, key: ServiceKey, report: &mut SyncReport) {
+        if self.maps.services.remove(&key).is_ok() {
+            report.deletes += 1;
+        }
+    }
+
+    fn delete_backend(&mut self, id: u32, report: &mut SyncReport) {
+        if self.maps.backends.remove(&id).is_ok() {
+            report.deletes += 1;
+        }
+    }
+
+    /// Rebuilds the programmed state from the maps an earlier agent left.
+    fn restore(&mut self) -> Result<(), SyncError> {
+        let restore_err = |map| move |source| SyncError::Restore { map, source };
+        let mut backends: HashMap<u32, Backend> = HashMap::new();
+        for item in self.maps.backends.iter() {
+            let (id, backend) = item.map_err(restore_err(BACKEND_MAP))?;
+            backends.insert(id, backend);
+        }
+        let mut masters: HashMap<Frontend, ServiceEntry> = HashMap::new();
+        let mut slots: HashMap<(Frontend, u16), u32> = HashMap::new();
+        let mut entries = 0usize;
+        for item in self.maps.services.iter() {
+            let (key, entry) = item.map_err(restore_err(SERVICE_MAP))?;
+            entries += 1;
+            let Some(protocol) = Protocol::from_number(key.proto) else {
+                continue;
+            };
+            let fe = Frontend {
+                addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
+                port: u16::from_be(key.port),
+                protocol,
+            };
+            if key.slot == MASTER_SLOT {
+                masters.insert(fe, entry);
+            } else {
+                slots.insert((fe, key.slot), entry.backend_id);
+            }
+        }
+        let mut max_backend = 0;
+        for (fe, master) in &masters {
+            let mut restored = Vec::new();
+            for slot in 1..=master.count {
+                let Some(backend) = slots
+                    .get(&(*fe, slot))
+                    .and_then(|id| backends.get(id).map(|b| (*id, b)))
+                else {
+                    break;
+                };
+                restored.push(Slot {
+                    backend_id: backend.0,
+                    endpoint: Endpoint {
+                        addr: Ipv4Addr::from(backend.1.addr.to_ne_bytes()),
+                        port: u16::from_be(backend.1.port),
+                    },
+                });
+                max_backend = max_backend.max(backend.0);
+            }
+            self.next_svc_id = self.next_svc_id.max(master.svc_id.wrapping_add(1)).max(1);
+            if restored.len() != usize::from(master.count) {
+                // Damaged: forget it, so the next sync rewrites it whole.
+                continue;
+            }
+            self.programmed.insert(
+                *fe,
+                Programmed {
+                    svc_id: master.svc_id,
+                    slots: restored,
+                },
+            );
+        }
+        self.next_backend_id = backends
+            .keys()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(max_backend)
+            .wrapping_add(1)
+            .max(1);
+        for item in self.maps.vips.iter() {
+            let (addr, entry) = item.map_err(restore_err(VIP_MAP))?;
+            self.addresses
+                .insert(Ipv4Addr::from(addr.to_ne_bytes()), entry.port_count);
+        }
+        self.collect_garbage = entries > 0 || !backends.is_empty();
+        Ok(())
+    }
+
+    /// Deletes entries that no programmed service accounts for (left by an
+    /// agent that stopped mid-update, or by services removed while it was down).
+    fn remove_unaccounted(&mut self, report: &mut SyncReport) {
+        let mut keep_keys: HashSet<ServiceKey> = HashSet::new();
+        let mut keep_backends: HashSet<u32> = HashSet::new();
+        for (fe, p) in &self.programmed {
+            keep_keys.insert(service_key(*fe, MASTER_SLOT));
+            for (index, slot) in p.slots.iter().enumerate() {
+                keep_keys.insert(service_key(*fe, index as u16 + 1));
+                keep_backends.insert(slot.backend_id);
+            }
+        }
+        let stale_keys: Vec<ServiceKey> = self
+            .maps
+            .services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep_keys.contains(k))
+            .collect();
+        for key in stale_keys {
+            self.delete_service_entry(key, report);
+        }
+        let stale_backends: Vec<u32> = self
+            .maps
+            .backends
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !keep_backends.contains(id))
+            .collect();
+        for id in stale_backends {
+            self.delete_backend(id, report);
+        }
+    }
+}
+
+/// Keeps surviving endpoints in their slots, fills freed slots with new
+/// endpoints, closes remaining gaps by moving the last slot in, and appends
+/// the rest: as few slot writes as possible.
+fn plan_slots(old: &[Slot], desired: &[Endpoint], mut alloc: impl FnMut() -> u32) -> Vec<Slot> {
+    let wanted: HashSet<&Endpoint> = desired.iter().collect();
+    let mut slots: Vec<Option<Slot>> = old
+        .iter()
+        .map(|s| wanted.contains(&s.endpoint).then(|| s.clone()))
+        .collect();
+    let present: HashSet<Endpoint> = slots.iter().flatten().map(|s| s.endpoint).collect();
+    let mut fresh = desired.iter().filter(|e| !present.contains(e)).map(|e| Slot {
+        backend_id: alloc(),
+        endpoint: *e,
+    });
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        match fresh.next() {
+            Some(new) => *slot = Some(new),
+            None => break,
+        }
+    }
+    let mut index = 0;
+    while index < slots.len() {
+        if slots[index].is_some() {
+            index += 1;
+            continue;
+        }
+        let last = slots.pop().flatten();
+        if index < slots.len() {
+            slots[index] = last;
+        }
+    }
+    let mut result: Vec<Slot> = slots.into_iter().flatten().collect();
+    result.extend(fresh);
+    result
+}
+
+fn alloc_id(next: &mut u32) -> u32 {
+    let id = *next;
+    *next = next.wrapping_add(1).max(1);
+    id
+}
+
+fn service_key(fe: Frontend, slot: u16) -> ServiceKey {
+    ServiceKey {
+        addr: u32::from_ne_bytes(fe.addr.octets()),
+        port: fe.port.to_be(),
+        slot,
+        proto: fe.protocol.number(),
+        _pad: [0; 3],
+    }
+}
+
+/// A hash map refuses a new key with E2BIG when full (ENOMEM when the kernel
+/// cannot allocate one).
+fn is_map_full(error: &MapError) -> bool {
+    match error {
+        MapError::SyscallError(e) => matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(last: u8) -> Endpoint {
+        Endpoint {
+            addr: Ipv4Addr::new(10, 0, 0, last),
+            port: 8080,
+        }
+    }
+
+    fn slots(eps: &[(u32, u8)]) -> Vec<Slot> {
+        eps.iter()
+            .map(|(id, last)| Slot {
+                backend_id: *id,
+                endpoint: ep(*last),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plan_slots_moves_as_little_as_possible() {
+        // (old slots as (id, endpoint), desired endpoints, expected slots)
+        let cases: &[(&str, &[(u32, u8)], &[u8], &[(u32, u8)])] = &[
+            ("fresh service", &[], &[1, 2], &[(100, 1), (101, 2)]),
+            ("unchanged", &[(1, 1), (2, 2)], &[1, 2], &[(1, 1), (2, 2)]),
+            ("append", &[(1, 1)], &[1, 2], &[(1, 1), (100, 2)]),
+            (
+                "replace in place",
+                &[(1, 1), (2, 2), (3, 3)],
+                &[1, 3, 4],
+                &[(1, 1), (100, 4), (3, 3)],
+            ),
+            (
+                "remove middle: last moves in",
+                &[(1, 1), (2, 2), (3, 3)],
+                &[1, 3],
+                &[(1, 1), (3, 3)],
+            ),
+            (
+                "remove first",
+                &[(1, 1), (2, 2), (3, 3)],
+                &[2, 3],
+                &[(3, 3), (2, 2)],
+            ),
+            (
+                "remove last",
+                &[(1, 1), (2, 2), (3, 3)],
+                &[1, 2],
+                &[(1, 1), (2, 2)],
+            ),
+            ("remove all", &[(1, 1), (2, 2)], &[], &[]),
+            (
+                "remove two of four",
+                &[(1, 1), (2, 2), (3, 3), (4, 4)],
+                &[1, 4],
+                &[(1, 1), (4, 4)],
+            ),
+        ];
+        for (name, old, desired, expected) in cases {
+            let desired: Vec<Endpoint> = desired.iter().map(|d| ep(*d)).collect();
+            let mut next = 100;
+            let got = plan_slots(&slots(old), &desired, || {
+                next += 1;
+                next - 1
+            });
+            assert_eq!(got, slots(expected), "case {name}");
+        }
+    }
+}

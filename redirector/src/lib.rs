@@ -1,0 +1,7 @@
+//! The redirector agent and CLI.
+
+/// The compiled eBPF object, embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
+
+pub mod datapath;
+pub mod model;

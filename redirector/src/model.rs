@@ -1,0 +1,162 @@
+//! The service model: what the datapath should do, independent of where the
+//! objects came from (manifest files or the Kubernetes API).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use redirector_common::proto;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proto::TCP,
+            Protocol::Udp => proto::UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proto::TCP => Some(Protocol::Tcp),
+            proto::UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    /// Kubernetes' spelling (`TCP`, `UDP`).
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Where clients send: a service address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+    }
+}
+
+/// Where packets go: an endpoint address and the port it listens on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+/// `namespace/name:port-name`, kube-proxy's name for a service port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}/{}", self.namespace, self.name)
+        } else {
+            write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+        }
+    }
+}
+
+/// One programmed service port: its name, and the endpoints new flows may pick
+/// (sorted, without duplicates; empty means "refuse").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Everything the datapath should hold, keyed by frontend.
+pub type Desired = BTreeMap<Frontend, ServicePort>;
+
+/// An IPv4 prefix such as `10.96.0.0/12`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid IPv4 CIDR {input:?}: expected ADDRESS/PREFIX-LENGTH such as 10.96.0.0/12")]
+pub struct CidrParseError {
+    input: String,
+}
+
+impl Ipv4Cidr {
+    pub fn mask(&self) -> u32 {
+        if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix_len))
+        }
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+
+    /// Number of addresses in the prefix.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix_len))
+    }
+
+    /// The address `offset` places after the network address.
+    pub fn nth(&self, offset: u64) -> Option<Ipv4Addr> {
+        (offset < self.size()).then(|| Ipv4Addr::from((u32::from(self.addr) & self.mask()) + offset as u32))
+    }
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = CidrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || CidrParseError { input: s.to_owned() };
+        let (addr, len) = s.split_once('/').ok_or_else(err)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| err())?;
+        let prefix_len: u8 = len.parse().map_err(|_| err())?;
+        if prefix_len > 32 {
+            return Err(err());
+        }
+        Ok(Self { addr, prefix_len })
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}

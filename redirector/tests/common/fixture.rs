@@ -1,0 +1,1 @@
+//! netns fixtures (filled in below).

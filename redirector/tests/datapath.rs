@@ -1,0 +1,492 @@
+//! The TC program under BPF_PROG_TEST_RUN: input frame → verdict + output frame,
+//! against maps programmed through the real map writer.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use common::packet::{ACK, CLIENT_MAC, ICMP, NODE_MAC, Parsed, SYN, Spec, assert_checksums};
+use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
+use redirector::model::{Desired, Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
+use redirector_common::counters;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
+const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+
+struct Harness {
+    _bpffs: common::Bpffs,
+    datapath: Datapath,
+    writer: MapWriter,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let bpffs = common::Bpffs::new("rdt-bpf");
+        let (datapath, maps) = Datapath::load(bpffs.path(), &MapSizes::default()).expect("load datapath");
+        let mut writer = MapWriter::new(maps).expect("map writer");
+        writer
+            .set_service_cidr("10.96.0.0/12".parse().unwrap())
+            .expect("service cidr");
+        let mut desired = Desired::new();
+        let port = |name: &str, eps: &[(Ipv4Addr, u16)]| ServicePort {
+            name: ServicePortName {
+                namespace: "default".into(),
+                name: name.into(),
+                port: "p".into(),
+            },
+            endpoints: eps
+                .iter()
+                .map(|(addr, port)| Endpoint {
+                    addr: *addr,
+                    port: *port,
+                })
+                .collect(),
+        };
+        desired.insert(fe(VIP, 80, Protocol::Tcp), port("web", &[(POD, 8080)]));
+        desired.insert(fe(VIP, 53, Protocol::Udp), port("dns", &[(POD, 5353)]));
+        desired.insert(fe(VIP_EMPTY, 80, Protocol::Tcp), port("empty", &[]));
+        let report = writer.sync(&desired);
+        assert!(
+            report.errors.is_empty(),
+            "programming the test services: {:?}",
+            report.errors
+        );
+        Self {
+            _bpffs: bpffs,
+            datapath,
+            writer,
+        }
+    }
+
+    /// Runs one frame; returns the verdict and the frame as the program left it.
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run(frame).expect("BPF_PROG_TEST_RUN")
+    }
+
+    fn try_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        let mut out = vec![0u8; 512];
+        let result = self.datapath.program().test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    fn counters(&self) -> [u64; counters::COUNT as usize] {
+        self.writer.maps().counter_totals().expect("read counters")
+    }
+}
+
+fn fe(addr: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
+    Frontend { addr, port, protocol }
+}
+
+/// What must come out of the program.
+enum Expect {
+    /// Verdict OK, frame unchanged.
+    Untouched,
+    /// Verdict OK, addresses/ports rewritten to these, payload kept, checksums valid.
+    Translated {
+        src: (Ipv4Addr, u16),
+        dst: (Ipv4Addr, u16),
+    },
+    /// Redirected back out as ICMP port unreachable from `from` quoting the input.
+    Refused {
+        from: Ipv4Addr,
+    },
+    Dropped,
+}
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    expect: Expect,
+    counter: u32,
+}
+
+fn check(h: &Harness, case: Case) {
+    let before = h.counters();
+    let name = case.name;
+    let (verdict, out) = h
+        .try_run(&case.frame)
+        .unwrap_or_else(|e| panic!("{name}: BPF_PROG_TEST_RUN: {e:?}"));
+    match case.expect {
+        Expect::Untouched => {
+            assert_eq!(verdict, TC_ACT_OK, "{name}: verdict");
+            assert_eq!(out, case.frame, "{name}: frame must pass unchanged");
+        }
+        Expect::Translated { src, dst } => {
+            assert_eq!(verdict, TC_ACT_OK, "{name}: verdict");
+            let p = Parsed::new(&out);
+            assert_eq!((p.src, p.sport), src, "{name}: source");
+            assert_eq!((p.dst, p.dport), dst, "{name}: destination");
+            assert_eq!(out.len(), case.frame.len(), "{name}: length");
+            let q = Parsed::new(&case.frame);
+            let csum_at = if p.proto == common::packet::TCP { 16 } else { 6 };
+            assert_eq!(
+                out[p.l4 + 4..p.l4 + csum_at],
+                case.frame[q.l4 + 4..q.l4 + csum_at],
+                "{name}: L4 header kept"
+            );
+            assert_eq!(
+                out[p.l4 + csum_at + 2..],
+                case.frame[q.l4 + csum_at + 2..],
+                "{name}: rest of segment kept"
+            );
+            assert_checksums(&out, name);
+        }
+        Expect::Refused { from } => {
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: verdict");
+            let p = Parsed::new(&out);
+            let q = Parsed::new(&case.frame);
+            assert_eq!(p.proto, ICMP, "{name}: an ICMP reply");
+            assert_eq!(
+                (p.src, p.dst),
+                (from, q.src),
+                "{name}: ICMP from the service address to the sender"
+            );
+            assert_eq!(
+                (p.dst_mac, p.src_mac),
+                (CLIENT_MAC, NODE_MAC),
+                "{name}: MACs swapped"
+            );
+            assert_eq!(out[p.l4], 3, "{name}: destination unreachable");
+            assert_eq!(out[p.l4 + 1], 3, "{name}: port unreachable");
+            let quote_len = q.ip_hlen + 8;
+            assert_eq!(out.len(), 14 + 20 + 8 + quote_len, "{name}: frame length");
+            assert_eq!(
+                out[p.l4 + 8..],
+                case.frame[14..14 + quote_len],
+                "{name}: quotes the IP header and 8 bytes"
+            );
+            assert_checksums(&out, name);
+        }
+        Expect::Dropped => assert_eq!(verdict, TC_ACT_SHOT, "{name}: verdict"),
+    }
+    let after = h.counters();
+    assert_eq!(
+        after[case.counter as usize] - before[case.counter as usize],
+        1,
+        "{name}: counter {} must count the packet",
+        counters::LABELS[case.counter as usize]
+    );
+}
+
+fn with_options(mut spec: Spec, options: &[u8]) -> Spec {
+    spec.ip_options = options.to_vec();
+    spec
+}
+
+#[test]
+fn translates_forward_and_reply() {
+    let h = Harness::new();
+    let payload = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+    let cases = [
+        Case {
+            name: "TCP SYN to a service port picks the endpoint",
+            frame: Spec::tcp((CLIENT, 40000), (VIP, 80), SYN).build(),
+            expect: Expect::Translated {
+                src: (CLIENT, 40000),
+                dst: (POD, 8080),
+            },
+            counter: counters::FORWARD_NEW_FLOW,
+        },
+        Case {
+            name: "the endpoint's SYN-ACK comes back from the service address",
+            frame: Spec::tcp((POD, 8080), (CLIENT, 40000), SYN | ACK).build(),
+            expect: Expect::Translated {
+                src: (VIP, 80),
+                dst: (CLIENT, 40000),
+            },
+            counter: counters::REPLY_TRANSLATED,
+        },
+        Case {
+            name: "later segments of the flow follow the connection table",
+            frame: Spec {
+                payload: payload.clone(),
+                ..Spec::tcp((CLIENT, 40000), (VIP, 80), ACK)
+            }
+            .build(),
+            expect: Expect::Translated {
+                src: (CLIENT, 40000),
+                dst: (POD, 8080),
+            },
+            counter: counters::FORWARD_ESTABLISHED,
+        },
+        Case {
+            name: "UDP datagram to a service port",
+            frame: Spec::udp((CLIENT, 41000), (VIP, 53), b"query").build(),
+            expect: Expect::Translated {
+                src: (CLIENT, 41000),
+                dst: (POD, 5353),
+            },
+            counter: counters::FORWARD_NEW_FLOW,
+        },
+        Case {
+            name: "UDP reply",
+            frame: Spec::udp((POD, 5353), (CLIENT, 41000), b"answer").build(),
+            expect: Expect::Translated {
+                src: (VIP, 53),
+                dst: (CLIENT, 41000),
+            },
+            counter: counters::REPLY_TRANSLATED,
+        },
+        Case {
+            name: "UDP without checksum keeps a zero checksum",
+            frame: Spec {
+                udp_zero_checksum: true,
+                ..Spec::udp((CLIENT, 41001), (VIP, 53), b"q")
+            }
+            .build(),
+            expect: Expect::Translated {
+                src: (CLIENT, 41001),
+                dst: (POD, 5353),
+            },
+            counter: counters::FORWARD_NEW_FLOW,
+        },
+        Case {
+            name: "IPv4 options: the L4 header is found after them",
+            frame: with_options(Spec::tcp((CLIENT, 40001), (VIP, 80), SYN), &[1, 1, 1, 0]).build(),
+            expect: Expect::Translated {
+                src: (CLIENT, 40001),
+                dst: (POD, 8080),
+            },
+            counter: counters::FORWARD_NEW_FLOW,
+        },
+    ];
+    for case in cases {
+        check(&h, case);
+    }
+    // The zero checksum must really stay zero.
+    let (_, out) = h.run(
+        &Spec {
+            udp_zero_checksum: true,
+            ..Spec::udp((CLIENT, 41002), (VIP, 53), b"q")
+        }
+        .build(),
+    );
+    let p = Parsed::new(&out);
+    assert_eq!(out[p.l4 + 6..p.l4 + 8], [0, 0], "zero UDP checksum stays zero");
+}
+
+#[test]
+fn passes_what_is_not_for_a_service() {
+    let h = Harness::new();
+    let mut arp = Spec::tcp((CLIENT, 1), (VIP, 80), SYN).build();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let mut icmp = Spec::tcp((CLIENT, 1), (VIP, 80), 0).build();
+    icmp[23] = ICMP;
+    let cases = [
+        Case {
+            name: "pod to pod traffic",
+            frame: Spec::tcp((CLIENT, 40000), (POD, 8080), SYN).build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_NOT_SERVICE,
+        },
+        Case {
+            name: "traffic leaving the cluster",
+            frame: Spec::udp((CLIENT, 40000), (OUTSIDE, 53), b"x").build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_NOT_SERVICE,
+        },
+        Case {
+            name: "non-IPv4 frames",
+            frame: arp,
+            expect: Expect::Untouched,
+            counter: counters::PASS_NOT_IPV4,
+        },
+        Case {
+            name: "non-TCP/UDP to a service address",
+            frame: icmp,
+            expect: Expect::Untouched,
+            counter: counters::PASS_NOT_TCP_UDP,
+        },
+        Case {
+            name: "a fragment not addressed to a service",
+            frame: Spec {
+                frag: 0x2000,
+                ..Spec::udp((CLIENT, 1), (OUTSIDE, 53), b"frag")
+            }
+            .build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_UNPARSABLE,
+        },
+    ];
+    for case in cases {
+        check(&h, case);
+    }
+}
+
+#[test]
+fn refuses_and_drops() {
+    let h = Harness::new();
+    let mut truncated = Spec::tcp((CLIENT, 40000), (VIP, 80), SYN).build();
+    truncated.truncate(14 + 20 + 10);
+    // The kernel's test runner refuses frames shorter than an IPv4 header, so
+    // the malformed header cases lie about their lengths instead.
+    let mut bad_ihl = Spec::tcp((CLIENT, 40000), (VIP, 80), SYN).build();
+    bad_ihl[14] = 0x44;
+    let mut long_ihl = Spec::tcp((CLIENT, 40000), (VIP, 80), SYN).build();
+    long_ihl[14] = 0x4f;
+    let cases = [
+        Case {
+            name: "TCP to a service without endpoints is refused",
+            frame: Spec::tcp((CLIENT, 40000), (VIP_EMPTY, 80), SYN).build(),
+            expect: Expect::Refused { from: VIP_EMPTY },
+            counter: counters::REFUSED_NO_ENDPOINTS,
+        },
+        Case {
+            name: "refusal quotes IPv4 options too",
+            frame: with_options(
+                Spec::tcp((CLIENT, 40002), (VIP_EMPTY, 80), SYN),
+                &[1, 1, 1, 1, 1, 1, 1, 0],
+            )
+            .build(),
+            expect: Expect::Refused { from: VIP_EMPTY },
+            counter: counters::REFUSED_NO_ENDPOINTS,
+        },
+        Case {
+            name: "a large UDP datagram to a service without endpoints",
+            frame: Spec::udp((CLIENT, 41000), (UNALLOCATED, 53), &[7u8; 300]).build(),
+            expect: Expect::Refused { from: UNALLOCATED },
+            counter: counters::REFUSED_UNALLOCATED_IP,
+        },
+        Case {
+            name: "an unused address of the service CIDR is refused",
+            frame: Spec::tcp((CLIENT, 40000), (UNALLOCATED, 80), SYN).build(),
+            expect: Expect::Refused { from: UNALLOCATED },
+            counter: counters::REFUSED_UNALLOCATED_IP,
+        },
+        Case {
+            name: "a service address on a port it does not define",
+            frame: Spec::tcp((CLIENT, 40000), (VIP, 81), SYN).build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_UNKNOWN_PORT,
+        },
+        Case {
+            name: "the right port with the wrong protocol",
+            frame: Spec::udp((CLIENT, 40000), (VIP, 80), b"x").build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_UNKNOWN_PORT,
+        },
+        Case {
+            name: "a fragment to a service address",
+            frame: Spec {
+                frag: 0x2000,
+                ..Spec::udp((CLIENT, 41000), (VIP, 53), b"first")
+            }
+            .build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_FRAGMENT,
+        },
+        Case {
+            name: "a later fragment to a service address",
+            frame: Spec {
+                frag: 0x0010,
+                ..Spec::udp((CLIENT, 41000), (VIP, 53), b"later")
+            }
+            .build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_FRAGMENT,
+        },
+        Case {
+            name: "a truncated TCP header to a service address",
+            frame: truncated,
+            expect: Expect::Dropped,
+            counter: counters::DROP_TRUNCATED,
+        },
+        Case {
+            name: "an IPv4 header length below 20 passes to the kernel, which drops it",
+            frame: bad_ihl,
+            expect: Expect::Untouched,
+            counter: counters::PASS_UNPARSABLE,
+        },
+        Case {
+            name: "an IPv4 header length past the end of the packet, to a service",
+            frame: long_ihl,
+            expect: Expect::Dropped,
+            counter: counters::DROP_TRUNCATED,
+        },
+    ];
+    for case in cases {
+        check(&h, case);
+    }
+}
+
+#[test]
+fn new_connection_on_a_reused_tuple_leaves_a_removed_endpoint() {
+    let mut h = Harness::new();
+    let pod2 = Ipv4Addr::new(10, 244, 2, 2);
+    let syn = Spec::tcp((CLIENT, 42000), (VIP, 80), SYN).build();
+    let (_, out) = h.run(&syn);
+    assert_eq!(
+        Parsed::new(&out).dst,
+        POD,
+        "first connection reaches the only endpoint"
+    );
+
+    // The endpoint is replaced.
+    let mut desired: Desired = BTreeMap::new();
+    desired.insert(
+        fe(VIP, 80, Protocol::Tcp),
+        ServicePort {
+            name: ServicePortName {
+                namespace: "default".into(),
+                name: "web".into(),
+                port: "p".into(),
+            },
+            endpoints: vec![Endpoint {
+                addr: pod2,
+                port: 8080,
+            }],
+        },
+    );
+    let report = h.writer.sync(&desired);
+    assert!(report.errors.is_empty(), "resync: {:?}", report.errors);
+
+    let ack = Spec::tcp((CLIENT, 42000), (VIP, 80), ACK).build();
+    let (_, out) = h.run(&ack);
+    assert_eq!(
+        Parsed::new(&out).dst,
+        POD,
+        "the established connection still finishes on the removed endpoint"
+    );
+    let (_, out) = h.run(&syn);
+    assert_eq!(
+        Parsed::new(&out).dst,
+        pod2,
+        "a new connection on the same tuple goes to a current endpoint"
+    );
+    let (verdict, _) = h.run(&Spec::tcp((CLIENT, 42000), (VIP_EMPTY, 80), SYN).build());
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "a deleted service's address is refused like any unused cluster IP"
+    );
+}
+
+#[test]
+fn every_packet_is_counted_once() {
+    let h = Harness::new();
+    let before: u64 = h.counters().iter().sum();
+    for frame in [
+        Spec::tcp((CLIENT, 1), (VIP, 80), SYN).build(),
+        Spec::tcp((CLIENT, 1), (POD, 80), SYN).build(),
+        Spec::udp((CLIENT, 1), (VIP_EMPTY, 80), b"x").build(),
+    ] {
+        h.run(&frame);
+    }
+    let after: u64 = h.counters().iter().sum();
+    assert_eq!(after - before, 3, "one counter per packet");
+}

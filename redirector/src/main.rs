@@ -1,1 +1,26 @@
-fn main() {}
+use anyhow::Context;
+use clap::Parser;
+use redirector::agent::{self, AgentConfig};
+use redirector::cli::{self, Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::Run(args) => {
+            let config = AgentConfig {
+                map_sizes: args.map_sizes(),
+                manifests: args.manifests,
+                interfaces: args.interfaces,
+                bpffs: args.bpffs,
+                service_cidr: args.service_cidr,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(agent::run(config))
+                .context("redirector run")
+        }
+        Command::Counters { bpffs } => cli::print_counters(&bpffs).context("redirector counters"),
+    }
+}

@@ -490,3 +490,114 @@ fn every_packet_is_counted_once() {
     let after: u64 = h.counters().iter().sum();
     assert_eq!(after - before, 3, "one counter per packet");
 }
+
+fn service(name: &str, endpoints: &[Ipv4Addr]) -> ServicePort {
+    ServicePort {
+        name: ServicePortName {
+            namespace: "default".into(),
+            name: name.into(),
+            port: "http".into(),
+        },
+        endpoints: endpoints
+            .iter()
+            .map(|addr| Endpoint {
+                addr: *addr,
+                port: 8080,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn resync_without_changes_writes_nothing_and_a_restart_resumes_from_pins() {
+    let bpffs = common::Bpffs::new("rdt-resync");
+    let mut desired = Desired::new();
+    desired.insert(
+        fe(VIP, 80, Protocol::Tcp),
+        service("web", &[POD, Ipv4Addr::new(10, 244, 2, 2)]),
+    );
+    desired.insert(fe(VIP_EMPTY, 80, Protocol::Tcp), service("empty", &[]));
+    {
+        let (_datapath, maps) = Datapath::load(bpffs.path(), &MapSizes::default()).expect("load");
+        let mut writer = MapWriter::new(maps).expect("writer");
+        let first = writer.sync(&desired);
+        assert!(first.errors.is_empty(), "first sync: {:?}", first.errors);
+        assert_eq!(
+            first.writes,
+            2 + 3 + 1 + 2,
+            "backends, slots+masters, addresses on first sync"
+        );
+        let again = writer.sync(&desired);
+        assert_eq!(
+            (again.writes, again.deletes),
+            (0, 0),
+            "a resync that changes nothing touches no entry"
+        );
+    }
+    // A new agent on the same pins: same programmed state, nothing rewritten.
+    let (_datapath, maps) = Datapath::load(bpffs.path(), &MapSizes::default()).expect("reload");
+    let mut writer = MapWriter::new(maps).expect("writer after restart");
+    assert_eq!(
+        writer.programmed().keys().copied().collect::<Vec<_>>(),
+        desired.keys().copied().collect::<Vec<_>>(),
+        "the restarted writer sees what was programmed"
+    );
+    let resumed = writer.sync(&desired);
+    assert_eq!(
+        (resumed.writes, resumed.deletes),
+        (0, 0),
+        "a restart with the same services touches no entry"
+    );
+
+    // Removing one endpoint rewrites only what it must.
+    desired.insert(fe(VIP, 80, Protocol::Tcp), service("web", &[POD]));
+    let shrink = writer.sync(&desired);
+    assert!(shrink.errors.is_empty(), "shrink: {:?}", shrink.errors);
+    assert_eq!(
+        shrink.writes, 1,
+        "only the master count changes (the kept endpoint stays in slot 1)"
+    );
+    assert_eq!(shrink.deletes, 2, "the freed slot and its backend are deleted");
+}
+
+#[test]
+fn a_full_map_names_the_service_that_did_not_fit_and_the_rest_keeps_working() {
+    let bpffs = common::Bpffs::new("rdt-full");
+    // Room for one service port with two endpoints (master + 2 slots) only.
+    let sizes = MapSizes {
+        services: 3,
+        ..MapSizes::default()
+    };
+    let (datapath, maps) = Datapath::load(bpffs.path(), &sizes).expect("load");
+    let mut writer = MapWriter::new(maps).expect("writer");
+    let mut desired = Desired::new();
+    desired.insert(fe(VIP, 80, Protocol::Tcp), service("fits", &[POD]));
+    desired.insert(
+        fe(VIP_EMPTY, 80, Protocol::Tcp),
+        service("too-big", &[POD, CLIENT]),
+    );
+    let report = writer.sync(&desired);
+    assert_eq!(
+        report.errors.len(),
+        1,
+        "one service does not fit: {:?}",
+        report.errors
+    );
+    let message = report.errors[0].to_string();
+    assert!(
+        message.contains("default/too-big:http") && message.contains("SVC_V1") && message.contains("full"),
+        "the error names the service and the map: {message}"
+    );
+    assert_eq!(
+        writer.programmed().keys().copied().collect::<Vec<_>>(),
+        vec![fe(VIP, 80, Protocol::Tcp)],
+        "only the service that fit is programmed, nothing half-written"
+    );
+    let h = Harness {
+        _bpffs: bpffs,
+        datapath,
+        writer,
+    };
+    let (_, out) = h.run(&Spec::tcp((CLIENT, 40000), (VIP, 80), SYN).build());
+    assert_eq!(Parsed::new(&out).dst, POD, "the service that fit works");
+}

@@ -55,7 +55,7 @@ pub enum LoadError {
     #[error("loading the eBPF object (pins under {pin_dir}): {source}")]
     Object {
         pin_dir: PathBuf,
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("the eBPF object has no program {PROGRAM}")]
     MissingProgram,
@@ -100,7 +100,10 @@ impl Datapath {
             .map_max_entries(VIP_MAP, sizes.addresses)
             .map_max_entries(CT_MAP, sizes.flows)
             .load(crate::EBPF_OBJECT)
-            .map_err(|source| LoadError::Object { pin_dir, source })?;
+            .map_err(|source| LoadError::Object {
+                pin_dir,
+                source: Box::new(source),
+            })?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)
             .ok_or(LoadError::MissingProgram)?

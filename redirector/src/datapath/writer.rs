@@ -37,7 +37,7 @@ pub enum SyncError {
         service: ServicePortName,
         frontend: Frontend,
         map: &'static str,
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error(
         "service port {service} ({frontend}) has {count} endpoints; at most \
@@ -49,11 +49,14 @@ pub enum SyncError {
         count: usize,
     },
     #[error("service address {addr}: writing map {VIP_MAP}: {source}")]
-    Address { addr: Ipv4Addr, source: MapError },
+    Address { addr: Ipv4Addr, source: Box<MapError> },
     #[error("writing map {CONFIG_MAP}: {source}")]
-    Config { source: MapError },
+    Config { source: Box<MapError> },
     #[error("reading map {map} to resume from its pinned state: {source}")]
-    Restore { map: &'static str, source: MapError },
+    Restore {
+        map: &'static str,
+        source: Box<MapError>,
+    },
 }
 
 /// What one sync changed.
@@ -133,7 +136,9 @@ impl MapWriter {
         self.maps
             .config
             .set(0, config, 0)
-            .map_err(|source| SyncError::Config { source })
+            .map_err(|source| SyncError::Config {
+                source: Box::new(source),
+            })
     }
 
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
@@ -205,7 +210,7 @@ impl MapWriter {
                     service: port.name.clone(),
                     frontend: fe,
                     map,
-                    source,
+                    source: Box::new(source),
                 }
             });
         }
@@ -348,7 +353,10 @@ impl MapWriter {
                         report.writes += 1;
                         self.addresses.insert(*addr, *count);
                     }
-                    Err(source) => report.errors.push(SyncError::Address { addr: *addr, source }),
+                    Err(source) => report.errors.push(SyncError::Address {
+                        addr: *addr,
+                        source: Box::new(source),
+                    }),
                 }
             }
         } else {
@@ -381,7 +389,12 @@ impl MapWriter {
 
     /// Rebuilds the programmed state from the maps an earlier agent left.
     fn restore(&mut self) -> Result<(), SyncError> {
-        let restore_err = |map| move |source| SyncError::Restore { map, source };
+        let restore_err = |map| {
+            move |source| SyncError::Restore {
+                map,
+                source: Box::new(source),
+            }
+        };
         let mut backends: HashMap<u32, Backend> = HashMap::new();
         for item in self.maps.backends.iter() {
             let (id, backend) = item.map_err(restore_err(BACKEND_MAP))?;
@@ -574,8 +587,9 @@ mod tests {
 
     #[test]
     fn plan_slots_moves_as_little_as_possible() {
-        // (old slots as (id, endpoint), desired endpoints, expected slots)
-        let cases: &[(&str, &[(u32, u8)], &[u8], &[(u32, u8)])] = &[
+        // (name, old slots as (backend id, endpoint), desired endpoints, expected slots)
+        type Case<'a> = (&'a str, &'a [(u32, u8)], &'a [u8], &'a [(u32, u8)]);
+        let cases: &[Case] = &[
             ("fresh service", &[], &[1, 2], &[(100, 1), (101, 2)]),
             ("unchanged", &[(1, 1), (2, 2)], &[1, 2], &[(1, 1), (2, 2)]),
             ("append", &[(1, 1)], &[1, 2], &[(1, 1), (100, 2)]),

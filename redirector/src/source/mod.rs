@@ -1,0 +1,9 @@
+//! Where the desired state comes from.
+//!
+//! [`manifests`] reads Kubernetes objects from a directory of YAML/JSON files
+//! and plays the part of the API server and the endpoints controllers.
+//! [`endpoints`] holds kube-proxy's rules for turning EndpointSlices into
+//! programmed endpoints, shared by every source so they cannot drift apart.
+
+pub mod endpoints;
+pub mod manifests;

@@ -1,1 +1,0 @@
-//! netns fixtures (filled in below).

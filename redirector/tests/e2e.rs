@@ -1,0 +1,283 @@
+//! End to end: the agent in a netns node, real pods, real packets.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use common::{Answer, Connection, Fixture, agent_binary, eventually, tcp_request, udp_request};
+use redirector::model::{Desired, Ipv4Cidr};
+use redirector::source::manifests::ManifestStore;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+const LEGACY_1: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const LEGACY_2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn example(name: &str) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+    std::fs::read_to_string(format!("{path}{name}")).unwrap_or_else(|e| panic!("examples/{name}: {e}"))
+}
+
+/// What the agent should program for the fixture's manifests, computed with
+/// the same library code, to learn allocated ClusterIPs.
+fn desired(fx: &Fixture) -> Desired {
+    let mut store = ManifestStore::default();
+    let errors = store.reload(&fx.manifests);
+    assert!(errors.is_empty(), "test manifests must be valid: {errors:?}");
+    store.desired("10.96.0.0/12".parse::<Ipv4Cidr>().unwrap()).0
+}
+
+/// The service address of `namespace/name` port `port_name`.
+fn service_address(fx: &Fixture, name: &str, port_name: &str) -> SocketAddrV4 {
+    desired(fx)
+        .iter()
+        .find(|(_, sp)| sp.name.name == name && sp.name.port == port_name)
+        .map(|(fe, _)| SocketAddrV4::new(fe.addr, fe.port))
+        .unwrap_or_else(|| panic!("service {name} port {port_name} is not in the manifests"))
+}
+
+/// The seed cluster: a client pod, the two jordy pods serving 8080 and 8443,
+/// two legacy hosts serving 9000, and the example manifests.
+fn seed_cluster(tag: &str) -> (Fixture, String) {
+    let mut fx = Fixture::new(tag);
+    let client = fx.add_host("client", CLIENT);
+    for (name, addr) in [("jordy-a", POD_A), ("jordy-b", POD_B)] {
+        let netns = fx.add_host(name, addr);
+        fx.serve(&netns, name, 8080);
+        fx.serve(&netns, name, 8443);
+    }
+    for (name, addr) in [("legacy-1", LEGACY_1), ("legacy-2", LEGACY_2)] {
+        let netns = fx.add_host(name, addr);
+        fx.serve(&netns, name, 9000);
+    }
+    for file in ["pods.yaml", "services.yaml", "legacy.yaml"] {
+        fx.write_manifest(file, &example(file));
+    }
+    (fx, client)
+}
+
+/// Connects until every pod in `expected` has answered (bounded attempts).
+fn pods_answering(client: &str, to: SocketAddrV4, expected: &[&str]) -> Result<Vec<Answer>, String> {
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        let answer = tcp_request(client, to).map_err(|e| format!("{to}: {e}"))?;
+        answers.push(answer);
+        if expected.iter().all(|p| answers.iter().any(|a| a.pod == *p)) {
+            return Ok(answers);
+        }
+    }
+    Err(format!(
+        "{to}: only {:?} answered in 40 connections",
+        answers.iter().map(|a| &a.pod).collect::<Vec<_>>()
+    ))
+}
+
+#[test]
+fn seed_services_reach_every_pod_and_keep_the_client_address() {
+    let (fx, client) = seed_cluster("seed");
+    let mut agent = fx.start_agent(agent_binary(), &[]);
+    agent.wait_for_log("synced ", 1);
+
+    for service in ["jordy-svc-alloc-port", "jordy-svc-alloc-named-port"] {
+        for port in ["http", "https"] {
+            let to = service_address(&fx, service, port);
+            let answers = eventually(&format!("{service}:{port} via {to}"), SYNC_TIMEOUT, || {
+                pods_answering(&client, to, &["jordy-a", "jordy-b"])
+            });
+            for answer in answers {
+                assert_eq!(
+                    *answer.client.ip(),
+                    CLIENT,
+                    "{service}:{port}: the pod sees the client's own address"
+                );
+                assert!(
+                    answer.client.port() >= 1024,
+                    "{service}:{port}: the client's ephemeral port is kept"
+                );
+            }
+        }
+    }
+    let legacy = service_address(&fx, "legacy-backend", "http");
+    let answers = eventually("legacy-backend", SYNC_TIMEOUT, || {
+        pods_answering(&client, legacy, &["legacy-1", "legacy-2"])
+    });
+    assert!(
+        answers.iter().all(|a| *a.client.ip() == CLIENT),
+        "legacy hosts see the client address"
+    );
+    assert!(agent.stop(), "the agent exits cleanly on SIGTERM");
+}
+
+#[test]
+fn named_target_ports_resolve_per_pod() {
+    let mut fx = Fixture::new("named");
+    let client = fx.add_host("client", CLIENT);
+    // The same port name maps to a different number in each pod.
+    for (name, addr, port) in [("pod-a", POD_A, 8080), ("pod-b", POD_B, 9090)] {
+        let netns = fx.add_host(name, addr);
+        fx.serve(&netns, name, port);
+    }
+    fx.write_manifest(
+        "named.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            pod_yaml("pod-a", POD_A, "web", 8080),
+            pod_yaml("pod-b", POD_B, "web", 9090),
+            service_yaml("named", "10.96.0.50", "web")
+        ),
+    );
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 50), 80);
+    eventually("named port service", SYNC_TIMEOUT, || {
+        pods_answering(&client, to, &["pod-a", "pod-b"])
+    });
+}
+
+#[test]
+fn udp_request_and_reply_come_from_the_service_address() {
+    let mut fx = Fixture::new("udp");
+    let client = fx.add_host("client", CLIENT);
+    let netns = fx.add_host("pod-a", POD_A);
+    fx.serve(&netns, "pod-a", 5353);
+    fx.write_manifest(
+        "udp.yaml",
+        &format!(
+            "{}---\n{}",
+            pod_yaml("pod-a", POD_A, "dns", 5353),
+            service_yaml_proto("dns", "10.96.0.53", "dns", "UDP", 53)
+        ),
+    );
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53);
+    // The client's socket is connected to the service address: a reply from
+    // any other source would not be delivered.
+    let answer = eventually("UDP via the service", SYNC_TIMEOUT, || {
+        udp_request(&client, to).map_err(|e| e.to_string())
+    });
+    assert_eq!(answer.pod, "pod-a", "the UDP endpoint answered");
+    assert_eq!(
+        *answer.client.ip(),
+        CLIENT,
+        "the UDP endpoint saw the client address"
+    );
+}
+
+#[test]
+fn endpoint_removal_lets_established_connections_finish() {
+    let (fx, client) = seed_cluster("epdel");
+    let mut agent = fx.start_agent(agent_binary(), &[]);
+    agent.wait_for_log("synced ", 1);
+    let to = service_address(&fx, "jordy-svc-alloc-port", "http");
+    eventually("both pods answer", SYNC_TIMEOUT, || {
+        pods_answering(&client, to, &["jordy-a", "jordy-b"])
+    });
+
+    // An open connection pinned to jordy-b.
+    let mut pinned = eventually("a connection to jordy-b", SYNC_TIMEOUT, || {
+        let mut c = Connection::open(&client, to).map_err(|e| e.to_string())?;
+        match c.ask() {
+            Ok(a) if a.pod == "jordy-b" => Ok(c),
+            Ok(a) => Err(format!("reached {}", a.pod)),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+
+    // jordy-b stops being ready.
+    let syncs = agent.syncs();
+    fx.write_manifest("pods.yaml", &mark_unready(&example("pods.yaml"), &["jordy-b"]));
+    agent.wait_for_log("synced ", syncs + 1);
+
+    for i in 0..20 {
+        let answer = tcp_request(&client, to).expect("new connection after endpoint removal");
+        assert_eq!(
+            answer.pod, "jordy-a",
+            "new connection {i} must not reach the removed endpoint"
+        );
+    }
+    let answer = pinned.ask().expect("the established connection keeps working");
+    assert_eq!(
+        answer.pod, "jordy-b",
+        "the established connection stays on its endpoint"
+    );
+}
+
+#[test]
+fn deleted_service_and_service_without_endpoints_are_refused_at_once() {
+    let (fx, client) = seed_cluster("refuse");
+    let mut agent = fx.start_agent(agent_binary(), &[]);
+    agent.wait_for_log("synced ", 1);
+    let to = service_address(&fx, "jordy-svc-alloc-port", "http");
+    eventually("service answers", SYNC_TIMEOUT, || {
+        tcp_request(&client, to).map_err(|e| e.to_string())
+    });
+
+    // No ready pods: the service stays, without endpoints.
+    let syncs = agent.syncs();
+    fx.write_manifest(
+        "pods.yaml",
+        &mark_unready(&example("pods.yaml"), &["jordy-a", "jordy-b"]),
+    );
+    agent.wait_for_log("synced ", syncs + 1);
+    assert_refused(&client, to, "a service without endpoints");
+
+    // Deleted services: their address is refused too, never routed onward.
+    let syncs = agent.syncs();
+    fx.remove_manifest("services.yaml");
+    agent.wait_for_log("synced ", syncs + 1);
+    assert_refused(&client, to, "a deleted service");
+}
+
+fn assert_refused(client: &str, to: SocketAddrV4, what: &str) {
+    let started = Instant::now();
+    let err = tcp_request(client, to).expect_err(&format!("{what} must not answer"));
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{what}: connection refused, got {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{what}: refused at once, took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The pods manifest with the Ready condition of `pods` turned False.
+fn mark_unready(pods_yaml: &str, pods: &[&str]) -> String {
+    pods_yaml
+        .split("\n---\n")
+        .map(|doc| {
+            if pods.iter().any(|p| doc.contains(&format!("name: {p}\n"))) {
+                doc.replace("status: \"True\"", "status: \"False\"")
+            } else {
+                doc.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+fn pod_yaml(name: &str, ip: Ipv4Addr, port_name: &str, port: u16) -> String {
+    let protocol = if port_name == "dns" { "UDP" } else { "TCP" };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: test\n\
+         spec:\n  containers:\n    - name: c\n      image: x\n      ports:\n        - name: {port_name}\n          \
+         containerPort: {port}\n          protocol: {protocol}\n\
+         status:\n  phase: Running\n  podIP: {ip}\n  conditions:\n    - type: Ready\n      status: \"True\"\n"
+    )
+}
+
+fn service_yaml(name: &str, cluster_ip: &str, target: &str) -> String {
+    service_yaml_proto(name, cluster_ip, target, "TCP", 80)
+}
+
+fn service_yaml_proto(name: &str, cluster_ip: &str, target: &str, protocol: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
+         clusterIP: {cluster_ip}\n  selector:\n    app: test\n  ports:\n    - name: p\n      port: {port}\n      \
+         targetPort: {target}\n      protocol: {protocol}\n"
+    )
+}

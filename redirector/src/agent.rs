@@ -1,21 +1,38 @@
 //! `redirector run`: load the datapath, attach it to matching interfaces as
-//! they come and go, and keep the maps in line with the manifests.
+//! they come and go, and keep the maps in line with the source of services
+//! (manifest files, or the Kubernetes API).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::datapath::{self, Datapath, MapSizes, writer::MapWriter};
+use crate::datapath::{self, Datapath, MapSizes, Maps, writer::MapWriter};
 use crate::interfaces::{self, InterfaceGlobs, LinkEvent};
+use crate::metrics::{self, Metrics};
 use crate::model::{Desired, Ipv4Cidr};
+use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::manifests::ManifestStore;
 
 /// How often the manifest directory is checked for changes.
 const MANIFEST_POLL: Duration = Duration::from_millis(250);
 
+/// Where services and endpoints come from.
+pub enum Source {
+    /// A directory of Kubernetes YAML, re-read when it changes.
+    Manifests(PathBuf),
+    /// The Kubernetes API, watched.
+    Kubernetes {
+        connection: kube_source::Connection,
+        service_proxy_name: Option<String>,
+    },
+}
+
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: Source,
+    pub healthz_bind_address: Option<SocketAddr>,
+    pub metrics_bind_address: Option<SocketAddr>,
     pub interfaces: InterfaceGlobs,
     pub bpffs: PathBuf,
     pub service_cidr: Ipv4Cidr,
@@ -37,13 +54,23 @@ pub enum AgentError {
     },
     #[error("manifest directory {path}: {source}")]
     ManifestDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Kube(#[from] kube_source::KubeSourceError),
+    #[error("listening on {addr} for {what}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
-    std::fs::read_dir(&config.manifests).map_err(|source| AgentError::ManifestDir {
-        path: config.manifests.clone(),
-        source,
-    })?;
+    if let Source::Manifests(dir) = &config.source {
+        std::fs::read_dir(dir).map_err(|source| AgentError::ManifestDir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
     let (mut datapath, maps) = Datapath::load(&config.bpffs, &config.map_sizes)?;
     log::info!(
         "datapath loaded; maps pinned under {}",
@@ -51,31 +78,138 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     );
     let mut writer = MapWriter::new(maps)?;
     writer.set_service_cidr(config.service_cidr)?;
+    let metrics = Metrics::default();
+    if let Some(addr) = config.healthz_bind_address {
+        metrics::serve_health(addr, metrics.clone())
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr,
+                what: "/healthz",
+                source,
+            })?;
+    }
+    if let Some(addr) = config.metrics_bind_address {
+        // A second handle on the pinned maps, read per scrape.
+        let maps = Maps::from_pins(&datapath::maps_pin_dir(&config.bpffs)).ok();
+        metrics::serve_metrics(addr, metrics.clone(), maps)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr,
+                what: "/metrics",
+                source,
+            })?;
+    }
 
     let mut links = interfaces::watch()?;
     let signal_err = |signal| move |source| AgentError::Signal { signal, source };
     let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err("SIGTERM"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(signal_err("SIGINT"))?;
 
-    let mut store = ManifestStore::default();
-    let mut seen = None;
-    let mut poll = tokio::time::interval(MANIFEST_POLL);
+    let mut feed = match &config.source {
+        Source::Manifests(dir) => Feed::Manifests {
+            dir: dir.clone(),
+            store: ManifestStore::default(),
+            seen: None,
+            poll: tokio::time::interval(MANIFEST_POLL),
+        },
+        Source::Kubernetes {
+            connection,
+            service_proxy_name,
+        } => {
+            let client = kube_source::client(connection).await?;
+            log::info!("watching Services and EndpointSlices; nothing is programmed until both are listed");
+            Feed::Kubernetes {
+                source: KubeSource::start(client, service_proxy_name.as_deref()),
+                ready: false,
+                woke_by: None,
+            }
+        }
+    };
     loop {
         tokio::select! {
             _ = sigterm.recv() => { log::info!("SIGTERM: exiting"); break; }
             _ = sigint.recv() => { log::info!("SIGINT: exiting"); break; }
             Some(event) = links.recv() => on_link_event(&mut datapath, &config.interfaces, event),
-            _ = poll.tick() => {
-                let now = fingerprint(&config.manifests);
-                if seen.as_ref() != Some(&now) {
-                    seen = Some(now);
-                    resync(&mut store, &mut writer, &config);
-                }
-            }
+            () = feed.changed() => feed.sync(&mut writer, config.service_cidr, &metrics),
         }
     }
     // Maps stay pinned: a restarted agent resumes services and open flows.
     Ok(())
+}
+
+/// The source being followed, and what it needs to tell a change.
+enum Feed {
+    Manifests {
+        dir: PathBuf,
+        store: ManifestStore,
+        seen: Option<Fingerprint>,
+        poll: tokio::time::Interval,
+    },
+    Kubernetes {
+        source: KubeSource,
+        ready: bool,
+        /// When the change that woke us was observed.
+        woke_by: Option<Instant>,
+    },
+}
+
+impl Feed {
+    /// Resolves when a sync is due.
+    async fn changed(&mut self) {
+        match self {
+            Feed::Manifests { dir, seen, poll, .. } => loop {
+                poll.tick().await;
+                let now = fingerprint(dir);
+                if seen.as_ref() != Some(&now) {
+                    *seen = Some(now);
+                    return;
+                }
+            },
+            Feed::Kubernetes {
+                source,
+                ready,
+                woke_by,
+            } => {
+                if !*ready {
+                    source.wait_until_ready().await;
+                    *ready = true;
+                    log::info!("initial lists complete");
+                    return;
+                }
+                match source.changes.recv().await {
+                    Some(at) => *woke_by = Some(at),
+                    // The senders live in the watcher tasks, which never end.
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        }
+    }
+
+    fn sync(&mut self, writer: &mut MapWriter, service_cidr: Ipv4Cidr, metrics: &Metrics) {
+        let started = std::time::Instant::now();
+        let (desired, warnings, observed) = match self {
+            Feed::Manifests { dir, store, .. } => {
+                for error in store.reload(dir) {
+                    log::error!("{error} (keeping its last good state)");
+                }
+                let (desired, warnings) = store.desired(service_cidr);
+                (desired, warnings, started)
+            }
+            Feed::Kubernetes { source, woke_by, .. } => {
+                // Everything observed so far is covered by this sync.
+                let mut observed = woke_by.take().unwrap_or(started);
+                while let Ok(at) = source.changes.try_recv() {
+                    observed = observed.min(at);
+                }
+                let (desired, warnings) = source.desired();
+                (desired, warnings, observed)
+            }
+        };
+        for warning in warnings {
+            log::warn!("{warning}");
+        }
+        sync(writer, &desired, started, observed, metrics);
+    }
 }
 
 fn on_link_event(datapath: &mut Datapath, globs: &InterfaceGlobs, event: LinkEvent) {
@@ -93,35 +227,40 @@ fn on_link_event(datapath: &mut Datapath, globs: &InterfaceGlobs, event: LinkEve
     }
 }
 
-fn resync(store: &mut ManifestStore, writer: &mut MapWriter, config: &AgentConfig) {
-    let started = std::time::Instant::now();
-    for error in store.reload(&config.manifests) {
-        log::error!("{error} (keeping its last good state)");
-    }
-    let (desired, warnings) = store.desired(config.service_cidr);
-    for warning in warnings {
-        log::warn!("{warning}");
-    }
-    sync(writer, &desired, started);
-}
-
-pub fn sync(writer: &mut MapWriter, desired: &Desired, started: std::time::Instant) {
+/// Writes `desired`; `observed` is when the oldest change it covers was seen,
+/// so the log states the network programming latency.
+pub fn sync(
+    writer: &mut MapWriter,
+    desired: &Desired,
+    started: Instant,
+    observed: Instant,
+    metrics: &Metrics,
+) {
     let report = writer.sync(desired);
+    metrics.record_sync(
+        started.elapsed(),
+        observed.elapsed(),
+        desired.len(),
+        report.errors.len(),
+    );
     for error in &report.errors {
         log::error!("{error}");
     }
     log::info!(
-        "synced {} service ports: {} map writes, {} deletes, {} errors in {:?}",
+        "synced {} service ports: {} map writes, {} deletes, {} errors in {:?}; programming latency {}us",
         desired.len(),
         report.writes,
         report.deletes,
         report.errors.len(),
-        started.elapsed()
+        started.elapsed(),
+        observed.elapsed().as_micros()
     );
 }
 
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
 /// Names, sizes and modification times of the directory's entries.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+fn fingerprint(dir: &Path) -> Fingerprint {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -1,12 +1,15 @@
 //! Command-line interface.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::agent::Source;
 use crate::datapath::{self, MapSizes, Maps};
 use crate::interfaces::InterfaceGlobs;
 use crate::model::Ipv4Cidr;
+use crate::source::kube::Connection;
 
 #[derive(Parser)]
 #[command(
@@ -22,7 +25,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Program and attach the datapath, and keep it in sync with the manifests.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the datapath's packet counters (summed over CPUs).
     Counters {
         #[arg(long, default_value = "/sys/fs/bpf")]
@@ -33,8 +36,21 @@ pub enum Command {
 #[derive(Args)]
 pub struct RunArgs {
     /// Directory of Kubernetes YAML (Service, Pod, Endpoints, EndpointSlice).
+    /// Without it, Services and EndpointSlices are watched from the Kubernetes API.
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+    /// kubeconfig for the API (default: in-cluster config, else KUBECONFIG, else ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// API server address, overriding the config's (never a ClusterIP this agent programs).
+    #[arg(long)]
+    pub api_server: Option<String>,
+    /// This node's name (recorded for topology-aware routing; informational for now).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Serve Services labelled service.kubernetes.io/service-proxy-name=<this> (and only those).
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
     /// Interfaces to attach to (node side of pod interfaces), comma-separated globs.
     #[arg(long, value_parser = InterfaceGlobs::parse)]
     pub interfaces: InterfaceGlobs,
@@ -50,18 +66,53 @@ pub struct RunArgs {
     /// Backend map capacity (endpoints summed over service ports).
     #[arg(long, default_value_t = MapSizes::default().backends)]
     pub max_backends: u32,
+    /// Where to serve /healthz and /livez ("" to disable); kube-proxy's default.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: BindAddress,
+    /// Where to serve Prometheus /metrics ("" to disable); kube-proxy's default.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: BindAddress,
     /// Connection table capacity (two entries per flow; oldest evicted).
     #[arg(long, default_value_t = MapSizes::default().flows)]
     pub max_flow_entries: u32,
 }
 
 impl RunArgs {
+    pub fn source(&self) -> Source {
+        match &self.manifests {
+            Some(dir) => Source::Manifests(dir.clone()),
+            None => Source::Kubernetes {
+                connection: Connection {
+                    kubeconfig: self.kubeconfig.clone(),
+                    api_server: self.api_server.clone(),
+                },
+                service_proxy_name: self.service_proxy_name.clone(),
+            },
+        }
+    }
+
     pub fn map_sizes(&self) -> MapSizes {
         MapSizes {
             services: self.max_service_entries,
             backends: self.max_backends,
             flows: self.max_flow_entries,
             ..MapSizes::default()
+        }
+    }
+}
+
+/// `IP:PORT` to listen on, or empty for "off".
+#[derive(Clone, Copy, Debug)]
+pub struct BindAddress(pub Option<SocketAddr>);
+
+impl std::str::FromStr for BindAddress {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            Ok(Self(None))
+        } else {
+            s.parse().map(|a| Self(Some(a)))
         }
     }
 }

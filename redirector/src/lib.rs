@@ -7,6 +7,7 @@ pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod interfaces;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod testbed;

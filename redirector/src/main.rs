@@ -9,7 +9,9 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             let config = AgentConfig {
                 map_sizes: args.map_sizes(),
-                manifests: args.manifests,
+                source: args.source(),
+                healthz_bind_address: args.healthz_bind_address.0,
+                metrics_bind_address: args.metrics_bind_address.0,
                 interfaces: args.interfaces,
                 bpffs: args.bpffs,
                 service_cidr: args.service_cidr,

@@ -5,7 +5,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use common::{Answer, Connection, Fixture, agent_binary, eventually, tcp_request, udp_request};
+use common::{Answer, Connection, Fixture, agent_binary, eventually, http_get, tcp_request, udp_request};
 use redirector::model::{Desired, Ipv4Cidr};
 use redirector::source::manifests::ManifestStore;
 

@@ -69,7 +69,52 @@ fn test() -> Result<()> {
     println!("xtask test: cargo clippy -D warnings (user-space crates)");
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     println!("xtask test: unit, datapath (BPF_PROG_TEST_RUN) and netns end-to-end tests");
-    run(cargo().args(["test"]))
+    let (passed, failed) = run_counting_tests(cargo().args(["test", "--no-fail-fast"]))?;
+    // One closing line for the whole suite (cargo prints one per test binary).
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 || passed == 0 {
+        bail!("the test suite failed ({failed} failed, {passed} passed)");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and sums its `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {shown}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("{shown} failed: {status}");
+    }
+    Ok((passed, failed))
+}
+
+/// In `ok. 5 passed; 1 failed; …`, the number before `word`.
+fn count_before(summary: &str, word: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(word)
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn demo() -> Result<()> {

@@ -6,4 +6,5 @@
 //! programmed endpoints, shared by every source so they cannot drift apart.
 
 pub mod endpoints;
+pub mod kube;
 pub mod manifests;

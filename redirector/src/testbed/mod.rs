@@ -206,7 +206,17 @@ impl Fixture {
     /// Starts `<binary> run` (the redirector agent) inside the node netns,
     /// with `extra` arguments.
     pub fn start_agent(&self, binary: &Path, extra: &[&str]) -> Agent {
-        Agent::start(binary, &self.node, &self.manifests, self.bpffs.path(), extra)
+        let mut args = vec!["--manifests", self.manifests.to_str().expect("UTF-8 temp dir")];
+        args.extend_from_slice(extra);
+        Agent::start(binary, &self.node, self.bpffs.path(), &args)
+    }
+
+    /// Starts the agent on the Kubernetes API at `api_server` (an address
+    /// reachable from the node netns).
+    pub fn start_agent_watching(&self, binary: &Path, api_server: &str, extra: &[&str]) -> Agent {
+        let mut args = vec!["--api-server", api_server];
+        args.extend_from_slice(extra);
+        Agent::start(binary, &self.node, self.bpffs.path(), &args)
     }
 }
 
@@ -250,18 +260,19 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn start(binary: &Path, node: &str, manifests: &Path, bpffs: &Path, extra: &[&str]) -> Self {
+    fn start(binary: &Path, node: &str, bpffs: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new("ip")
             .args(["netns", "exec", node])
             .arg(binary)
             .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
             .args(["--interfaces", NODE_IFACE_GLOB, "--service-cidr", "10.96.0.0/12"])
             .arg("--bpffs")
             .arg(bpffs)
             .args(extra)
             .env("RUST_LOG", "info")
+            // Never a kubeconfig from the developer's environment.
+            .env_remove("KUBECONFIG")
+            .env("HOME", "/nonexistent")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -512,4 +523,26 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Resul
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+}
+
+/// A plain HTTP/1.1 GET from inside `netns`: status code and body.
+pub fn http_get(netns: &str, addr: SocketAddrV4, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = in_netns(netns, move || {
+        TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)
+    })?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP status line"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }

@@ -108,6 +108,31 @@ fn seed_services_reach_every_pod_and_keep_the_client_address() {
         answers.iter().all(|a| *a.client.ip() == CLIENT),
         "legacy hosts see the client address"
     );
+
+    // kube-proxy's health and metrics endpoints, from the node.
+    let (status, body) =
+        http_get(&fx.node, "127.0.0.1:10256".parse().unwrap(), "/healthz").expect("GET /healthz");
+    assert_eq!(status, 200, "healthy after a successful sync: {body}");
+    assert!(
+        body.contains("lastUpdated"),
+        "healthz body as kube-proxy's: {body}"
+    );
+    let (status, metrics) =
+        http_get(&fx.node, "127.0.0.1:10249".parse().unwrap(), "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "metrics served");
+    let new_flows: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("redirector_packets_total{verdict=\"forward_new_flow\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no new-flow counter in metrics:\n{metrics}"));
+    assert!(
+        new_flows >= 6,
+        "every connection made above was counted as a new flow ({new_flows})"
+    );
+    assert!(
+        metrics.contains("kubeproxy_sync_proxy_rules_duration_seconds_count"),
+        "kube-proxy's sync histogram"
+    );
     assert!(agent.stop(), "the agent exits cleanly on SIGTERM");
 }
 

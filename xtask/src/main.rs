@@ -33,6 +33,16 @@ enum Task {
     Test,
     /// Run the example manifests in a netns test bed and show who answers (needs root).
     Demo,
+    /// Benchmarks (needs root). So far: network programming latency with the
+    /// Kubernetes source.
+    Bench {
+        /// Number of services loaded before the changes.
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        /// Single endpoint changes to time.
+        #[arg(long, default_value_t = 100)]
+        changes: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -50,6 +60,7 @@ fn main() -> Result<()> {
         }
         Task::Test => test(),
         Task::Demo => demo(),
+        Task::Bench { services, changes } => bench(services, changes),
     }
 }
 
@@ -136,6 +147,31 @@ fn demo() -> Result<()> {
         .arg(root.join("target/release/redirector"))
         .arg("--manifests")
         .arg(root.join("examples")))
+}
+
+fn bench(services: usize, changes: usize) -> Result<()> {
+    require_root("the benchmarks load eBPF programs and build network namespaces")?;
+    build(true)?;
+    let root = workspace_root();
+    run(cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "redirector",
+            "--example",
+            "programming_latency",
+        ])
+        .arg("--")
+        .arg("--agent")
+        .arg(root.join("target/release/redirector"))
+        .args([
+            "--services",
+            &services.to_string(),
+            "--changes",
+            &changes.to_string(),
+        ]))
 }
 
 fn require_root(why: &str) -> Result<()> {

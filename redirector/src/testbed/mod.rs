@@ -6,6 +6,8 @@
 //! the same prefix are removed first. No interface of the root namespace is
 //! touched.
 
+pub mod apiserver;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};

@@ -1,0 +1,131 @@
+//! Network programming latency with the Kubernetes source: N services (2
+//! endpoints each) on the in-process API server, then single endpoint changes
+//! one at a time. For each change it reports the agent's own figure (change
+//! observed → maps written, from its log) and the end-to-end one seen from
+//! outside (object applied on the API server → the backend readable in the
+//! pinned map).
+//!
+//! `programming_latency --agent PATH [--services N] [--changes N]`
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use redirector::datapath::{Maps, maps_pin_dir};
+use redirector::testbed::apiserver::FakeApiServer;
+use redirector::testbed::{Fixture, in_netns};
+use serde_json::json;
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut agent, mut services, mut changes) = (None, 1000usize, 100usize);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--agent" => agent = args.next(),
+            "--services" => services = args.next().context("--services N")?.parse()?,
+            "--changes" => changes = args.next().context("--changes N")?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let agent = std::path::PathBuf::from(agent.context("--agent PATH is required")?);
+
+    let fx = Fixture::new("lat");
+    let listener = in_netns(&fx.node, || TcpListener::bind("127.0.0.1:0"))?;
+    let api = FakeApiServer::start(listener);
+    for i in 0..services {
+        api.apply(service(i));
+        api.apply(slice(i, &[endpoint_ip(i, 0), endpoint_ip(i, 1)]));
+    }
+    let started = Instant::now();
+    let mut agent = fx.start_agent_watching(&agent, &api.url(), &["--metrics-bind-address", ""]);
+    agent.wait_for_log("initial lists complete", 1);
+    agent.wait_for_log("synced ", 1);
+    println!(
+        "{services} services x 2 endpoints: first sync after {:?} (agent start to maps written)",
+        started.elapsed()
+    );
+    let maps = Maps::from_pins(&maps_pin_dir(fx.bpffs.path()))?;
+
+    let (mut agent_us, mut outside_us) = (Vec::new(), Vec::new());
+    for change in 0..changes {
+        let i = (change * 7919) % services;
+        // Replace the second endpoint with a new address.
+        let fresh = Ipv4Addr::new(10, 200, (change / 250) as u8, (change % 250) as u8 + 1);
+        let syncs = agent.syncs();
+        let applied = Instant::now();
+        api.apply(slice(i, &[endpoint_ip(i, 0), fresh]));
+        let deadline = applied + Duration::from_secs(10);
+        loop {
+            let present = maps
+                .backends
+                .iter()
+                .filter_map(Result::ok)
+                .any(|(_, b)| b.addr == u32::from_ne_bytes(fresh.octets()));
+            if present {
+                outside_us.push(applied.elapsed().as_micros() as u64);
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("change {change} never reached the maps:\n{}", agent.log());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        agent.wait_for_log("synced ", syncs + 1);
+        let log = agent.log();
+        let line = log
+            .lines()
+            .rfind(|l| l.contains("synced "))
+            .context("sync line")?;
+        let us: u64 = line
+            .rsplit("programming latency ")
+            .next()
+            .and_then(|s| s.trim_end_matches("us").trim().parse().ok())
+            .with_context(|| format!("no latency in {line:?}"))?;
+        agent_us.push(us);
+    }
+    report("agent: change observed -> maps written", &mut agent_us);
+    report(
+        "outside: object applied on the API server -> backend in the pinned map",
+        &mut outside_us,
+    );
+    Ok(())
+}
+
+fn report(what: &str, samples: &mut [u64]) {
+    samples.sort_unstable();
+    let pick = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "{what}: n={} median {} us, p99 {} us, max {} us, min {} us",
+        samples.len(),
+        pick(0.5),
+        pick(0.99),
+        samples[samples.len() - 1],
+        samples[0]
+    );
+}
+
+/// Endpoint `n` (0 or 1) of service `i`: 10.244+n.x.y.
+fn endpoint_ip(i: usize, n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244 + n, (i / 250) as u8, (i % 250) as u8 + 1)
+}
+
+fn service(i: usize) -> serde_json::Value {
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 16, 0)) + i as u32);
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
+        "spec": {"type": "ClusterIP", "clusterIP": ip.to_string(), "selector": {"app": format!("svc-{i}")},
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}
+    })
+}
+
+fn slice(i: usize, endpoints: &[Ipv4Addr]) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i}-abcde"), "namespace": "bench",
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints.iter().map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})).collect::<Vec<_>>()
+    })
+}

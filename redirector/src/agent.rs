@@ -133,7 +133,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             () = feed.changed() => feed.sync(&mut writer, config.service_cidr, &metrics),
         }
     }
-    // Maps stay pinned: a restarted agent resumes services and open flows.
+    // Links and maps stay pinned: traffic keeps flowing while the agent is
+    // away, and a restarted agent resumes services and open flows.
+    log::info!(
+        "the datapath stays attached; `redirector cleanup --bpffs {}` removes it",
+        config.bpffs.display()
+    );
     Ok(())
 }
 

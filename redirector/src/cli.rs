@@ -31,6 +31,12 @@ pub enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Detach the datapath from every interface and free its maps (what a
+    /// stopped agent leaves in place so restarts are hitless).
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
 }
 
 #[derive(Args)]

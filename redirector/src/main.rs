@@ -24,5 +24,11 @@ fn main() -> anyhow::Result<()> {
                 .context("redirector run")
         }
         Command::Counters { bpffs } => cli::print_counters(&bpffs).context("redirector counters"),
+        Command::Cleanup { bpffs } => {
+            let removed = redirector::datapath::cleanup(&bpffs)
+                .with_context(|| format!("removing redirector's pins under {}", bpffs.display()))?;
+            println!("removed {removed} pins under {}", bpffs.display());
+            Ok(())
+        }
     }
 }

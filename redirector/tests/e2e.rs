@@ -306,3 +306,80 @@ fn service_yaml_proto(name: &str, cluster_ip: &str, target: &str, protocol: &str
          targetPort: {target}\n      protocol: {protocol}\n"
     )
 }
+
+#[test]
+fn the_datapath_keeps_working_while_the_agent_restarts_and_cleanup_removes_it() {
+    let (mut fx, client) = seed_cluster("restart");
+    let mut agent = fx.start_agent(agent_binary(), &[]);
+    agent.wait_for_log("synced ", 1);
+    let to = service_address(&fx, "jordy-svc-alloc-port", "http");
+    let mut open = eventually("service answers", SYNC_TIMEOUT, || {
+        Connection::open(&client, to).map_err(|e| e.to_string())
+    });
+    let first = open.ask().expect("first answer");
+    assert!(agent.stop(), "the agent exits cleanly");
+
+    // No agent: links and maps are pinned, so both old and new connections work.
+    assert_eq!(
+        open.ask()
+            .expect("established connection while the agent is down")
+            .pod,
+        first.pod,
+        "same pod"
+    );
+    tcp_request(&client, to).expect("a new connection while the agent is down");
+
+    // An interface created while the agent is away is attached when it returns.
+    let late = fx.add_host("late", Ipv4Addr::new(10, 244, 9, 9));
+    let mut agent = fx.start_agent(agent_binary(), &[]);
+    agent.wait_for_log("synced ", 1);
+    let log = agent.log();
+    let sync = log.lines().find(|l| l.contains("synced ")).expect("a sync line");
+    assert!(
+        sync.contains(" 0 map writes, 0 deletes"),
+        "the restarted agent rewrote nothing: {sync}"
+    );
+    assert_eq!(
+        open.ask().expect("established connection after restart").pod,
+        first.pod,
+        "same pod"
+    );
+    let answer = eventually("the late pod reaches the service", SYNC_TIMEOUT, || {
+        tcp_request(&late, to).map_err(|e| e.to_string())
+    });
+    assert_eq!(
+        *answer.client.ip(),
+        Ipv4Addr::new(10, 244, 9, 9),
+        "the late pod's own address"
+    );
+    assert!(agent.stop(), "the agent exits cleanly");
+
+    let out = std::process::Command::new(agent_binary())
+        .args(["cleanup", "--bpffs"])
+        .arg(fx.bpffs.path())
+        .output()
+        .expect("redirector cleanup");
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Links are released asynchronously once their last pin goes.
+    let err = eventually(
+        "no translation after cleanup",
+        SYNC_TIMEOUT,
+        || match tcp_request(&client, to) {
+            Ok(answer) => Err(format!("still answered by {}", answer.pod)),
+            Err(e) => Ok(e),
+        },
+    );
+    assert_ne!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "no datapath is left to refuse: {err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(fx.bpffs.path().join("redirector/links"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "no link pins left: {left:?}");
+}

@@ -8,7 +8,9 @@ use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId};
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use redirector_common::{
@@ -71,16 +73,50 @@ pub enum AttachError {
     Attach { interface: String, source: ProgramError },
 }
 
+/// How the program hangs off an interface.
+enum Attachment {
+    /// A tcx link pinned under `<bpffs>/redirector/links/`: it outlives the
+    /// agent, so traffic keeps being translated across restarts and upgrades.
+    Pinned(PathBuf),
+    /// A netlink tc filter (kernels before 6.6), owned by this process.
+    Owned(SchedClassifierLinkId),
+}
+
 /// The loaded program, attached to a set of interfaces.
 pub struct Datapath {
     ebpf: Ebpf,
-    attached: BTreeMap<String, SchedClassifierLinkId>,
+    attached: BTreeMap<String, Attachment>,
     use_tcx: bool,
+    links_dir: PathBuf,
 }
 
-/// Where an agent keeps its pins below the bpffs mount.
+/// Where an agent keeps its map pins below the bpffs mount.
 pub fn maps_pin_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("redirector").join("maps")
+}
+
+/// Where an agent keeps its link pins (one per interface) below the bpffs mount.
+pub fn links_pin_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("redirector").join("links")
+}
+
+/// Removes every pin an agent left under `bpffs`: the program detaches from
+/// every interface and the maps are freed (as `kube-proxy --cleanup`).
+/// Returns how many pins were removed.
+pub fn cleanup(bpffs: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for dir in [links_pin_dir(bpffs), maps_pin_dir(bpffs)] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            std::fs::remove_file(entry?.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 impl Datapath {
@@ -89,10 +125,13 @@ impl Datapath {
     pub fn load(bpffs: &Path, sizes: &MapSizes) -> Result<(Self, Maps), LoadError> {
         ensure_bpffs(bpffs)?;
         let pin_dir = maps_pin_dir(bpffs);
-        std::fs::create_dir_all(&pin_dir).map_err(|source| LoadError::CreateDir {
-            path: pin_dir.clone(),
-            source,
-        })?;
+        let links_dir = links_pin_dir(bpffs);
+        for dir in [&pin_dir, &links_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| LoadError::CreateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .map_max_entries(SERVICE_MAP, sizes.services)
@@ -117,6 +156,7 @@ impl Datapath {
                 ebpf,
                 attached: BTreeMap::new(),
                 use_tcx,
+                links_dir,
             },
             maps,
         ))
@@ -138,31 +178,77 @@ impl Datapath {
     }
 
     /// Attaches to the ingress of `interface` (traffic leaving the pod behind
-    /// it); attaching twice is a no-op.
+    /// it); attaching twice is a no-op. With tcx, a link an earlier agent
+    /// pinned for the interface gets this program swapped in atomically, so
+    /// no packet goes untranslated across a restart.
     pub fn attach(&mut self, interface: &str) -> Result<bool, AttachError> {
         if self.attached.contains_key(interface) {
             return Ok(false);
         }
+        let attach_err = |source| AttachError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
         if !self.use_tcx {
             // Before tcx (Linux 6.6) TC programs hang off a clsact qdisc;
             // an existing one is fine.
             let _ = aya::programs::tc::qdisc_add_clsact(interface);
+            let link = self
+                .program_mut()
+                .attach(interface, TcAttachType::Ingress)
+                .map_err(attach_err)?;
+            self.attached
+                .insert(interface.to_owned(), Attachment::Owned(link));
+            return Ok(true);
         }
-        let link = self
-            .program_mut()
+        let pin = self.links_dir.join(interface);
+        if pin.exists() {
+            let reused = PinnedLink::from_pin(&pin)
+                .ok()
+                .map(FdLink::from)
+                .and_then(|fd| SchedClassifierLink::try_from(fd).ok())
+                .map(|link| self.program_mut().attach_to_link(link));
+            match reused {
+                Some(Ok(id)) => {
+                    // The pin keeps the link; the program needs no handle on it.
+                    if let Ok(link) = self.program_mut().take_link(id) {
+                        drop(link);
+                    }
+                    self.attached
+                        .insert(interface.to_owned(), Attachment::Pinned(pin));
+                    return Ok(true);
+                }
+                // The interface was re-created since: that link is defunct.
+                _ => {
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let program = self.program_mut();
+        let id = program
             .attach(interface, TcAttachType::Ingress)
-            .map_err(|source| AttachError::Attach {
-                interface: interface.to_owned(),
-                source,
-            })?;
-        self.attached.insert(interface.to_owned(), link);
+            .map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        let pinned = FdLink::try_from(link)
+            .map_err(|e| attach_err(ProgramError::IOError(io::Error::other(e))))?
+            .pin(&pin)
+            .map_err(|e| attach_err(ProgramError::IOError(io::Error::other(e))))?;
+        drop(pinned);
+        self.attached
+            .insert(interface.to_owned(), Attachment::Pinned(pin));
         Ok(true)
     }
 
     /// Forgets an interface that went away (its link went with it).
     pub fn forget(&mut self, interface: &str) {
-        if let Some(link) = self.attached.remove(interface) {
-            let _ = self.program_mut().detach(link);
+        match self.attached.remove(interface) {
+            Some(Attachment::Owned(link)) => {
+                let _ = self.program_mut().detach(link);
+            }
+            Some(Attachment::Pinned(pin)) => {
+                let _ = std::fs::remove_file(pin);
+            }
+            None => {}
         }
     }
 

@@ -38,3 +38,13 @@ counters! {
     DROP_CT_FULL = 13: "drop_conntrack_insert_failed",
     DROP_REWRITE_FAILED = 14: "drop_rewrite_failed",
 }
+
+/// `skb->mark` that asks the program to decide without side effects (no
+/// connection-table entry, no counters): `redirector explain` runs it this way
+/// under BPF_PROG_TEST_RUN and reads the decision from `cb`.
+pub const EXPLAIN_MARK: u32 = 0x7265_6478; // "redx"
+/// `cb` slots filled in explain mode.
+pub const EXPLAIN_CB_COUNTER: usize = 0;
+pub const EXPLAIN_CB_BACKEND: usize = 1;
+pub const EXPLAIN_CB_SLOT: usize = 2;
+pub const EXPLAIN_CB_SVC: usize = 3;

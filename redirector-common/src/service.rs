@@ -79,3 +79,41 @@ mod user {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::VipEntry {}
 }
+
+/// Per service port statistics, indexed by `svc_id`. `PerCpuArray<ServiceStats>`.
+pub const SERVICE_STATS_MAP: &str = "SVCSTATS_V1";
+/// What the agent knows about each service port beyond its addresses (names,
+/// labels, what it wants programmed), for the CLI. Key `svc_id` (host order),
+/// value [`ServiceMeta`]. Never read by the datapath.
+pub const SERVICE_META_MAP: &str = "SVCMETA_V1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ServiceStats {
+    /// Packets translated towards an endpoint (host order).
+    pub packets: u64,
+    /// Bytes of those packets, L2 included (host order).
+    pub bytes: u64,
+    /// Flows started (endpoint selections; host order).
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
+
+/// Capacity of [`ServiceMeta::json`].
+pub const SERVICE_META_LEN: usize = 508;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ServiceMeta {
+    /// Bytes used in `json` (host order).
+    pub len: u32,
+    /// A compact JSON document written and read by user space only.
+    pub json: [u8; SERVICE_META_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ServiceMeta>() == 512);
+
+#[cfg(feature = "user")]
+mod user_meta {
+    unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::ServiceMeta {}
+}

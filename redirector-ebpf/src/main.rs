@@ -20,7 +20,7 @@ mod packet;
 mod refuse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_get_prandom_u32,
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -30,7 +30,7 @@ use redirector_common::{
     config::Config,
     conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey},
     counters,
-    service::{Backend, MASTER_SLOT, ServiceEntry, ServiceKey, VipEntry},
+    service::{Backend, MASTER_SLOT, ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VipEntry},
 };
 
 use packet::Packet;
@@ -48,6 +48,11 @@ static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(262144, 0);
 static CONFIG_V1: Array<Config> = Array::pinned(1, 0);
 #[map]
 static COUNTERS_V1: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+#[map]
+static SVCSTATS_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(65536, 0);
+/// Written and read by user space only; allocated per entry, not up front.
+#[map]
+static SVCMETA_V1: HashMap<u32, ServiceMeta> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
 
 /// What happens to a packet, and which counter says so.
 #[must_use]
@@ -55,6 +60,22 @@ static COUNTERS_V1: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 pub struct Verdict {
     action: i32,
     counter: u32,
+}
+
+/// Whether this run may change state (connection table, counters). Explain
+/// runs (BPF_PROG_TEST_RUN with [`counters::EXPLAIN_MARK`]) may not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    Explain,
+}
+
+/// What a new flow was given, for explain runs.
+#[derive(Clone, Copy, Default)]
+pub struct Choice {
+    backend_id: u32,
+    slot: u32,
+    svc_id: u32,
 }
 
 impl Verdict {
@@ -73,18 +94,36 @@ impl Verdict {
 }
 
 #[classifier]
-pub fn redirector_tc(ctx: TcContext) -> i32 {
-    let (Ok(verdict) | Err(verdict)) = try_redirect(&ctx);
-    if let Some(count) = COUNTERS_V1.get_ptr_mut(verdict.counter) {
-        // Per-CPU slot: no other writer.
-        unsafe { *count += 1 };
+pub fn redirector_tc(mut ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let mode = if unsafe { (*ctx.skb.skb).mark } == counters::EXPLAIN_MARK {
+        Mode::Explain
+    } else {
+        Mode::Live
+    };
+    let mut choice = Choice::default();
+    let (Ok(verdict) | Err(verdict)) = try_redirect(&ctx, mode, &mut choice);
+    match mode {
+        Mode::Live => {
+            if let Some(count) = COUNTERS_V1.get_ptr_mut(verdict.counter) {
+                // Per-CPU slot: no other writer.
+                unsafe { *count += 1 };
+            }
+        }
+        Mode::Explain => {
+            let cb = ctx.cb_mut();
+            cb[counters::EXPLAIN_CB_COUNTER] = verdict.counter;
+            cb[counters::EXPLAIN_CB_BACKEND] = choice.backend_id;
+            cb[counters::EXPLAIN_CB_SLOT] = choice.slot;
+            cb[counters::EXPLAIN_CB_SVC] = choice.svc_id;
+        }
     }
     verdict.action
 }
 
 /// `Ok` for packets that go on (passed, translated, answered); `Err` for drops.
 #[inline(always)]
-fn try_redirect(ctx: &TcContext) -> Result<Verdict, Verdict> {
+fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verdict, Verdict> {
     let pkt = packet::parse(ctx)?;
 
     if pkt.is_fragment || pkt.l4_truncated {
@@ -106,6 +145,12 @@ fn try_redirect(ctx: &TcContext) -> Result<Verdict, Verdict> {
             return Ok(Verdict::pass(counters::REPLY_TRANSLATED));
         }
         if entry.kind == CT_FORWARD && !(pkt.opens_connection() && backend_gone(entry.backend_id)) {
+            *choice = Choice {
+                backend_id: entry.backend_id,
+                slot: 0,
+                svc_id: entry.svc_id,
+            };
+            count_forward(ctx, mode, entry.svc_id, false);
             packet::rewrite_destination(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
             return Ok(Verdict::pass(counters::FORWARD_ESTABLISHED));
         }
@@ -115,19 +160,44 @@ fn try_redirect(ctx: &TcContext) -> Result<Verdict, Verdict> {
     let Some(master) = (unsafe { SVC_V1.get(&master_key) }).copied() else {
         return not_a_service_port(ctx, &pkt);
     };
+    choice.svc_id = master.svc_id;
     if master.count == 0 {
         return refuse::port_unreachable(ctx, &pkt, counters::REFUSED_NO_ENDPOINTS);
     }
 
-    let (backend_id, backend) = select_backend(&pkt, master.count)?;
-    remember_flow(&pkt, &tuple, backend_id, &backend, master.svc_id)?;
+    let (slot, backend_id, backend) = select_backend(&pkt, master.count)?;
+    *choice = Choice {
+        backend_id,
+        slot: u32::from(slot),
+        svc_id: master.svc_id,
+    };
+    if mode == Mode::Live {
+        remember_flow(&pkt, &tuple, backend_id, &backend, master.svc_id)?;
+    }
+    count_forward(ctx, mode, master.svc_id, true);
     packet::rewrite_destination(ctx, &pkt, backend.addr, backend.port)?;
     Ok(Verdict::pass(counters::FORWARD_NEW_FLOW))
 }
 
+/// Per service port statistics for a packet sent on to an endpoint.
+#[inline(always)]
+fn count_forward(ctx: &TcContext, mode: Mode, svc_id: u32, new_flow: bool) {
+    if mode == Mode::Explain {
+        return;
+    }
+    if let Some(stats) = SVCSTATS_V1.get_ptr_mut(svc_id) {
+        // Per-CPU slot: no other writer.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(ctx.len());
+            (*stats).new_flows += u64::from(new_flow);
+        }
+    }
+}
+
 /// A new flow picks uniformly among the service port's slots.
 #[inline(always)]
-fn select_backend(pkt: &Packet, count: u16) -> Result<(u32, Backend), Verdict> {
+fn select_backend(pkt: &Packet, count: u16) -> Result<(u16, u32, Backend), Verdict> {
     let slot = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16;
     let missing = Verdict::drop(counters::DROP_BACKEND_MISSING);
     let entry = unsafe { SVC_V1.get(&service_key(pkt, slot)) }.ok_or(missing)?;
@@ -135,7 +205,7 @@ fn select_backend(pkt: &Packet, count: u16) -> Result<(u32, Backend), Verdict> {
     let backend = unsafe { BACKEND_V1.get(&backend_id) }
         .copied()
         .ok_or(Verdict::drop(counters::DROP_BACKEND_MISSING))?;
-    Ok((backend_id, backend))
+    Ok((slot, backend_id, backend))
 }
 
 /// Records both directions; the reply entry first so a forwarded packet always

@@ -10,4 +10,5 @@ pub mod interfaces;
 pub mod metrics;
 pub mod model;
 pub mod source;
+pub mod state;
 pub mod testbed;

@@ -98,6 +98,31 @@ impl fmt::Display for ServicePortName {
 pub struct ServicePort {
     pub name: ServicePortName,
     pub endpoints: Vec<Endpoint>,
+    /// What operators see about it (`redirector get`/`describe`); not used
+    /// for forwarding.
+    pub info: ServiceInfo,
+}
+
+/// The parts of a Service that explain a service port to an operator.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceInfo {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// `None` for a Service without selector (endpoints written by hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `ClusterIP`, `NodePort`, `LoadBalancer`.
+    #[serde(default)]
+    pub service_type: String,
+    /// `None` or `ClientIP`.
+    #[serde(default)]
+    pub session_affinity: String,
+    /// The port's `targetPort` as written: a number or a container port name.
+    #[serde(default)]
+    pub target_port: String,
+    /// `metadata.creationTimestamp` (RFC 3339), for AGE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
 }
 
 /// Everything the datapath should hold, keyed by frontend.

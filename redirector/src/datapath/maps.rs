@@ -8,11 +8,11 @@ use redirector_common::{
     config::{CONFIG_MAP, Config},
     conntrack::{CT_MAP, CtEntry, CtKey},
     counters::{self, COUNTER_MAP},
-    service::{BACKEND_MAP, Backend, SERVICE_MAP, ServiceEntry, ServiceKey, VIP_MAP, VipEntry},
+    service::{
+        BACKEND_MAP, Backend, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry, ServiceKey,
+        ServiceMeta, ServiceStats, VIP_MAP, VipEntry,
+    },
 };
-
-/// Names of every map, as pinned under `<bpffs>/maps/`.
-pub const MAP_NAMES: [&str; 6] = [SERVICE_MAP, BACKEND_MAP, VIP_MAP, CT_MAP, CONFIG_MAP, COUNTER_MAP];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -33,6 +33,8 @@ pub struct Maps {
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
+    pub stats: PerCpuArray<MapData, ServiceStats>,
+    pub meta: HashMap<MapData, u32, ServiceMeta>,
 }
 
 impl Maps {
@@ -64,7 +66,24 @@ impl Maps {
             conntrack: typed(CT_MAP, open(CT_MAP)?)?,
             config: typed(CONFIG_MAP, open(CONFIG_MAP)?)?,
             counters: typed(COUNTER_MAP, open(COUNTER_MAP)?)?,
+            stats: typed(SERVICE_STATS_MAP, open(SERVICE_STATS_MAP)?)?,
+            meta: typed(SERVICE_META_MAP, open(SERVICE_META_MAP)?)?,
         })
+    }
+
+    /// Statistics of service port `svc_id`, summed over CPUs.
+    pub fn service_stats(&self, svc_id: u32) -> Result<ServiceStats, MapsError> {
+        let per_cpu = self.stats.get(&svc_id, 0).map_err(|source| MapsError::Read {
+            name: SERVICE_STATS_MAP,
+            source,
+        })?;
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceStats::default(), |sum, s| ServiceStats {
+                packets: sum.packets + s.packets,
+                bytes: sum.bytes + s.bytes,
+                new_flows: sum.new_flows + s.new_flows,
+            }))
     }
 
     /// Every counter summed over CPUs, by [`counters::LABELS`] index.

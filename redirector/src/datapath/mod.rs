@@ -15,7 +15,7 @@ use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use redirector_common::{
     conntrack::CT_MAP,
-    service::{BACKEND_MAP, SERVICE_MAP, VIP_MAP},
+    service::{BACKEND_MAP, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, VIP_MAP},
 };
 
 pub use maps::Maps;
@@ -35,6 +35,8 @@ pub struct MapSizes {
     pub addresses: u32,
     /// Connection table entries: two per flow.
     pub flows: u32,
+    /// Service ports (statistics and metadata slots; IDs are below this).
+    pub service_ports: u32,
 }
 
 impl Default for MapSizes {
@@ -44,6 +46,7 @@ impl Default for MapSizes {
             backends: 262_144,
             addresses: 65_536,
             flows: 524_288,
+            service_ports: 65_536,
         }
     }
 }
@@ -138,6 +141,8 @@ impl Datapath {
             .map_max_entries(BACKEND_MAP, sizes.backends)
             .map_max_entries(VIP_MAP, sizes.addresses)
             .map_max_entries(CT_MAP, sizes.flows)
+            .map_max_entries(SERVICE_STATS_MAP, sizes.service_ports)
+            .map_max_entries(SERVICE_META_MAP, sizes.service_ports)
             .load(crate::EBPF_OBJECT)
             .map_err(|source| LoadError::Object {
                 pin_dir,

@@ -6,17 +6,21 @@
 //! then whole services) after every addition. A service port whose writes fail
 //! is rolled back to its previous state and reported; the others go on.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
-use aya::maps::MapError;
+use aya::maps::{MapError, PerCpuValues};
 use redirector_common::{
     config::{CONFIG_MAP, Config},
-    service::{BACKEND_MAP, Backend, MASTER_SLOT, SERVICE_MAP, ServiceEntry, ServiceKey, VIP_MAP, VipEntry},
+    service::{
+        BACKEND_MAP, Backend, MASTER_SLOT, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry,
+        ServiceKey, ServiceMeta, ServiceStats, VIP_MAP, VipEntry,
+    },
 };
 
 use super::Maps;
 use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, Protocol, ServicePort, ServicePortName};
+use crate::state::PortRecord;
 
 /// Slots are numbered by a `u16`, slot 0 being the master entry.
 pub const MAX_ENDPOINTS_PER_PORT: usize = u16::MAX as usize;
@@ -81,6 +85,33 @@ struct Programmed {
     svc_id: u32,
     /// Slot `i + 1` holds `slots[i]`.
     slots: Vec<Slot>,
+    /// The record last written to the metadata map.
+    meta: Option<ServiceMeta>,
+}
+
+/// Service port IDs index per-service arrays, so they stay below the arrays'
+/// capacity and are reused once freed.
+#[derive(Debug)]
+struct SvcIds {
+    next: u32,
+    free: BTreeSet<u32>,
+    capacity: u32,
+}
+
+impl SvcIds {
+    fn alloc(&mut self) -> Option<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
+        (self.next < self.capacity).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.insert(id);
+    }
 }
 
 /// Undo log of one service port's update, applied in reverse on failure.
@@ -94,7 +125,7 @@ pub struct MapWriter {
     maps: Maps,
     programmed: HashMap<Frontend, Programmed>,
     addresses: HashMap<Ipv4Addr, u32>,
-    next_svc_id: u32,
+    svc_ids: SvcIds,
     next_backend_id: u32,
     /// Set after resuming from pins: entries no programmed service accounts
     /// for are removed at the end of the first sync.
@@ -104,14 +135,20 @@ pub struct MapWriter {
 impl MapWriter {
     /// Resumes from whatever the maps hold (empty maps for a first start).
     pub fn new(maps: Maps) -> Result<Self, SyncError> {
+        let capacity = maps.stats.len();
         let mut writer = Self {
             maps,
             programmed: HashMap::new(),
             addresses: HashMap::new(),
-            next_svc_id: 1,
+            svc_ids: SvcIds {
+                next: 1,
+                free: BTreeSet::new(),
+                capacity: 0,
+            },
             next_backend_id: 1,
             collect_garbage: false,
         };
+        writer.svc_ids.capacity = capacity;
         writer.restore()?;
         Ok(writer)
     }
@@ -178,12 +215,24 @@ impl MapWriter {
         let old_slots = old.as_ref().map(|p| p.slots.clone()).unwrap_or_default();
         let mut next_backend_id = self.next_backend_id;
         let new_slots = plan_slots(&old_slots, &port.endpoints, || alloc_id(&mut next_backend_id));
-        if old.is_some() && new_slots == old_slots {
+        let meta = PortRecord::new(port).encode();
+        if let Some(old) = &old
+            && new_slots == old_slots
+        {
+            // Forwarding unchanged; only what operators see may differ.
+            if old.meta != Some(meta) {
+                self.write_meta(fe, old.svc_id, meta, report)
+                    .map_err(|source| self.meta_error(port, fe, source))?;
+            }
             return Ok(());
         }
         let svc_id = match &old {
             Some(p) => p.svc_id,
-            None => alloc_id(&mut self.next_svc_id),
+            None => self.svc_ids.alloc().ok_or_else(|| SyncError::MapFull {
+                service: port.name.clone(),
+                frontend: fe,
+                map: SERVICE_STATS_MAP,
+            })?,
         };
 
         let mut undo = Vec::new();
@@ -198,6 +247,13 @@ impl MapWriter {
         );
         if let Err(source) = result {
             self.rollback(undo, report);
+            match &old {
+                // Record what is wanted, so the CLI shows the drift.
+                Some(old) => {
+                    let _ = self.write_meta(fe, old.svc_id, meta, report);
+                }
+                None => self.svc_ids.release(svc_id),
+            }
             let (map, source) = source;
             return Err(if is_map_full(&source) {
                 SyncError::MapFull {
@@ -230,9 +286,45 @@ impl MapWriter {
             Programmed {
                 svc_id,
                 slots: new_slots,
+                meta: old.and_then(|o| o.meta),
             },
         );
+        self.write_meta(fe, svc_id, meta, report)
+            .map_err(|source| self.meta_error(port, fe, source))
+    }
+
+    /// Writes the operator-facing record of a service port (not used for
+    /// forwarding) and remembers it.
+    fn write_meta(
+        &mut self,
+        fe: Frontend,
+        svc_id: u32,
+        meta: ServiceMeta,
+        report: &mut SyncReport,
+    ) -> Result<(), MapError> {
+        self.maps.meta.insert(svc_id, meta, 0)?;
+        report.writes += 1;
+        if let Some(p) = self.programmed.get_mut(&fe) {
+            p.meta = Some(meta);
+        }
         Ok(())
+    }
+
+    fn meta_error(&self, port: &ServicePort, fe: Frontend, source: MapError) -> SyncError {
+        if is_map_full(&source) {
+            SyncError::MapFull {
+                service: port.name.clone(),
+                frontend: fe,
+                map: SERVICE_META_MAP,
+            }
+        } else {
+            SyncError::Write {
+                service: port.name.clone(),
+                frontend: fe,
+                map: SERVICE_META_MAP,
+                source: Box::new(source),
+            }
+        }
     }
 
     /// Backends, then changed slots, then the master entry.
@@ -333,6 +425,17 @@ impl MapWriter {
         for slot in &old.slots {
             self.delete_backend(slot.backend_id, report);
         }
+        if self.maps.meta.remove(&old.svc_id).is_ok() {
+            report.deletes += 1;
+        }
+        // A reused ID starts from zero.
+        if let Ok(cpus) = aya::util::nr_cpus()
+            && let Ok(zero) = PerCpuValues::try_from(vec![ServiceStats::default(); cpus])
+            && self.maps.stats.set(old.svc_id, zero, 0).is_ok()
+        {
+            report.writes += 1;
+        }
+        self.svc_ids.release(old.svc_id);
     }
 
     /// Adds (`adding`) or removes address entries to match the programmed
@@ -439,7 +542,6 @@ impl MapWriter {
                 });
                 max_backend = max_backend.max(backend.0);
             }
-            self.next_svc_id = self.next_svc_id.max(master.svc_id.wrapping_add(1)).max(1);
             if restored.len() != usize::from(master.count) {
                 // Damaged: forget it, so the next sync rewrites it whole.
                 continue;
@@ -449,9 +551,13 @@ impl MapWriter {
                 Programmed {
                     svc_id: master.svc_id,
                     slots: restored,
+                    meta: self.maps.meta.get(&master.svc_id, 0).ok(),
                 },
             );
         }
+        let used: BTreeSet<u32> = self.programmed.values().map(|p| p.svc_id).collect();
+        self.svc_ids.next = used.last().map_or(1, |max| max + 1);
+        self.svc_ids.free = (1..self.svc_ids.next).filter(|id| !used.contains(id)).collect();
         self.next_backend_id = backends
             .keys()
             .copied()
@@ -500,6 +606,19 @@ impl MapWriter {
             .collect();
         for id in stale_backends {
             self.delete_backend(id, report);
+        }
+        let live: HashSet<u32> = self.programmed.values().map(|p| p.svc_id).collect();
+        let stale_meta: Vec<u32> = self
+            .maps
+            .meta
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !live.contains(id))
+            .collect();
+        for id in stale_meta {
+            if self.maps.meta.remove(&id).is_ok() {
+                report.deletes += 1;
+            }
         }
     }
 }

@@ -12,7 +12,9 @@ use k8s_openapi::api::core::v1::{Service, ServicePort as K8sServicePort};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::model::{Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::model::{Endpoint, Frontend, Protocol, ServiceInfo, ServicePort, ServicePortName};
 
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -228,10 +230,37 @@ pub fn entries_with<'a>(
                     port: port.name.to_owned(),
                 },
                 endpoints: select_endpoints(&candidates_for(&port)),
+                info: service_info(service, &port),
             };
             (frontend, service_port)
         })
         .collect()
+}
+
+/// What `redirector describe` shows about one port of `service`.
+pub fn service_info(service: &Service, port: &ProgrammablePort<'_>) -> ServiceInfo {
+    let spec = service.spec.as_ref();
+    let target_port = match &port.spec.target_port {
+        Some(IntOrString::Int(n)) if *n != 0 => n.to_string(),
+        Some(IntOrString::String(s)) if !s.is_empty() => s.clone(),
+        _ => port.port.to_string(),
+    };
+    ServiceInfo {
+        labels: service.metadata.labels.clone().unwrap_or_default(),
+        selector: spec.and_then(|s| s.selector.clone()).filter(|s| !s.is_empty()),
+        service_type: spec
+            .and_then(|s| s.type_.clone())
+            .unwrap_or_else(|| "ClusterIP".into()),
+        session_affinity: spec
+            .and_then(|s| s.session_affinity.clone())
+            .unwrap_or_else(|| "None".into()),
+        target_port,
+        created: service
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string()),
+    }
 }
 
 /// Datapath entries for `service` at `cluster_ip` from the EndpointSlices
@@ -413,7 +442,19 @@ endpoints: [{addresses: ["fd00::1"]}]
     fn service_entries_merge_slices_by_port_name() {
         let svc = service(SERVICE);
         let ip = Ipv4Addr::new(10, 96, 0, 10);
-        let got = service_entries(&svc, ip, &slices(SLICES));
+        // What an operator sees is checked elsewhere; here, what is forwarded.
+        let got: Vec<_> = service_entries(&svc, ip, &slices(SLICES))
+            .into_iter()
+            .map(|(fe, port)| {
+                (
+                    fe,
+                    ServicePort {
+                        info: ServiceInfo::default(),
+                        ..port
+                    },
+                )
+            })
+            .collect();
         let name = |port: &str| ServicePortName {
             namespace: "shop".into(),
             name: "web".into(),
@@ -429,6 +470,7 @@ endpoints: [{addresses: ["fd00::1"]}]
                 ServicePort {
                     name: name("http"),
                     endpoints: vec![ep(1, 8080), ep(2, 8080)],
+                    info: ServiceInfo::default(),
                 },
             ),
             (
@@ -440,6 +482,7 @@ endpoints: [{addresses: ["fd00::1"]}]
                 ServicePort {
                     name: name("dns"),
                     endpoints: vec![ep(1, 5353)],
+                    info: ServiceInfo::default(),
                 },
             ),
         ];

@@ -428,12 +428,12 @@ impl MapWriter {
         if self.maps.meta.remove(&old.svc_id).is_ok() {
             report.deletes += 1;
         }
-        // A reused ID starts from zero.
+        // A reused ID starts from zero; zeroing an array slot is its delete.
         if let Ok(cpus) = aya::util::nr_cpus()
             && let Ok(zero) = PerCpuValues::try_from(vec![ServiceStats::default(); cpus])
             && self.maps.stats.set(old.svc_id, zero, 0).is_ok()
         {
-            report.writes += 1;
+            report.deletes += 1;
         }
         self.svc_ids.release(old.svc_id);
     }

@@ -79,7 +79,8 @@ fn main() -> anyhow::Result<()> {
         let us: u64 = line
             .rsplit("programming latency ")
             .next()
-            .and_then(|s| s.trim_end_matches("us").trim().parse().ok())
+            .and_then(|s| s.split("us").next())
+            .and_then(|s| s.trim().parse().ok())
             .with_context(|| format!("no latency in {line:?}"))?;
         agent_us.push(us);
     }

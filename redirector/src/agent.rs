@@ -251,14 +251,26 @@ pub fn sync(
     for error in &report.errors {
         log::error!("{error}");
     }
+    const SHOWN: usize = 8;
+    let mut changed: Vec<String> = report
+        .changed
+        .iter()
+        .take(SHOWN)
+        .map(|fe| fe.to_string())
+        .collect();
+    if report.changed.len() > SHOWN {
+        changed.push(format!("+{} more", report.changed.len() - SHOWN));
+    }
     log::info!(
-        "synced {} service ports: {} map writes, {} deletes, {} errors in {:?}; programming latency {}us",
+        "synced {} service ports: {} map writes, {} deletes, {} errors in {:?}; programming latency {}us; \
+         changed: [{}]",
         desired.len(),
         report.writes,
         report.deletes,
         report.errors.len(),
         started.elapsed(),
-        observed.elapsed().as_micros()
+        observed.elapsed().as_micros(),
+        changed.join(", ")
     );
 }
 

@@ -344,13 +344,19 @@ fn a_forced_relist_removes_a_service_deleted_meanwhile() {
     let addr = cluster.api_addr;
     let node = cluster.fx.node.clone();
     let placeholder = FakeApiServer::start(placeholder_listener(&node));
-    let state = std::mem::replace(&mut cluster.api, placeholder).stop();
+    let mut state = std::mem::replace(&mut cluster.api, placeholder).stop();
     agent.wait_for_log("retrying with backoff", 1);
+    assert!(
+        state.delete("Service", "default", "other"),
+        "service deleted while the agent cannot watch"
+    );
+    assert!(
+        state.delete("EndpointSlice", "default", "other-1"),
+        "its slice too"
+    );
+    state.compact();
     let listener = in_netns(&node, move || TcpListener::bind(addr).expect("rebind API server"));
     cluster.api = FakeApiServer::start_with_state(listener, state);
-    cluster.api.delete("Service", "default", "other");
-    cluster.api.delete("EndpointSlice", "default", "other-1");
-    cluster.api.compact();
     cluster.refused(http(SVC2));
     cluster.pods_answering(http(SVC), &["pod-a"]);
     agent.wait_for_log("synced ", syncs + 1);
@@ -359,13 +365,20 @@ fn a_forced_relist_removes_a_service_deleted_meanwhile() {
         "the resumed watch was answered 410 Expired"
     );
     let log = agent.log();
-    let relist_sync = log
+    let after_relist: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("synced "))
-        .nth(syncs)
-        .expect("a sync after the relist");
+        .skip(syncs)
+        .collect();
+    assert!(!after_relist.is_empty(), "the agent synced after the relist");
+    for line in &after_relist {
+        assert!(
+            !line.contains("10.96.0.10:"),
+            "the relist rewrote nothing of the unchanged service: {line}\n{log}"
+        );
+    }
     assert!(
-        relist_sync.contains(" 0 map writes"),
-        "the relist rewrote nothing that was unchanged: {relist_sync}"
+        after_relist.iter().any(|l| l.contains("10.96.0.20:80/tcp")),
+        "the deleted service was removed: {after_relist:?}"
     );
 }

@@ -72,6 +72,14 @@ pub struct SyncReport {
     pub deletes: usize,
     /// Service ports that could not be programmed (each kept its old state).
     pub errors: Vec<SyncError>,
+    /// Frontends whose entries were written or deleted.
+    pub changed: Vec<Frontend>,
+}
+
+impl SyncReport {
+    fn entries(&self) -> usize {
+        self.writes + self.deletes
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,8 +189,12 @@ impl MapWriter {
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
         for (frontend, port) in desired {
+            let before = report.entries();
             if let Err(error) = self.upsert(*frontend, port, &mut report) {
                 report.errors.push(error);
+            }
+            if report.entries() != before {
+                report.changed.push(*frontend);
             }
         }
         let gone: Vec<Frontend> = self
@@ -194,6 +206,7 @@ impl MapWriter {
         self.sync_addresses(&mut report, true);
         for frontend in gone {
             self.remove(frontend, &mut report);
+            report.changed.push(frontend);
         }
         self.sync_addresses(&mut report, false);
         if self.collect_garbage {

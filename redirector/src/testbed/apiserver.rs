@@ -219,6 +219,17 @@ impl ApiState {
         self.rv
     }
 
+    /// Deletes an object while no server runs (as if it happened while the
+    /// clients could not watch); true when it existed.
+    pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) -> bool {
+        let key = (kind_arg(kind), namespace.to_owned(), name.to_owned());
+        if !self.objects.contains_key(&key) {
+            return false;
+        }
+        self.commit(key, None);
+        true
+    }
+
     fn next_uid(&mut self) -> String {
         self.uids += 1;
         format!("5a1e0000-0000-4000-8000-{:012x}", self.uids)

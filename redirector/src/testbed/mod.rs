@@ -7,6 +7,8 @@
 //! touched.
 
 pub mod apiserver;
+pub mod kubeproxy;
+pub mod lanes;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};

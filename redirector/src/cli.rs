@@ -1,6 +1,6 @@
 //! Command-line interface.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::agent::Source;
 use crate::datapath::{self, MapSizes, Maps};
 use crate::interfaces::InterfaceGlobs;
-use crate::model::Ipv4Cidr;
+use crate::model::{Ipv4Cidr, Protocol};
 use crate::source::kube::Connection;
 
 #[derive(Parser)]
@@ -31,12 +31,174 @@ pub enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// List services or endpoints as the datapath holds them (like kubectl get).
+    Get {
+        #[command(subcommand)]
+        what: GetWhat,
+    },
+    /// Show one service as programmed, with traffic and drift (like kubectl describe).
+    Describe {
+        #[command(subcommand)]
+        what: DescribeWhat,
+    },
+    /// The service environment variables a pod created in the namespace would get.
+    Env {
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+    /// What the loaded program would do with a new connection (no packet sent, no state left).
+    Explain {
+        /// Client address, IP[:PORT] (port default 40000).
+        #[arg(long, value_parser = parse_from)]
+        from: SocketAddrV4,
+        /// Destination, IP:PORT[/tcp|udp] (default tcp).
+        #[arg(long, value_parser = parse_to)]
+        to: (SocketAddrV4, Protocol),
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
     /// Detach the datapath from every interface and free its maps (what a
     /// stopped agent leaves in place so restarts are hitless).
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+}
+
+/// Which namespaces, and how to print.
+#[derive(Args, Clone)]
+pub struct ListArgs {
+    #[arg(short, long, default_value = "default")]
+    pub namespace: String,
+    /// All namespaces.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Output format: table (default) or json.
+    #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+    pub output: String,
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum GetWhat {
+    #[command(visible_alias = "svc")]
+    Services(ListArgs),
+    #[command(visible_alias = "ep")]
+    Endpoints {
+        /// Only this service.
+        name: Option<String>,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DescribeWhat {
+    #[command(visible_alias = "svc")]
+    Service {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid address {input:?}: expected {expected}")]
+pub struct AddressError {
+    input: String,
+    expected: &'static str,
+}
+
+fn parse_from(s: &str) -> Result<SocketAddrV4, AddressError> {
+    let err = || AddressError {
+        input: s.to_owned(),
+        expected: "an IPv4 address with an optional :PORT, e.g. 10.244.0.5:40000",
+    };
+    if let Ok(addr) = s.parse::<SocketAddrV4>() {
+        return Ok(addr);
+    }
+    s.parse::<std::net::Ipv4Addr>()
+        .map(|ip| SocketAddrV4::new(ip, 40000))
+        .map_err(|_| err())
+}
+
+fn parse_to(s: &str) -> Result<(SocketAddrV4, Protocol), AddressError> {
+    let err = || AddressError {
+        input: s.to_owned(),
+        expected: "IP:PORT with an optional /tcp or /udp, e.g. 10.96.0.10:80/tcp",
+    };
+    let (addr, proto) = match s.rsplit_once('/') {
+        Some((addr, "tcp" | "TCP")) => (addr, Protocol::Tcp),
+        Some((addr, "udp" | "UDP")) => (addr, Protocol::Udp),
+        Some(_) => return Err(err()),
+        None => (s, Protocol::Tcp),
+    };
+    Ok((addr.parse().map_err(|_| err())?, proto))
+}
+
+/// Runs a read-only view command, printing its output.
+pub fn view(command: Command) -> Result<(), crate::inspect::InspectError> {
+    use crate::inspect::{self, Scope};
+    use crate::state::Snapshot;
+    let scope = |l: &ListArgs| {
+        if l.all_namespaces {
+            Scope::All
+        } else {
+            Scope::Namespace(l.namespace.clone())
+        }
+    };
+    let now = std::time::SystemTime::now();
+    let out = match command {
+        Command::Get {
+            what: GetWhat::Services(list),
+        } => {
+            let snapshot = Snapshot::read(&list.bpffs)?;
+            if list.output == "json" {
+                format!("{:#}\n", inspect::services_json(&snapshot, &scope(&list), None))
+            } else {
+                inspect::get_services(&snapshot, &scope(&list), now)
+            }
+        }
+        Command::Get {
+            what: GetWhat::Endpoints { name, list },
+        } => {
+            let snapshot = Snapshot::read(&list.bpffs)?;
+            if list.output == "json" {
+                format!(
+                    "{:#}\n",
+                    inspect::services_json(&snapshot, &scope(&list), name.as_deref())
+                )
+            } else {
+                inspect::get_endpoints(&snapshot, &scope(&list), name.as_deref(), now)
+            }
+        }
+        Command::Describe {
+            what:
+                DescribeWhat::Service {
+                    name,
+                    namespace,
+                    bpffs,
+                },
+        } => inspect::describe_service(&Snapshot::read(&bpffs)?, &namespace, &name, &bpffs)?,
+        Command::Env { namespace, bpffs } => inspect::env(&Snapshot::read(&bpffs)?, &namespace),
+        Command::Explain {
+            from,
+            to: (to, protocol),
+            bpffs,
+        } => {
+            let snapshot = Snapshot::read(&bpffs)?;
+            let run = inspect::run_explain(&bpffs, from, to, protocol)?;
+            inspect::explain(&snapshot, from, to, protocol, &run)
+        }
+        Command::Run(_) | Command::Counters { .. } | Command::Cleanup { .. } => String::new(),
+    };
+    print!("{out}");
+    Ok(())
 }
 
 #[derive(Args)]

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::datapath::Maps;
+use crate::state::Snapshot;
 
 /// Bucket bounds (seconds) shared by the duration histograms, as kube-proxy's
 /// sync histograms (exponential from 1 ms).
@@ -128,6 +129,9 @@ impl Metrics {
              redirector_service_ports gauge\nredirector_service_ports {}",
             s.service_ports
         );
+        if let Some(maps) = maps {
+            render_datapath(&mut out, maps);
+        }
         if let Some(Ok(totals)) = maps.map(Maps::counter_totals) {
             let _ = writeln!(
                 out,
@@ -140,6 +144,57 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Per service port traffic, map occupancy and drift, read from the maps.
+fn render_datapath(out: &mut String, maps: &Maps) {
+    let Ok(snapshot) = Snapshot::from_maps(maps) else {
+        return;
+    };
+    let series = [
+        (
+            "redirector_service_packets_total",
+            "Packets sent on to an endpoint, per service port",
+        ),
+        (
+            "redirector_service_bytes_total",
+            "Bytes sent on to an endpoint, per service port",
+        ),
+        (
+            "redirector_service_new_flows_total",
+            "Flows started (endpoint selections), per service port",
+        ),
+    ];
+    for (index, (name, help)) in series.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for port in &snapshot.ports {
+            let (ns, svc, port_name) = port.record.as_ref().map_or(("", "", ""), |r| {
+                (r.namespace.as_str(), r.name.as_str(), r.port.as_str())
+            });
+            let value = [port.stats.packets, port.stats.bytes, port.stats.new_flows][index];
+            let _ = writeln!(
+                out,
+                "{name}{{namespace=\"{ns}\",service=\"{svc}\",port=\"{port_name}\",frontend=\"{}\"}} {value}",
+                port.frontend
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP redirector_map_entries Entries in use per map\n# TYPE redirector_map_entries gauge\n\
+         # HELP redirector_map_capacity Maximum entries per map\n# TYPE redirector_map_capacity gauge"
+    );
+    for (map, used, capacity) in maps.occupancy() {
+        let _ = writeln!(out, "redirector_map_entries{{map=\"{map}\"}} {used}");
+        let _ = writeln!(out, "redirector_map_capacity{{map=\"{map}\"}} {capacity}");
+    }
+    let drifting =
+        snapshot.ports.iter().filter(|p| p.drift().is_some()).count() + snapshot.unprogrammed.len();
+    let _ = writeln!(
+        out,
+        "# HELP redirector_drift_service_ports Service ports whose maps differ from what the agent wants\n\
+         # TYPE redirector_drift_service_ports gauge\nredirector_drift_service_ports {drifting}"
+    );
 }
 
 /// Serves `/healthz` and `/livez`.

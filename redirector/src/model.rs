@@ -120,6 +120,9 @@ pub struct ServiceInfo {
     /// The port's `targetPort` as written: a number or a container port name.
     #[serde(default)]
     pub target_port: String,
+    /// Position of the port in `spec.ports` (the first one names `*_SERVICE_PORT`).
+    #[serde(default)]
+    pub port_index: usize,
     /// `metadata.creationTimestamp` (RFC 3339), for AGE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,

@@ -251,6 +251,7 @@ mod tests {
                 service_type: "ClusterIP".into(),
                 session_affinity: "None".into(),
                 target_port: "8080".into(),
+                port_index: 0,
                 created: None,
             },
         }

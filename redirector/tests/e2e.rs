@@ -383,3 +383,272 @@ fn the_datapath_keeps_working_while_the_agent_restarts_and_cleanup_removes_it() 
         .collect();
     assert!(left.is_empty(), "no link pins left: {left:?}");
 }
+
+/// Runs the agent binary as a CLI (`redirector ARGS --bpffs <fixture>`).
+fn cli(fx: &Fixture, args: &[&str]) -> String {
+    let out = std::process::Command::new(agent_binary())
+        .args(args)
+        .arg("--bpffs")
+        .arg(fx.bpffs.path())
+        .output()
+        .expect("running the redirector CLI");
+    assert!(
+        out.status.success(),
+        "redirector {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+const NO_ENDPOINTS_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: no-endpoints
+  namespace: default
+spec:
+  clusterIP: 10.96.0.77
+  selector:
+    app: nobody
+  ports:
+    - name: web
+      port: 8080
+";
+
+#[test]
+fn operator_views_show_what_is_programmed() {
+    let (fx, client) = seed_cluster("views");
+    fx.write_manifest("empty.yaml", NO_ENDPOINTS_SERVICE);
+    let mut agent = fx.start_agent(agent_binary(), &[]);
+    agent.wait_for_log("synced 6 service ports", 1);
+    let alloc = service_address(&fx, "jordy-svc-alloc-port", "http");
+    let named = service_address(&fx, "jordy-svc-alloc-named-port", "http");
+    let legacy = service_address(&fx, "legacy-backend", "http");
+    // The allocated addresses, spelled out so the expected text reads as the user sees it.
+    assert_eq!(
+        (
+            alloc.ip().to_string(),
+            named.ip().to_string(),
+            legacy.ip().to_string()
+        ),
+        (
+            "10.107.81.105".into(),
+            "10.99.76.193".into(),
+            "10.109.116.176".into()
+        ),
+        "ClusterIPs allocated from namespace/name"
+    );
+
+    assert_eq!(
+        cli(&fx, &["get", "endpoints"]),
+        "\
+NAME                         ENDPOINTS                                                        AGE
+jordy-svc-alloc-named-port   10.244.1.10:8080,10.244.2.10:8080,10.244.1.10:8443 + 1 more...   <unknown>
+jordy-svc-alloc-port         10.244.1.10:8080,10.244.2.10:8080,10.244.1.10:8443 + 1 more...   <unknown>
+legacy-backend               198.51.100.10:9000,198.51.100.11:9000                            <unknown>
+no-endpoints                 <none>                                                           <unknown>
+",
+        "get endpoints"
+    );
+    for (service, ip, http_target, https_target) in [
+        ("jordy-svc-alloc-port", "10.107.81.105", "8080", "8443"),
+        (
+            "jordy-svc-alloc-named-port",
+            "10.99.76.193",
+            "jordy-http",
+            "jordy-https",
+        ),
+    ] {
+        assert_eq!(
+            cli(&fx, &["describe", "service", service]),
+            format!(
+                "\
+Name:                     {service}
+Namespace:                default
+Labels:                   <none>
+Selector:                 app=jordy
+Type:                     ClusterIP
+IP:                       {ip}
+Port:                     http  80/TCP
+TargetPort:               {http_target}/TCP
+Endpoints:                10.244.1.10:8080,10.244.2.10:8080
+Traffic:                  0 packets, 0 new flows
+Port:                     https  443/TCP
+TargetPort:               {https_target}/TCP
+Endpoints:                10.244.1.10:8443,10.244.2.10:8443
+Traffic:                  0 packets, 0 new flows
+Session Affinity:         None
+Drift:                    none (the maps hold what the agent wants)
+"
+            ),
+            "describe service {service}"
+        );
+    }
+    let env = cli(&fx, &["env", "-n", "default"]);
+    let alloc_env = "\
+JORDY_SVC_ALLOC_PORT_SERVICE_HOST=10.107.81.105
+JORDY_SVC_ALLOC_PORT_SERVICE_PORT=80
+JORDY_SVC_ALLOC_PORT_SERVICE_PORT_HTTP=80
+JORDY_SVC_ALLOC_PORT_SERVICE_PORT_HTTPS=443
+JORDY_SVC_ALLOC_PORT_PORT=tcp://10.107.81.105:80
+JORDY_SVC_ALLOC_PORT_PORT_80_TCP=tcp://10.107.81.105:80
+JORDY_SVC_ALLOC_PORT_PORT_80_TCP_PROTO=tcp
+JORDY_SVC_ALLOC_PORT_PORT_80_TCP_PORT=80
+JORDY_SVC_ALLOC_PORT_PORT_80_TCP_ADDR=10.107.81.105
+JORDY_SVC_ALLOC_PORT_PORT_443_TCP=tcp://10.107.81.105:443
+JORDY_SVC_ALLOC_PORT_PORT_443_TCP_PROTO=tcp
+JORDY_SVC_ALLOC_PORT_PORT_443_TCP_PORT=443
+JORDY_SVC_ALLOC_PORT_PORT_443_TCP_ADDR=10.107.81.105
+";
+    let legacy_env = "\
+LEGACY_BACKEND_SERVICE_HOST=10.109.116.176
+LEGACY_BACKEND_SERVICE_PORT=80
+LEGACY_BACKEND_SERVICE_PORT_HTTP=80
+LEGACY_BACKEND_PORT=tcp://10.109.116.176:80
+LEGACY_BACKEND_PORT_80_TCP=tcp://10.109.116.176:80
+LEGACY_BACKEND_PORT_80_TCP_PROTO=tcp
+LEGACY_BACKEND_PORT_80_TCP_PORT=80
+LEGACY_BACKEND_PORT_80_TCP_ADDR=10.109.116.176
+";
+    assert!(
+        env.contains(alloc_env),
+        "env has the kubelet's variables for jordy-svc-alloc-port:\n{env}"
+    );
+    assert!(
+        env.contains(legacy_env),
+        "env has the variables of the selectorless service:\n{env}"
+    );
+    assert_eq!(
+        env.lines().count(),
+        13 + 13 + 8 + 8,
+        "four services' variables, nothing else:\n{env}"
+    );
+    assert_eq!(
+        cli(&fx, &["env", "-n", "kube-system"]),
+        "",
+        "no services in kube-system"
+    );
+
+    // explain: a service port, a port the service does not define, a service without endpoints.
+    let ct_entries = |fx: &Fixture| {
+        let (_, metrics) =
+            http_get(&fx.node, "127.0.0.1:10249".parse().unwrap(), "/metrics").expect("metrics");
+        metric(&metrics, "redirector_map_entries{map=\"CT_V1\"}")
+    };
+    let ct_before = ct_entries(&fx);
+    let explained = cli(
+        &fx,
+        &["explain", "--from", "10.244.0.5", "--to", &alloc.to_string()],
+    );
+    let lines: Vec<&str> = explained.lines().collect();
+    assert_eq!(
+        lines[..4],
+        [
+            "packet:    10.244.0.5:40000 -> 10.107.81.105:80/tcp (first packet of a new connection)",
+            "service:   default/jordy-svc-alloc-port:http (10.107.81.105:80/tcp)",
+            "endpoints: 10.244.1.10:8080, 10.244.2.10:8080 (2 in the maps)",
+            "verdict:   forward_new_flow",
+        ],
+        "explain for a service port:\n{explained}"
+    );
+    assert!(
+        ["10.244.1.10:8080 (slot 1 of 2)", "10.244.2.10:8080 (slot 2 of 2)"]
+            .iter()
+            .any(|pick| lines[4].starts_with(&format!("why:       new flow: this run picked {pick}"))),
+        "explain names the pick: {}",
+        lines[4]
+    );
+    assert_eq!(
+        cli(&fx, &["explain", "--from", "10.244.0.5", "--to", &format!("{}:81", alloc.ip())]),
+        "\
+packet:    10.244.0.5:40000 -> 10.107.81.105:81/tcp (first packet of a new connection)
+verdict:   drop_unknown_port
+why:       dropped: 10.107.81.105 is a service address, but no service defines 81/tcp there (it has 80/tcp, 443/tcp)
+",
+        "explain for a port the service does not define"
+    );
+    assert_eq!(
+        cli(&fx, &["explain", "--from", "10.244.0.5", "--to", "10.96.0.77:8080/tcp"]),
+        "\
+packet:    10.244.0.5:40000 -> 10.96.0.77:8080/tcp (first packet of a new connection)
+service:   default/no-endpoints:web (10.96.0.77:8080/tcp)
+endpoints: <none> (0 in the maps)
+verdict:   refused_no_endpoints
+why:       refused: the service port has no endpoints; the client gets ICMP port unreachable (connection refused)
+",
+        "explain for a service without endpoints"
+    );
+    assert_eq!(
+        ct_entries(&fx),
+        ct_before,
+        "explain left no connection-table entry"
+    );
+    assert!(
+        cli(&fx, &["describe", "service", "jordy-svc-alloc-port"])
+            .contains("Traffic:                  0 packets, 0 new flows"),
+        "explain counted nothing"
+    );
+
+    // Traffic shows in the metrics and in describe.
+    let flows = |fx: &Fixture| {
+        let (_, metrics) =
+            http_get(&fx.node, "127.0.0.1:10249".parse().unwrap(), "/metrics").expect("metrics");
+        metric(
+            &metrics,
+            "redirector_service_new_flows_total{namespace=\"default\",service=\"jordy-svc-alloc-port\",port=\"http\",frontend=\"10.107.81.105:80/tcp\"}",
+        )
+    };
+    let before = flows(&fx);
+    const CONNECTIONS: u64 = 5;
+    for _ in 0..CONNECTIONS {
+        tcp_request(&client, alloc).expect("request through the service");
+    }
+    assert_eq!(
+        flows(&fx) - before,
+        CONNECTIONS,
+        "each connection is one new flow in the metrics"
+    );
+    assert!(
+        cli(&fx, &["describe", "service", "jordy-svc-alloc-port"]).contains("new flows\n")
+            && cli(&fx, &["describe", "service", "jordy-svc-alloc-port"]).contains(", 5 new flows"),
+        "describe shows the flows"
+    );
+
+    let err = std::process::Command::new(agent_binary())
+        .args(["describe", "service", "nope", "--bpffs"])
+        .arg(fx.bpffs.path())
+        .output()
+        .expect("redirector describe");
+    assert!(!err.status.success(), "an unknown service is an error");
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("default/nope is not programmed"),
+        "the error names the service: {}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+    let err = std::process::Command::new(agent_binary())
+        .args(["get", "services", "--bpffs", "/nonexistent"])
+        .output()
+        .expect("redirector get");
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("no redirector state under /nonexistent"),
+        "a path without agent state is a clear error: {}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+    let err = std::process::Command::new(agent_binary())
+        .args(["explain", "--from", "10.0.0.1", "--to", "10.96.0.1"])
+        .output()
+        .expect("redirector explain");
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("expected IP:PORT"),
+        "a malformed address is a clear error: {}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+}
+
+/// The value of one metric line.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).map(str::trim))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
+}

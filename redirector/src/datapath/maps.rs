@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
 use redirector_common::{
     config::{CONFIG_MAP, Config},
     conntrack::{CT_MAP, CtEntry, CtKey},
@@ -69,6 +69,25 @@ impl Maps {
             stats: typed(SERVICE_STATS_MAP, open(SERVICE_STATS_MAP)?)?,
             meta: typed(SERVICE_META_MAP, open(SERVICE_META_MAP)?)?,
         })
+    }
+
+    /// Entries in use and capacity of each hash map (a full scan: for
+    /// scrapes, not for the packet path).
+    pub fn occupancy(&self) -> Vec<(&'static str, usize, u32)> {
+        fn of<K: aya::Pod, V: aya::Pod>(
+            name: &'static str,
+            map: &HashMap<MapData, K, V>,
+        ) -> (&'static str, usize, u32) {
+            let capacity = map.map().info().map_or(0, |i| i.max_entries());
+            (name, map.keys().filter(Result::is_ok).count(), capacity)
+        }
+        vec![
+            of(SERVICE_MAP, &self.services),
+            of(BACKEND_MAP, &self.backends),
+            of(VIP_MAP, &self.vips),
+            of(CT_MAP, &self.conntrack),
+            of(SERVICE_META_MAP, &self.meta),
+        ]
     }
 
     /// Statistics of service port `svc_id`, summed over CPUs.

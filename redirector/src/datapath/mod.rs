@@ -98,6 +98,11 @@ pub fn maps_pin_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("redirector").join("maps")
 }
 
+/// Where the loaded program is pinned below the bpffs mount.
+pub fn program_pin_path(bpffs: &Path) -> PathBuf {
+    bpffs.join("redirector").join("program")
+}
+
 /// Where an agent keeps its link pins (one per interface) below the bpffs mount.
 pub fn links_pin_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("redirector").join("links")
@@ -108,6 +113,11 @@ pub fn links_pin_dir(bpffs: &Path) -> PathBuf {
 /// Returns how many pins were removed.
 pub fn cleanup(bpffs: &Path) -> io::Result<usize> {
     let mut removed = 0;
+    match std::fs::remove_file(program_pin_path(bpffs)) {
+        Ok(()) => removed += 1,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     for dir in [links_pin_dir(bpffs), maps_pin_dir(bpffs)] {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -154,6 +164,12 @@ impl Datapath {
             .try_into()
             .map_err(|source| LoadError::Program { source })?;
         program.load().map_err(|source| LoadError::Program { source })?;
+        // Pinned so `redirector explain` can run this very program.
+        let program_pin = program_pin_path(bpffs);
+        let _ = std::fs::remove_file(&program_pin);
+        program.pin(&program_pin).map_err(|e| LoadError::Program {
+            source: ProgramError::IOError(io::Error::other(e)),
+        })?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let use_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         Ok((

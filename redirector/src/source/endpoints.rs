@@ -255,6 +255,10 @@ pub fn service_info(service: &Service, port: &ProgrammablePort<'_>) -> ServiceIn
             .and_then(|s| s.session_affinity.clone())
             .unwrap_or_else(|| "None".into()),
         target_port,
+        port_index: spec
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|ports| ports.iter().position(|p| std::ptr::eq(p, port.spec)))
+            .unwrap_or(0),
         created: service
             .metadata
             .creation_timestamp

@@ -652,3 +652,49 @@ fn metric(text: &str, series: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
 }
+
+#[test]
+fn interfaces_that_appear_later_are_attached_and_bad_manifests_keep_the_last_good_state() {
+    let (mut fx, client) = seed_cluster("late");
+    let mut agent = fx.start_agent(agent_binary(), &[]);
+    agent.wait_for_log("synced ", 1);
+    let to = service_address(&fx, "jordy-svc-alloc-port", "http");
+    eventually("service answers", SYNC_TIMEOUT, || {
+        tcp_request(&client, to).map_err(|e| e.to_string())
+    });
+
+    // A pod created while the agent runs: rtnetlink tells the agent.
+    let newcomer = Ipv4Addr::new(10, 244, 7, 7);
+    let late = fx.add_host("newpod", newcomer);
+    agent.wait_for_log("attached to vp5", 1);
+    let answer = eventually("the new pod reaches the service", SYNC_TIMEOUT, || {
+        tcp_request(&late, to).map_err(|e| e.to_string())
+    });
+    assert_eq!(
+        *answer.client.ip(),
+        newcomer,
+        "the pod sees the newcomer's own address"
+    );
+
+    // A broken file: an error naming file, object and field; the rest keeps working.
+    let syncs = agent.syncs();
+    fx.write_manifest(
+        "services.yaml",
+        &example("services.yaml").replacen("port: 80", "port: eighty", 1),
+    );
+    agent.wait_for_log("synced ", syncs + 1);
+    let log = agent.log();
+    let error = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("services.yaml"))
+        .unwrap_or_else(|| panic!("no error naming the file:\n{log}"));
+    assert!(
+        error.contains("Service default/jordy-svc-alloc-port") && error.contains("spec.ports"),
+        "the error names the object and the field: {error}"
+    );
+    let answer = tcp_request(&client, to).expect("the service keeps its last good state");
+    assert!(
+        answer.pod.starts_with("jordy-"),
+        "still answered by a jordy pod: {answer:?}"
+    );
+}

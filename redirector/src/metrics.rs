@@ -197,48 +197,55 @@ fn render_datapath(out: &mut String, maps: &Maps) {
     );
 }
 
+/// A response: status line, content type, body.
+type Response = (&'static str, &'static str, String);
+
 /// Serves `/healthz` and `/livez`.
 pub async fn serve_health(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let path = read_path(&mut conn).await;
-                let (status, body) = match path.as_deref() {
-                    Some("/healthz" | "/livez") if metrics.healthy() => ("200 OK", metrics.health_body()),
-                    Some("/healthz" | "/livez") => ("503 Service Unavailable", metrics.health_body()),
-                    _ => ("404 Not Found", "not found\n".to_owned()),
-                };
-                respond(&mut conn, status, "application/json", &body).await;
-            });
+    serve(addr, move |path| match path {
+        Some("/healthz" | "/livez") if metrics.healthy() => {
+            ("200 OK", "application/json", metrics.health_body())
         }
-    });
-    Ok(())
+        Some("/healthz" | "/livez") => (
+            "503 Service Unavailable",
+            "application/json",
+            metrics.health_body(),
+        ),
+        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+    })
+    .await
 }
 
 /// Serves `/metrics`; `maps` are the pinned maps, read per scrape.
 pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics, maps: Option<Maps>) -> std::io::Result<()> {
-    let maps = Arc::new(maps);
+    serve(addr, move |path| match path {
+        Some("/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            metrics.render(maps.as_ref()),
+        ),
+        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+    })
+    .await
+}
+
+/// Answers each GET on `addr` with `handler(path)`, one task per connection.
+async fn serve(
+    addr: SocketAddr,
+    handler: impl Fn(Option<&str>) -> Response + Send + Sync + 'static,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
+    let handler = Arc::new(handler);
     tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
                 continue;
             };
-            let metrics = metrics.clone();
-            let maps = maps.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
                 let path = read_path(&mut conn).await;
-                if path.as_deref() == Some("/metrics") {
-                    let body = metrics.render(maps.as_ref().as_ref());
-                    respond(&mut conn, "200 OK", "text/plain; version=0.0.4", &body).await;
-                } else {
-                    respond(&mut conn, "404 Not Found", "text/plain", "not found\n").await;
-                }
+                let (status, content_type, body) = handler(path.as_deref());
+                respond(&mut conn, status, content_type, &body).await;
             });
         }
     });

@@ -4,15 +4,15 @@
 //! `redirector get`/`describe` tell the truth, drift included.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+
 use std::path::Path;
 
-use redirector_common::service::{MASTER_SLOT, SERVICE_META_LEN, ServiceMeta, ServiceStats};
+use redirector_common::service::{SERVICE_META_LEN, ServiceMeta, ServiceStats};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::maps::MapsError;
 use crate::datapath::{Maps, maps_pin_dir};
-use crate::model::{Endpoint, Frontend, Protocol, ServiceInfo, ServicePort, ServicePortName};
+use crate::model::{Endpoint, Frontend, ServiceInfo, ServicePort, ServicePortName};
 
 /// The agent's record of one service port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,35 +159,6 @@ impl Snapshot {
 
     pub fn from_maps(maps: &Maps) -> Result<Self, SnapshotError> {
         let read = |name| move |source| MapsError::Read { name, source };
-        let mut backends = BTreeMap::new();
-        for item in maps.backends.iter() {
-            let (id, b) = item.map_err(read(redirector_common::service::BACKEND_MAP))?;
-            backends.insert(
-                id,
-                Endpoint {
-                    addr: Ipv4Addr::from(b.addr.to_ne_bytes()),
-                    port: u16::from_be(b.port),
-                },
-            );
-        }
-        let mut masters = BTreeMap::new();
-        let mut slots = BTreeMap::new();
-        for item in maps.services.iter() {
-            let (key, entry) = item.map_err(read(redirector_common::service::SERVICE_MAP))?;
-            let Some(protocol) = Protocol::from_number(key.proto) else {
-                continue;
-            };
-            let frontend = Frontend {
-                addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
-                port: u16::from_be(key.port),
-                protocol,
-            };
-            if key.slot == MASTER_SLOT {
-                masters.insert(frontend, entry);
-            } else {
-                slots.insert((frontend, key.slot), entry.backend_id);
-            }
-        }
         let mut records = BTreeMap::new();
         for item in maps.meta.iter() {
             let (svc_id, meta) = item.map_err(read(redirector_common::service::SERVICE_META_MAP))?;
@@ -196,21 +167,18 @@ impl Snapshot {
             }
         }
         let mut snapshot = Snapshot::default();
-        for (frontend, master) in masters {
-            let endpoints = (1..=master.count)
-                .filter_map(|slot| {
-                    slots
-                        .get(&(frontend, slot))
-                        .and_then(|id| backends.get(id))
-                        .copied()
-                })
-                .collect();
+        for port in maps.stored_ports()? {
             snapshot.ports.push(ProgrammedPort {
-                frontend,
-                svc_id: master.svc_id,
-                endpoints,
-                record: records.remove(&master.svc_id),
-                stats: maps.service_stats(master.svc_id).unwrap_or_default(),
+                frontend: port.frontend,
+                svc_id: port.master.svc_id,
+                endpoints: port
+                    .slots
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, endpoint)| endpoint)
+                    .collect(),
+                record: records.remove(&port.master.svc_id),
+                stats: maps.service_stats(port.master.svc_id).unwrap_or_default(),
             });
         }
         snapshot.unprogrammed = records.into_values().collect();
@@ -224,6 +192,8 @@ impl Snapshot {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn port(labels: usize) -> ServicePort {

@@ -1,16 +1,19 @@
 //! Typed handles on the datapath's maps, opened from a loaded object or from
 //! their pins (for the CLI and for a restarted agent).
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use crate::model::{Endpoint, Frontend, Protocol};
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
 use redirector_common::{
     config::{CONFIG_MAP, Config},
     conntrack::{CT_MAP, CtEntry, CtKey},
     counters::{self, COUNTER_MAP},
     service::{
-        BACKEND_MAP, Backend, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry, ServiceKey,
-        ServiceMeta, ServiceStats, VIP_MAP, VipEntry,
+        BACKEND_MAP, Backend, MASTER_SLOT, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry,
+        ServiceKey, ServiceMeta, ServiceStats, VIP_MAP, VipEntry,
     },
 };
 
@@ -24,6 +27,14 @@ pub enum MapsError {
     Layout { name: &'static str, source: MapError },
     #[error("reading map {name}: {source}")]
     Read { name: &'static str, source: MapError },
+}
+
+/// One service port as the maps hold it; see [`Maps::stored_ports`].
+#[derive(Clone, Debug)]
+pub struct StoredPort {
+    pub frontend: Frontend,
+    pub master: ServiceEntry,
+    pub slots: Vec<Option<(u32, Endpoint)>>,
 }
 
 pub struct Maps {
@@ -69,6 +80,58 @@ impl Maps {
             stats: typed(SERVICE_STATS_MAP, open(SERVICE_STATS_MAP)?)?,
             meta: typed(SERVICE_META_MAP, open(SERVICE_META_MAP)?)?,
         })
+    }
+
+    /// Every service port in the maps: its master entry and, slot by slot,
+    /// the backend ID and endpoint it names (`None` where a slot or its
+    /// backend is missing, as after an interrupted update).
+    pub fn stored_ports(&self) -> Result<Vec<StoredPort>, MapsError> {
+        let mut backends = std::collections::HashMap::new();
+        for item in self.backends.iter() {
+            let (id, b) = item.map_err(|source| MapsError::Read {
+                name: BACKEND_MAP,
+                source,
+            })?;
+            let endpoint = Endpoint {
+                addr: Ipv4Addr::from(b.addr.to_ne_bytes()),
+                port: u16::from_be(b.port),
+            };
+            backends.insert(id, endpoint);
+        }
+        let mut masters = BTreeMap::new();
+        let mut slots = std::collections::HashMap::new();
+        for item in self.services.iter() {
+            let (key, entry) = item.map_err(|source| MapsError::Read {
+                name: SERVICE_MAP,
+                source,
+            })?;
+            let Some(protocol) = Protocol::from_number(key.proto) else {
+                continue;
+            };
+            let frontend = Frontend {
+                addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
+                port: u16::from_be(key.port),
+                protocol,
+            };
+            if key.slot == MASTER_SLOT {
+                masters.insert(frontend, entry);
+            } else {
+                slots.insert((frontend, key.slot), entry.backend_id);
+            }
+        }
+        Ok(masters
+            .into_iter()
+            .map(|(frontend, master)| StoredPort {
+                frontend,
+                master,
+                slots: (1..=master.count)
+                    .map(|slot| {
+                        let id = *slots.get(&(frontend, slot))?;
+                        Some((id, *backends.get(&id)?))
+                    })
+                    .collect(),
+            })
+            .collect())
     }
 
     /// Entries in use and capacity of each hash map (a full scan: for

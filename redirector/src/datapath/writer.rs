@@ -19,7 +19,8 @@ use redirector_common::{
 };
 
 use super::Maps;
-use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, Protocol, ServicePort, ServicePortName};
+use super::maps::MapsError;
+use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, ServicePort, ServicePortName};
 use crate::state::PortRecord;
 
 /// Slots are numbered by a `u16`, slot 0 being the master entry.
@@ -56,11 +57,8 @@ pub enum SyncError {
     Address { addr: Ipv4Addr, source: Box<MapError> },
     #[error("writing map {CONFIG_MAP}: {source}")]
     Config { source: Box<MapError> },
-    #[error("reading map {map} to resume from its pinned state: {source}")]
-    Restore {
-        map: &'static str,
-        source: Box<MapError>,
-    },
+    #[error("reading the maps to resume from their pinned state: {source}")]
+    Restore { source: Box<MapsError> },
 }
 
 /// What one sync changed.
@@ -505,86 +503,50 @@ impl MapWriter {
 
     /// Rebuilds the programmed state from the maps an earlier agent left.
     fn restore(&mut self) -> Result<(), SyncError> {
-        let restore_err = |map| {
-            move |source| SyncError::Restore {
-                map,
-                source: Box::new(source),
-            }
+        let restore_err = |source| SyncError::Restore {
+            source: Box::new(source),
         };
-        let mut backends: HashMap<u32, Backend> = HashMap::new();
-        for item in self.maps.backends.iter() {
-            let (id, backend) = item.map_err(restore_err(BACKEND_MAP))?;
-            backends.insert(id, backend);
-        }
-        let mut masters: HashMap<Frontend, ServiceEntry> = HashMap::new();
-        let mut slots: HashMap<(Frontend, u16), u32> = HashMap::new();
-        let mut entries = 0usize;
-        for item in self.maps.services.iter() {
-            let (key, entry) = item.map_err(restore_err(SERVICE_MAP))?;
-            entries += 1;
-            let Some(protocol) = Protocol::from_number(key.proto) else {
+        let stored = self.maps.stored_ports().map_err(restore_err)?;
+        let backend_ids: Vec<u32> = self.maps.backends.keys().filter_map(Result::ok).collect();
+        let entries = stored.len() + backend_ids.len();
+        for port in stored {
+            // A damaged port is forgotten, so the next sync rewrites it whole.
+            let Some(slots) = port.slots.into_iter().collect::<Option<Vec<_>>>() else {
                 continue;
             };
-            let fe = Frontend {
-                addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
-                port: u16::from_be(key.port),
-                protocol,
-            };
-            if key.slot == MASTER_SLOT {
-                masters.insert(fe, entry);
-            } else {
-                slots.insert((fe, key.slot), entry.backend_id);
-            }
-        }
-        let mut max_backend = 0;
-        for (fe, master) in &masters {
-            let mut restored = Vec::new();
-            for slot in 1..=master.count {
-                let Some(backend) = slots
-                    .get(&(*fe, slot))
-                    .and_then(|id| backends.get(id).map(|b| (*id, b)))
-                else {
-                    break;
-                };
-                restored.push(Slot {
-                    backend_id: backend.0,
-                    endpoint: Endpoint {
-                        addr: Ipv4Addr::from(backend.1.addr.to_ne_bytes()),
-                        port: u16::from_be(backend.1.port),
-                    },
-                });
-                max_backend = max_backend.max(backend.0);
-            }
-            if restored.len() != usize::from(master.count) {
-                // Damaged: forget it, so the next sync rewrites it whole.
-                continue;
-            }
             self.programmed.insert(
-                *fe,
+                port.frontend,
                 Programmed {
-                    svc_id: master.svc_id,
-                    slots: restored,
-                    meta: self.maps.meta.get(&master.svc_id, 0).ok(),
+                    svc_id: port.master.svc_id,
+                    slots: slots
+                        .into_iter()
+                        .map(|(backend_id, endpoint)| Slot { backend_id, endpoint })
+                        .collect(),
+                    meta: self.maps.meta.get(&port.master.svc_id, 0).ok(),
                 },
             );
         }
         let used: BTreeSet<u32> = self.programmed.values().map(|p| p.svc_id).collect();
         self.svc_ids.next = used.last().map_or(1, |max| max + 1);
         self.svc_ids.free = (1..self.svc_ids.next).filter(|id| !used.contains(id)).collect();
-        self.next_backend_id = backends
-            .keys()
+        self.next_backend_id = backend_ids
+            .iter()
             .copied()
             .max()
             .unwrap_or(0)
-            .max(max_backend)
             .wrapping_add(1)
             .max(1);
         for item in self.maps.vips.iter() {
-            let (addr, entry) = item.map_err(restore_err(VIP_MAP))?;
+            let (addr, entry) = item
+                .map_err(|source| MapsError::Read {
+                    name: VIP_MAP,
+                    source,
+                })
+                .map_err(restore_err)?;
             self.addresses
                 .insert(Ipv4Addr::from(addr.to_ne_bytes()), entry.port_count);
         }
-        self.collect_garbage = entries > 0 || !backends.is_empty();
+        self.collect_garbage = entries > 0;
         Ok(())
     }
 

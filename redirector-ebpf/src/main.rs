@@ -156,9 +156,17 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
         }
     }
 
+    // Not in the connection table. Most such packets are not for a service
+    // at all: one address lookup settles them before any per-port lookup.
+    if unsafe { VIP_V1.get(&pkt.daddr) }.is_none() {
+        if in_service_cidr(pkt.daddr) {
+            return refuse::port_unreachable(ctx, &pkt, counters::REFUSED_UNALLOCATED_IP);
+        }
+        return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
+    }
     let master_key = service_key(&pkt, MASTER_SLOT);
     let Some(master) = (unsafe { SVC_V1.get(&master_key) }).copied() else {
-        return not_a_service_port(ctx, &pkt);
+        return Err(Verdict::drop(counters::DROP_UNKNOWN_PORT));
     };
     choice.svc_id = master.svc_id;
     if master.count == 0 {
@@ -250,19 +258,6 @@ fn remember_flow(
 #[inline(always)]
 fn backend_gone(backend_id: u32) -> bool {
     unsafe { BACKEND_V1.get(&backend_id) }.is_none()
-}
-
-/// No service port matched: a service address on another port is dropped, an
-/// unused address of the service CIDR is refused, anything else passes.
-#[inline(always)]
-fn not_a_service_port(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, Verdict> {
-    if unsafe { VIP_V1.get(&pkt.daddr) }.is_some() {
-        return Err(Verdict::drop(counters::DROP_UNKNOWN_PORT));
-    }
-    if in_service_cidr(pkt.daddr) {
-        return refuse::port_unreachable(ctx, pkt, counters::REFUSED_UNALLOCATED_IP);
-    }
-    Ok(Verdict::pass(counters::PASS_NOT_SERVICE))
 }
 
 #[inline(always)]

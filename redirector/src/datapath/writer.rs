@@ -186,6 +186,9 @@ impl MapWriter {
 
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
+        // Addresses first: the datapath looks a packet's address up before
+        // its service port.
+        self.add_addresses(desired.keys(), &mut report);
         for (frontend, port) in desired {
             let before = report.entries();
             if let Err(error) = self.upsert(*frontend, port, &mut report) {
@@ -201,12 +204,11 @@ impl MapWriter {
             .filter(|fe| !desired.contains_key(fe))
             .copied()
             .collect();
-        self.sync_addresses(&mut report, true);
         for frontend in gone {
             self.remove(frontend, &mut report);
             report.changed.push(frontend);
         }
-        self.sync_addresses(&mut report, false);
+        self.settle_addresses(&mut report);
         if self.collect_garbage {
             self.collect_garbage = false;
             self.remove_unaccounted(&mut report);
@@ -449,43 +451,52 @@ impl MapWriter {
         self.svc_ids.release(old.svc_id);
     }
 
-    /// Adds (`adding`) or removes address entries to match the programmed
-    /// frontends.
-    fn sync_addresses(&mut self, report: &mut SyncReport, adding: bool) {
+    /// Writes the address entries `frontends` need that the map lacks.
+    fn add_addresses<'a>(&mut self, frontends: impl Iterator<Item = &'a Frontend>, report: &mut SyncReport) {
+        let mut wanted: HashMap<Ipv4Addr, u32> = HashMap::new();
+        for fe in frontends {
+            *wanted.entry(fe.addr).or_default() += 1;
+        }
+        for (addr, count) in wanted {
+            if !self.addresses.contains_key(&addr) {
+                self.write_address(addr, count, report);
+            }
+        }
+    }
+
+    /// Brings the address entries in line with what is programmed: counts
+    /// updated, addresses no service port uses any more removed.
+    fn settle_addresses(&mut self, report: &mut SyncReport) {
         let mut wanted: HashMap<Ipv4Addr, u32> = HashMap::new();
         for fe in self.programmed.keys() {
             *wanted.entry(fe.addr).or_default() += 1;
         }
-        if adding {
-            for (addr, count) in &wanted {
-                if self.addresses.get(addr) == Some(count) {
-                    continue;
-                }
-                let key = u32::from_ne_bytes(addr.octets());
-                match self.maps.vips.insert(key, VipEntry { port_count: *count }, 0) {
-                    Ok(()) => {
-                        report.writes += 1;
-                        self.addresses.insert(*addr, *count);
+        let held: Vec<(Ipv4Addr, u32)> = self.addresses.iter().map(|(a, c)| (*a, *c)).collect();
+        for (addr, count) in held {
+            match wanted.get(&addr) {
+                Some(want) if *want != count => self.write_address(addr, *want, report),
+                Some(_) => {}
+                None => {
+                    if self.maps.vips.remove(&u32::from_ne_bytes(addr.octets())).is_ok() {
+                        report.deletes += 1;
                     }
-                    Err(source) => report.errors.push(SyncError::Address {
-                        addr: *addr,
-                        source: Box::new(source),
-                    }),
+                    self.addresses.remove(&addr);
                 }
             }
-        } else {
-            let gone: Vec<Ipv4Addr> = self
-                .addresses
-                .keys()
-                .filter(|a| !wanted.contains_key(a))
-                .copied()
-                .collect();
-            for addr in gone {
-                if self.maps.vips.remove(&u32::from_ne_bytes(addr.octets())).is_ok() {
-                    report.deletes += 1;
-                }
-                self.addresses.remove(&addr);
+        }
+    }
+
+    fn write_address(&mut self, addr: Ipv4Addr, count: u32, report: &mut SyncReport) {
+        let key = u32::from_ne_bytes(addr.octets());
+        match self.maps.vips.insert(key, VipEntry { port_count: count }, 0) {
+            Ok(()) => {
+                report.writes += 1;
+                self.addresses.insert(addr, count);
             }
+            Err(source) => report.errors.push(SyncError::Address {
+                addr,
+                source: Box::new(source),
+            }),
         }
     }
 

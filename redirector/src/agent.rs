@@ -8,11 +8,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::datapath::{self, Datapath, MapSizes, Maps, writer::MapWriter};
+use crate::datapath::writer::{MapWriter, SyncReport};
+use crate::datapath::{self, Datapath, MapSizes, Maps};
 use crate::interfaces::{self, InterfaceGlobs, LinkEvent};
 use crate::metrics::{self, Metrics};
-use crate::model::{Desired, Ipv4Cidr};
-use crate::source::kube::{self as kube_source, KubeSource};
+use crate::model::Ipv4Cidr;
+use crate::source::kube::{self as kube_source, Change, KubeSource};
 use crate::source::manifests::ManifestStore;
 
 /// How often the manifest directory is checked for changes.
@@ -153,8 +154,8 @@ enum Feed {
     Kubernetes {
         source: KubeSource,
         ready: bool,
-        /// When the change that woke us was observed.
-        woke_by: Option<Instant>,
+        /// The change that woke us, and when it was observed.
+        woke_by: Option<(Instant, Change)>,
     },
 }
 
@@ -179,10 +180,11 @@ impl Feed {
                     source.wait_until_ready().await;
                     *ready = true;
                     log::info!("initial lists complete");
+                    *woke_by = Some((Instant::now(), Change::Relisted));
                     return;
                 }
                 match source.changes.recv().await {
-                    Some(at) => *woke_by = Some(at),
+                    Some(change) => *woke_by = Some(change),
                     // The senders live in the watcher tasks, which never end.
                     None => std::future::pending::<()>().await,
                 }
@@ -191,29 +193,47 @@ impl Feed {
     }
 
     fn sync(&mut self, writer: &mut MapWriter, service_cidr: Ipv4Cidr, metrics: &Metrics) {
-        let started = std::time::Instant::now();
-        let (desired, warnings, observed) = match self {
+        let started = Instant::now();
+        match self {
             Feed::Manifests { dir, store, .. } => {
                 for error in store.reload(dir) {
                     log::error!("{error} (keeping its last good state)");
                 }
                 let (desired, warnings) = store.desired(service_cidr);
-                (desired, warnings, started)
+                warn_all(warnings);
+                let report = writer.sync(&desired);
+                log_sync(&report, desired.len(), started, started, metrics);
             }
             Feed::Kubernetes { source, woke_by, .. } => {
                 // Everything observed so far is covered by this sync.
-                let mut observed = woke_by.take().unwrap_or(started);
-                while let Ok(at) = source.changes.try_recv() {
+                let mut observed = started;
+                let mut changes = Vec::new();
+                let pending = std::iter::from_fn(|| source.changes.try_recv().ok());
+                for (at, change) in woke_by.take().into_iter().chain(pending) {
                     observed = observed.min(at);
+                    changes.push(change);
                 }
-                let (desired, warnings) = source.desired();
-                (desired, warnings, observed)
+                let relisted = changes.contains(&Change::Relisted);
+                if relisted {
+                    let (desired, warnings) = source.desired();
+                    warn_all(warnings);
+                    let report = writer.sync(&desired);
+                    log_sync(&report, desired.len(), started, observed, metrics);
+                } else {
+                    let delta = source.delta(changes);
+                    warn_all(delta.warnings);
+                    let upserts: Vec<_> = delta.upserts.iter().map(|(fe, port)| (*fe, port)).collect();
+                    let report = writer.sync_frontends(&upserts, &delta.removals);
+                    log_sync(&report, writer.programmed_count(), started, observed, metrics);
+                }
             }
-        };
-        for warning in warnings {
-            log::warn!("{warning}");
         }
-        sync(writer, &desired, started, observed, metrics);
+    }
+}
+
+fn warn_all(warnings: Vec<String>) {
+    for warning in warnings {
+        log::warn!("{warning}");
     }
 }
 
@@ -232,20 +252,19 @@ fn on_link_event(datapath: &mut Datapath, globs: &InterfaceGlobs, event: LinkEve
     }
 }
 
-/// Writes `desired`; `observed` is when the oldest change it covers was seen,
-/// so the log states the network programming latency.
-pub fn sync(
-    writer: &mut MapWriter,
-    desired: &Desired,
+/// Logs and records one sync; `observed` is when the oldest change it covers
+/// was seen, so the log states the network programming latency.
+pub fn log_sync(
+    report: &SyncReport,
+    service_ports: usize,
     started: Instant,
     observed: Instant,
     metrics: &Metrics,
 ) {
-    let report = writer.sync(desired);
     metrics.record_sync(
         started.elapsed(),
         observed.elapsed(),
-        desired.len(),
+        service_ports,
         report.errors.len(),
     );
     for error in &report.errors {
@@ -264,7 +283,7 @@ pub fn sync(
     log::info!(
         "synced {} service ports: {} map writes, {} deletes, {} errors in {:?}; programming latency {}us; \
          changed: [{}]",
-        desired.len(),
+        service_ports,
         report.writes,
         report.deletes,
         report.errors.len(),

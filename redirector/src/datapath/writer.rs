@@ -131,6 +131,8 @@ pub struct MapWriter {
     maps: Maps,
     programmed: HashMap<Frontend, Programmed>,
     addresses: HashMap<Ipv4Addr, u32>,
+    /// Programmed service ports per address (what `addresses` should say).
+    ports_per_address: HashMap<Ipv4Addr, u32>,
     svc_ids: SvcIds,
     next_backend_id: u32,
     /// Set after resuming from pins: entries no programmed service accounts
@@ -146,6 +148,7 @@ impl MapWriter {
             maps,
             programmed: HashMap::new(),
             addresses: HashMap::new(),
+            ports_per_address: HashMap::new(),
             svc_ids: SvcIds {
                 next: 1,
                 free: BTreeSet::new(),
@@ -157,6 +160,11 @@ impl MapWriter {
         writer.svc_ids.capacity = capacity;
         writer.restore()?;
         Ok(writer)
+    }
+
+    /// Number of service ports in the maps.
+    pub fn programmed_count(&self) -> usize {
+        self.programmed.len()
     }
 
     pub fn maps(&self) -> &Maps {
@@ -184,12 +192,30 @@ impl MapWriter {
             })
     }
 
+    /// Makes the maps hold exactly `desired`.
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
+        let gone: Vec<Frontend> = self
+            .programmed
+            .keys()
+            .filter(|fe| !desired.contains_key(fe))
+            .copied()
+            .collect();
+        let upserts: Vec<(Frontend, &ServicePort)> = desired.iter().map(|(fe, p)| (*fe, p)).collect();
+        self.sync_frontends(&upserts, &gone)
+    }
+
+    /// Programs `upserts` and removes `removals`, leaving every other
+    /// frontend as it is: the cost follows the change, not the cluster.
+    pub fn sync_frontends(
+        &mut self,
+        upserts: &[(Frontend, &ServicePort)],
+        removals: &[Frontend],
+    ) -> SyncReport {
         let mut report = SyncReport::default();
         // Addresses first: the datapath looks a packet's address up before
         // its service port.
-        self.add_addresses(desired.keys(), &mut report);
-        for (frontend, port) in desired {
+        self.add_addresses(upserts.iter().map(|(fe, _)| fe), &mut report);
+        for (frontend, port) in upserts {
             let before = report.entries();
             if let Err(error) = self.upsert(*frontend, port, &mut report) {
                 report.errors.push(error);
@@ -198,17 +224,18 @@ impl MapWriter {
                 report.changed.push(*frontend);
             }
         }
-        let gone: Vec<Frontend> = self
-            .programmed
-            .keys()
-            .filter(|fe| !desired.contains_key(fe))
-            .copied()
-            .collect();
-        for frontend in gone {
-            self.remove(frontend, &mut report);
-            report.changed.push(frontend);
+        for frontend in removals {
+            if self.programmed.contains_key(frontend) {
+                self.remove(*frontend, &mut report);
+                report.changed.push(*frontend);
+            }
         }
-        self.settle_addresses(&mut report);
+        let touched: HashSet<Ipv4Addr> = upserts
+            .iter()
+            .map(|(fe, _)| fe.addr)
+            .chain(removals.iter().map(|fe| fe.addr))
+            .collect();
+        self.settle_addresses(touched, &mut report);
         if self.collect_garbage {
             self.collect_garbage = false;
             self.remove_unaccounted(&mut report);
@@ -294,7 +321,7 @@ impl MapWriter {
         for gone in old_slots.iter().filter(|s| !kept.contains(&s.backend_id)) {
             self.delete_backend(gone.backend_id, report);
         }
-        self.programmed.insert(
+        self.track(
             fe,
             Programmed {
                 svc_id,
@@ -428,7 +455,7 @@ impl MapWriter {
 
     /// Master first (new flows stop), then slots, then backends.
     fn remove(&mut self, fe: Frontend, report: &mut SyncReport) {
-        let Some(old) = self.programmed.remove(&fe) else {
+        let Some(old) = self.untrack(fe) else {
             return;
         };
         self.delete_service_entry(service_key(fe, MASTER_SLOT), report);
@@ -451,6 +478,25 @@ impl MapWriter {
         self.svc_ids.release(old.svc_id);
     }
 
+    /// Records `fe` as programmed.
+    fn track(&mut self, fe: Frontend, programmed: Programmed) {
+        if self.programmed.insert(fe, programmed).is_none() {
+            *self.ports_per_address.entry(fe.addr).or_default() += 1;
+        }
+    }
+
+    /// Forgets `fe`, returning what was programmed for it.
+    fn untrack(&mut self, fe: Frontend) -> Option<Programmed> {
+        let old = self.programmed.remove(&fe)?;
+        if let Some(count) = self.ports_per_address.get_mut(&fe.addr) {
+            *count -= 1;
+            if *count == 0 {
+                self.ports_per_address.remove(&fe.addr);
+            }
+        }
+        Some(old)
+    }
+
     /// Writes the address entries `frontends` need that the map lacks.
     fn add_addresses<'a>(&mut self, frontends: impl Iterator<Item = &'a Frontend>, report: &mut SyncReport) {
         let mut wanted: HashMap<Ipv4Addr, u32> = HashMap::new();
@@ -464,17 +510,15 @@ impl MapWriter {
         }
     }
 
-    /// Brings the address entries in line with what is programmed: counts
+    /// Brings the entries of `addrs` in line with what is programmed: counts
     /// updated, addresses no service port uses any more removed.
-    fn settle_addresses(&mut self, report: &mut SyncReport) {
-        let mut wanted: HashMap<Ipv4Addr, u32> = HashMap::new();
-        for fe in self.programmed.keys() {
-            *wanted.entry(fe.addr).or_default() += 1;
-        }
-        let held: Vec<(Ipv4Addr, u32)> = self.addresses.iter().map(|(a, c)| (*a, *c)).collect();
-        for (addr, count) in held {
-            match wanted.get(&addr) {
-                Some(want) if *want != count => self.write_address(addr, *want, report),
+    fn settle_addresses(&mut self, addrs: HashSet<Ipv4Addr>, report: &mut SyncReport) {
+        for addr in addrs {
+            let Some(count) = self.addresses.get(&addr).copied() else {
+                continue;
+            };
+            match self.ports_per_address.get(&addr).copied() {
+                Some(want) if want != count => self.write_address(addr, want, report),
                 Some(_) => {}
                 None => {
                     if self.maps.vips.remove(&u32::from_ne_bytes(addr.octets())).is_ok() {
@@ -525,7 +569,7 @@ impl MapWriter {
             let Some(slots) = port.slots.into_iter().collect::<Option<Vec<_>>>() else {
                 continue;
             };
-            self.programmed.insert(
+            self.track(
                 port.frontend,
                 Programmed {
                     svc_id: port.master.svc_id,
@@ -593,6 +637,8 @@ impl MapWriter {
         for id in stale_backends {
             self.delete_backend(id, report);
         }
+        let orphan_addresses: HashSet<Ipv4Addr> = self.addresses.keys().copied().collect();
+        self.settle_addresses(orphan_addresses, report);
         let live: HashSet<u32> = self.programmed.values().map(|p| p.svc_id).collect();
         let stale_meta: Vec<u32> = self
             .maps

@@ -7,7 +7,7 @@
 //! never a partial list. While the API server is unreachable the caches (and
 //! so the datapath) keep their last state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +15,7 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
 use tokio::sync::mpsc;
@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use super::endpoints::{
     ClusterIp, SERVICE_NAME_LABEL, cluster_ip, entries_with, namespace_of, slice_candidates,
 };
-use crate::model::Desired;
+use crate::model::{Desired, Frontend, ServicePort};
 
 /// Services with this label belong to another proxy unless it names us.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -111,12 +111,40 @@ fn parse_url(url: &str) -> Result<http::Uri, KubeSourceError> {
     Ok(uri)
 }
 
-/// The two caches, and a channel that ticks (with the time the change was
-/// observed) whenever either changes.
+/// What one watch event touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A Service.
+    Service(ServiceKey),
+    /// An EndpointSlice (by name) of a Service.
+    Slice(ServiceKey, String),
+    /// A cache was replaced by a (re)list: everything may differ.
+    Relisted,
+}
+
+/// `(namespace, name)` of a Service.
+pub type ServiceKey = (String, String);
+
+/// The two caches, a channel reporting each change (with the time it was
+/// observed), and what each Service contributes to the model, so a change
+/// is turned into the few frontends it affects.
 pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
-    pub changes: mpsc::UnboundedReceiver<Instant>,
+    pub changes: mpsc::UnboundedReceiver<(Instant, Change)>,
+    frontends_of: HashMap<ServiceKey, Vec<Frontend>>,
+    owner_of: HashMap<Frontend, ServiceKey>,
+    /// Names of the slices seen for each Service (possibly stale: checked
+    /// against the cache when used).
+    slices_of: HashMap<ServiceKey, BTreeSet<String>>,
+}
+
+/// What to write after some Services changed.
+#[derive(Debug, Default)]
+pub struct Delta {
+    pub upserts: Vec<(Frontend, ServicePort)>,
+    pub removals: Vec<Frontend>,
+    pub warnings: Vec<String>,
 }
 
 impl KubeSource {
@@ -124,13 +152,34 @@ impl KubeSource {
     pub fn start(client: Client, service_proxy_name: Option<&str>) -> Self {
         let selector = label_selector(service_proxy_name);
         let (tx, changes) = mpsc::unbounded_channel();
-        let services =
-            spawn_reflector::<Service>(Api::all(client.clone()), &selector, "services", tx.clone());
-        let slices = spawn_reflector::<EndpointSlice>(Api::all(client), &selector, "endpointslices", tx);
+        let services = spawn_reflector::<Service>(
+            Api::all(client.clone()),
+            &selector,
+            "services",
+            |svc| {
+                let key = (namespace_of(&svc.metadata).to_owned(), svc.metadata.name.clone()?);
+                Some(Change::Service(key))
+            },
+            tx.clone(),
+        );
+        let slices = spawn_reflector::<EndpointSlice>(
+            Api::all(client),
+            &selector,
+            "endpointslices",
+            |slice| {
+                let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+                let key = (namespace_of(&slice.metadata).to_owned(), service.clone());
+                Some(Change::Slice(key, slice.metadata.name.clone()?))
+            },
+            tx,
+        );
         Self {
             services,
             slices,
             changes,
+            frontends_of: HashMap::new(),
+            owner_of: HashMap::new(),
+            slices_of: HashMap::new(),
         }
     }
 
@@ -141,9 +190,9 @@ impl KubeSource {
         let _ = self.slices.wait_until_ready().await;
     }
 
-    /// The model for the current caches: every Service with an IPv4 ClusterIP,
-    /// its endpoints chosen by kube-proxy's rules.
-    pub fn desired(&self) -> (Desired, Vec<String>) {
+    /// The whole model for the current caches: every Service with an IPv4
+    /// ClusterIP, its endpoints chosen by kube-proxy's rules.
+    pub fn desired(&mut self) -> (Desired, Vec<String>) {
         let slices = self.slices.state();
         let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in &slices {
@@ -160,34 +209,116 @@ impl KubeSource {
                 .or_default()
                 .push(slice.as_ref());
         }
-        let mut desired = Desired::new();
-        let mut warnings = Vec::new();
         let mut services: Vec<Arc<Service>> = self.services.state();
         // Deterministic winner when two Services claim one frontend.
         services.sort_by(|a, b| {
             (namespace_of(&a.metadata), &a.metadata.name).cmp(&(namespace_of(&b.metadata), &b.metadata.name))
         });
+        self.frontends_of.clear();
+        self.owner_of.clear();
+        self.slices_of.clear();
+        for ((namespace, service), own) in &by_service {
+            let names = own.iter().filter_map(|s| s.metadata.name.clone());
+            self.slices_of
+                .entry((namespace.to_string(), service.to_string()))
+                .or_default()
+                .extend(names);
+        }
+        let mut desired = Desired::new();
+        let mut warnings = Vec::new();
         for service in &services {
-            let ClusterIp::V4(ip) = cluster_ip(service) else {
-                continue;
-            };
             let key = (
                 namespace_of(&service.metadata),
                 service.metadata.name.as_deref().unwrap_or(""),
             );
             let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
-            for (frontend, port) in entries_with(service, ip, |p| slice_candidates(p.name, p.protocol, own)) {
-                if let Some(existing) = desired.get(&frontend) {
-                    warnings.push(format!(
-                        "Service {}/{}: {frontend} is already used by {}; ignored",
-                        key.0, key.1, existing.name
-                    ));
-                    continue;
-                }
+            let key = (key.0.to_owned(), key.1.to_owned());
+            for (frontend, port) in self.claim(&key, entries(service, own), &mut warnings) {
                 desired.insert(frontend, port);
             }
         }
         (desired, warnings)
+    }
+
+    /// What changed for the Services in `keys` since the model was last
+    /// computed: only their frontends are recomputed.
+    pub fn delta(&mut self, changes: impl IntoIterator<Item = Change>) -> Delta {
+        let mut keys = BTreeSet::new();
+        for change in changes {
+            match change {
+                Change::Service(key) => {
+                    keys.insert(key);
+                }
+                Change::Slice(key, slice) => {
+                    self.slices_of.entry(key.clone()).or_default().insert(slice);
+                    keys.insert(key);
+                }
+                Change::Relisted => {}
+            }
+        }
+        let mut delta = Delta::default();
+        for key in keys {
+            let old = self.frontends_of.remove(&key).unwrap_or_default();
+            for fe in &old {
+                self.owner_of.remove(fe);
+            }
+            let reference = ObjectRef::<Service>::new(&key.1).within(&key.0);
+            let new = match self.services.get(&reference) {
+                Some(service) => {
+                    let names = self.slices_of.entry(key.clone()).or_default();
+                    let own: Vec<Arc<EndpointSlice>> = names
+                        .iter()
+                        .filter_map(|n| self.slices.get(&ObjectRef::new(n).within(&key.0)))
+                        .filter(|s| {
+                            s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) == Some(&key.1)
+                        })
+                        .collect();
+                    // Forget names that no longer belong (deleted or relabelled).
+                    names.retain(|n| own.iter().any(|s| s.metadata.name.as_deref() == Some(n)));
+                    let own: Vec<&EndpointSlice> = own.iter().map(AsRef::as_ref).collect();
+                    self.claim(&key, entries(&service, &own), &mut delta.warnings)
+                }
+                None => Vec::new(),
+            };
+            let kept: Vec<Frontend> = new.iter().map(|(fe, _)| *fe).collect();
+            delta
+                .removals
+                .extend(old.into_iter().filter(|fe| !kept.contains(fe)));
+            delta.upserts.extend(new);
+        }
+        delta
+    }
+
+    /// Records that `key` serves `entries`, except frontends another Service
+    /// holds already (warned about, as kube-proxy keeps the first).
+    fn claim(
+        &mut self,
+        key: &ServiceKey,
+        entries: Vec<(Frontend, ServicePort)>,
+        warnings: &mut Vec<String>,
+    ) -> Vec<(Frontend, ServicePort)> {
+        let mut claimed = Vec::new();
+        for (frontend, port) in entries {
+            if let Some(other) = self.owner_of.get(&frontend).filter(|o| *o != key) {
+                warnings.push(format!(
+                    "Service {}/{}: {frontend} is already used by Service {}/{}; ignored",
+                    key.0, key.1, other.0, other.1
+                ));
+                continue;
+            }
+            self.owner_of.insert(frontend, key.clone());
+            self.frontends_of.entry(key.clone()).or_default().push(frontend);
+            claimed.push((frontend, port));
+        }
+        claimed
+    }
+}
+
+/// The entries of one Service from its own slices.
+fn entries(service: &Service, own: &[&EndpointSlice]) -> Vec<(Frontend, ServicePort)> {
+    match cluster_ip(service) {
+        ClusterIp::V4(ip) => entries_with(service, ip, |p| slice_candidates(p.name, p.protocol, own)),
+        _ => Vec::new(),
     }
 }
 
@@ -195,7 +326,8 @@ fn spawn_reflector<K>(
     api: Api<K>,
     selector: &str,
     what: &'static str,
-    changes: mpsc::UnboundedSender<Instant>,
+    change_of: fn(&K) -> Option<Change>,
+    changes: mpsc::UnboundedSender<(Instant, Change)>,
 ) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
@@ -221,11 +353,13 @@ where
                     }
                     // A relist is only complete at InitDone; Init and InitApply
                     // do not change what the cache shows.
-                    if matches!(
-                        event,
-                        watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone
-                    ) {
-                        let _ = changes.send(Instant::now());
+                    let change = match &event {
+                        watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => change_of(obj),
+                        watcher::Event::InitDone => Some(Change::Relisted),
+                        watcher::Event::Init | watcher::Event::InitApply(_) => None,
+                    };
+                    if let Some(change) = change {
+                        let _ = changes.send((Instant::now(), change));
                     }
                 }
                 Err(e) => {

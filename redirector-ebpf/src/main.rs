@@ -20,7 +20,7 @@ mod packet;
 mod refuse;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_get_prandom_u32,
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -42,8 +42,9 @@ static SVC_V1: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(65536, 0);
 static BACKEND_V1: HashMap<u32, Backend> = HashMap::pinned(65536, 0);
 #[map]
 static VIP_V1: HashMap<u32, VipEntry> = HashMap::pinned(16384, 0);
+/// Per-CPU LRU lists: inserting a flow takes no global lock (as Cilium's CT).
 #[map]
-static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(262144, 0);
+static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(262144, BPF_F_NO_COMMON_LRU);
 #[map]
 static CONFIG_V1: Array<Config> = Array::pinned(1, 0);
 #[map]

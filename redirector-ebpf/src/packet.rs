@@ -83,6 +83,20 @@ fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
     Some(unsafe { *((start + offset) as *const [u8; N]) })
 }
 
+/// Writes `value` at `offset` by direct packet access; `None` when the bytes
+/// are not in the linear area.
+#[inline(always)]
+fn write_at<T: Copy>(ctx: &TcContext, offset: usize, value: T) -> Option<()> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    // Bounds checked above against data_end, as the verifier requires; the
+    // field may be unaligned within the frame.
+    unsafe { core::ptr::write_unaligned((start + offset) as *mut T, value) };
+    Some(())
+}
+
 /// Makes `len` bytes readable by direct access when the skb is non-linear.
 #[inline(always)]
 fn ensure_linear(ctx: &TcContext, len: usize) {
@@ -207,6 +221,14 @@ fn rewrite(
     let failed = Verdict::drop(counters::DROP_REWRITE_FAILED);
     let csum_off = pkt.l4_csum_offset();
     let l4_flags = pkt.l4_csum_flags();
+    // The new address and port are written directly (the headers were
+    // checked to be in the linear area by `parse`), then the checksum
+    // helpers, which take offsets and know the skb's checksum state, fix the
+    // sums. Direct writes first: helpers invalidate packet pointers.
+    write_at(ctx, addr_off, new_addr).ok_or(failed)?;
+    if old_port != new_port {
+        write_at(ctx, port_off, new_port).ok_or(failed)?;
+    }
     ctx.l4_csum_replace(
         csum_off,
         u64::from(old_addr),
@@ -215,14 +237,10 @@ fn rewrite(
     )
     .map_err(|_| failed)?;
     ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
-        .map_err(|_| Verdict::drop(counters::DROP_REWRITE_FAILED))?;
-    ctx.store(addr_off, &new_addr, 0)
-        .map_err(|_| Verdict::drop(counters::DROP_REWRITE_FAILED))?;
+        .map_err(|_| failed)?;
     if old_port != new_port {
         ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(new_port), l4_flags | 2)
-            .map_err(|_| Verdict::drop(counters::DROP_REWRITE_FAILED))?;
-        ctx.store(port_off, &new_port, 0)
-            .map_err(|_| Verdict::drop(counters::DROP_REWRITE_FAILED))?;
+            .map_err(|_| failed)?;
     }
     Ok(())
 }

@@ -33,15 +33,19 @@ enum Task {
     Test,
     /// Run the example manifests in a netns test bed and show who answers (needs root).
     Demo,
-    /// Benchmarks (needs root). So far: network programming latency with the
-    /// Kubernetes source.
+    /// The benchmark suite (needs root): six netns lanes (bare, bare +
+    /// conntrack, kube-proxy's iptables ruleset via iptables-legacy and
+    /// iptables-nft, its nftables ruleset, the redirector) timed in interleaved
+    /// rounds, plus BPF_PROG_TEST_RUN, programming and footprint measurements.
+    /// Writes target/bench/report.md, report.json and connect_latency.png.
     Bench {
-        /// Number of services loaded before the changes.
-        #[arg(long, default_value_t = 1000)]
-        services: usize,
-        /// Single endpoint changes to time.
-        #[arg(long, default_value_t = 100)]
-        changes: usize,
+        /// Small N and short batches: a few minutes (the full run: about 30).
+        #[arg(long)]
+        quick: bool,
+        /// Numbers of services to measure, e.g. 1000,10000,30000,100000
+        /// (kube-proxy lanes only up to 30000).
+        #[arg(long, value_name = "N,N,…")]
+        services: Option<String>,
     },
 }
 
@@ -60,7 +64,7 @@ fn main() -> Result<()> {
         }
         Task::Test => test(),
         Task::Demo => demo(),
-        Task::Bench { services, changes } => bench(services, changes),
+        Task::Bench { quick, services } => bench(quick, services.as_deref()),
     }
 }
 
@@ -75,6 +79,8 @@ fn build(release: bool) -> Result<()> {
 
 fn test() -> Result<()> {
     require_root("the tests load eBPF programs and build network namespaces")?;
+    // The benchmark lanes' correctness test loads iptables and nftables rulesets.
+    setup::ensure_netfilter_tools()?;
     println!("xtask test: cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--check"]))?;
     println!("xtask test: cargo clippy -D warnings (user-space crates)");
@@ -149,29 +155,32 @@ fn demo() -> Result<()> {
         .arg(root.join("examples")))
 }
 
-fn bench(services: usize, changes: usize) -> Result<()> {
+fn bench(quick: bool, services: Option<&str>) -> Result<()> {
     require_root("the benchmarks load eBPF programs and build network namespaces")?;
-    build(true)?;
+    setup::ensure_netfilter_tools()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "redirector",
+        "--bins",
+        "--example",
+        "bench",
+    ]))?;
     let root = workspace_root();
-    run(cargo()
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "--package",
-            "redirector",
-            "--example",
-            "programming_latency",
-        ])
-        .arg("--")
+    let mut cmd = Command::new(root.join("target/release/examples/bench"));
+    cmd.current_dir(&root)
         .arg("--agent")
         .arg(root.join("target/release/redirector"))
-        .args([
-            "--services",
-            &services.to_string(),
-            "--changes",
-            &changes.to_string(),
-        ]))
+        .arg("--out")
+        .arg(root.join("target/bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    if let Some(services) = services {
+        cmd.args(["--services", services]);
+    }
+    run(&mut cmd)
 }
 
 fn require_root(why: &str) -> Result<()> {

@@ -62,8 +62,51 @@ pub fn setup() -> Result<()> {
             bail!("bpf-linker was installed but `bpf-linker --version` still fails");
         }
     }
+    ensure_netfilter_tools()?;
     println!("setup: complete");
     Ok(())
+}
+
+/// Debian packages the benchmark lanes and their correctness tests use:
+/// `iptables` (iptables-legacy, iptables-nft and their -restore variants) and
+/// `nftables` (nft). Installed with apt-get only when missing; `apt-get update`
+/// runs once, and only when something is missing. Never touches any ruleset.
+pub const NETFILTER_PACKAGES: [(&str, &str); 4] = [
+    ("iptables", "iptables-legacy-restore"),
+    ("iptables", "iptables-nft-restore"),
+    ("nftables", "nft"),
+    ("iproute2", "ip"),
+];
+
+pub fn ensure_netfilter_tools() -> Result<()> {
+    let mut missing: Vec<&str> = NETFILTER_PACKAGES
+        .iter()
+        .filter(|(_, tool)| !tool_present(tool))
+        .map(|(package, _)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        println!("setup: iptables (legacy and nft), nftables: present");
+        return Ok(());
+    }
+    println!("setup: installing {} with apt-get", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if let Some((_, tool)) = NETFILTER_PACKAGES.iter().find(|(_, tool)| !tool_present(tool)) {
+        bail!("{tool} is still missing after installing {}", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// An executable named `tool` in one of the usual system directories or on PATH.
+fn tool_present(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    dirs.extend(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
+    dirs.iter().any(|d| d.join(tool).is_file())
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {

@@ -240,6 +240,9 @@ pub struct RunArgs {
     /// Where to serve Prometheus /metrics ("" to disable); kube-proxy's default.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: BindAddress,
+    /// Service port capacity (per-port statistics and records; IDs stay below it).
+    #[arg(long, default_value_t = MapSizes::default().service_ports)]
+    pub max_service_ports: u32,
     /// Connection table capacity (two entries per flow; oldest evicted).
     #[arg(long, default_value_t = MapSizes::default().flows)]
     pub max_flow_entries: u32,
@@ -264,6 +267,7 @@ impl RunArgs {
             services: self.max_service_entries,
             backends: self.max_backends,
             flows: self.max_flow_entries,
+            service_ports: self.max_service_ports,
             ..MapSizes::default()
         }
     }

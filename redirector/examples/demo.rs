@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
         REQUESTS_PER_PORT
     );
     println!(
-        "{:<42} {:<22} {:<34} POD SAW CLIENT AS",
+        "{:<42} {:<22} {:<44} POD SAW CLIENT AS",
         "SERVICE PORT", "ADDRESS", "ANSWERED BY"
     );
     for (fe, sp) in &desired {
@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
             .into_iter()
             .collect();
         println!(
-            "{:<42} {:<22} {:<34} {}",
+            "{:<42} {:<22} {:<44} {}",
             sp.name.to_string(),
             fe.to_string(),
             by,

@@ -91,8 +91,9 @@ struct Programmed {
     svc_id: u32,
     /// Slot `i + 1` holds `slots[i]`.
     slots: Vec<Slot>,
-    /// The record last written to the metadata map.
-    meta: Option<ServiceMeta>,
+    /// Digest of the record last written to the metadata map (the record
+    /// itself is 512 bytes; this keeps the agent small at scale).
+    meta: Option<u64>,
 }
 
 /// Service port IDs index per-service arrays, so they stay below the arrays'
@@ -260,7 +261,7 @@ impl MapWriter {
             && new_slots == old_slots
         {
             // Forwarding unchanged; only what operators see may differ.
-            if old.meta != Some(meta) {
+            if old.meta != Some(digest(&meta)) {
                 self.write_meta(fe, old.svc_id, meta, report)
                     .map_err(|source| self.meta_error(port, fe, source))?;
             }
@@ -345,7 +346,7 @@ impl MapWriter {
         self.maps.meta.insert(svc_id, meta, 0)?;
         report.writes += 1;
         if let Some(p) = self.programmed.get_mut(&fe) {
-            p.meta = Some(meta);
+            p.meta = Some(digest(&meta));
         }
         Ok(())
     }
@@ -577,7 +578,12 @@ impl MapWriter {
                         .into_iter()
                         .map(|(backend_id, endpoint)| Slot { backend_id, endpoint })
                         .collect(),
-                    meta: self.maps.meta.get(&port.master.svc_id, 0).ok(),
+                    meta: self
+                        .maps
+                        .meta
+                        .get(&port.master.svc_id, 0)
+                        .ok()
+                        .map(|m| digest(&m)),
                 },
             );
         }
@@ -653,6 +659,15 @@ impl MapWriter {
             }
         }
     }
+}
+
+/// Identifies a metadata record's bytes, to tell whether it must be rewritten.
+fn digest(meta: &ServiceMeta) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    meta.len.hash(&mut hasher);
+    meta.json.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Keeps surviving endpoints in their slots, fills freed slots with new

@@ -340,7 +340,17 @@ where
 {
     let (reader, writer) = reflector::store();
     let config = watcher::Config::default().labels(selector);
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let stream = watcher(api, config)
+        .default_backoff()
+        // Bookkeeping the proxy never reads, often most of an object's size.
+        .modify(|obj: &mut K| {
+            let meta = obj.meta_mut();
+            meta.managed_fields = None;
+            if let Some(annotations) = meta.annotations.as_mut() {
+                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        })
+        .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;

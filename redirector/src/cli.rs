@@ -31,6 +31,20 @@ pub enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Read-only views of the live datapath.
+    #[command(flatten)]
+    View(View),
+    /// Detach the datapath from every interface and free its maps (what a
+    /// stopped agent leaves in place so restarts are hitless).
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+/// The read-only views: they print what an agent pinned and change nothing.
+#[derive(Subcommand)]
+pub enum View {
     /// List services or endpoints as the datapath holds them (like kubectl get).
     Get {
         #[command(subcommand)]
@@ -56,12 +70,6 @@ pub enum Command {
         /// Destination, IP:PORT[/tcp|udp] (default tcp).
         #[arg(long, value_parser = parse_to)]
         to: (SocketAddrV4, Protocol),
-        #[arg(long, default_value = "/sys/fs/bpf")]
-        bpffs: PathBuf,
-    },
-    /// Detach the datapath from every interface and free its maps (what a
-    /// stopped agent leaves in place so restarts are hitless).
-    Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
@@ -141,8 +149,8 @@ fn parse_to(s: &str) -> Result<(SocketAddrV4, Protocol), AddressError> {
     Ok((addr.parse().map_err(|_| err())?, proto))
 }
 
-/// Runs a read-only view command, printing its output.
-pub fn view(command: Command) -> Result<(), crate::inspect::InspectError> {
+/// Runs a read-only view, printing its output.
+pub fn view(view: View) -> Result<(), crate::inspect::InspectError> {
     use crate::inspect::{self, Scope};
     use crate::state::Snapshot;
     let scope = |l: &ListArgs| {
@@ -153,8 +161,8 @@ pub fn view(command: Command) -> Result<(), crate::inspect::InspectError> {
         }
     };
     let now = std::time::SystemTime::now();
-    let out = match command {
-        Command::Get {
+    let out = match view {
+        View::Get {
             what: GetWhat::Services(list),
         } => {
             let snapshot = Snapshot::read(&list.bpffs)?;
@@ -164,7 +172,7 @@ pub fn view(command: Command) -> Result<(), crate::inspect::InspectError> {
                 inspect::get_services(&snapshot, &scope(&list), now)
             }
         }
-        Command::Get {
+        View::Get {
             what: GetWhat::Endpoints { name, list },
         } => {
             let snapshot = Snapshot::read(&list.bpffs)?;
@@ -177,7 +185,7 @@ pub fn view(command: Command) -> Result<(), crate::inspect::InspectError> {
                 inspect::get_endpoints(&snapshot, &scope(&list), name.as_deref(), now)
             }
         }
-        Command::Describe {
+        View::Describe {
             what:
                 DescribeWhat::Service {
                     name,
@@ -185,8 +193,8 @@ pub fn view(command: Command) -> Result<(), crate::inspect::InspectError> {
                     bpffs,
                 },
         } => inspect::describe_service(&Snapshot::read(&bpffs)?, &namespace, &name, &bpffs)?,
-        Command::Env { namespace, bpffs } => inspect::env(&Snapshot::read(&bpffs)?, &namespace),
-        Command::Explain {
+        View::Env { namespace, bpffs } => inspect::env(&Snapshot::read(&bpffs)?, &namespace),
+        View::Explain {
             from,
             to: (to, protocol),
             bpffs,
@@ -195,7 +203,6 @@ pub fn view(command: Command) -> Result<(), crate::inspect::InspectError> {
             let run = inspect::run_explain(&bpffs, from, to, protocol)?;
             inspect::explain(&snapshot, from, to, protocol, &run)
         }
-        Command::Run(_) | Command::Counters { .. } | Command::Cleanup { .. } => String::new(),
     };
     print!("{out}");
     Ok(())

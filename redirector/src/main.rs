@@ -24,10 +24,7 @@ fn main() -> anyhow::Result<()> {
                 .context("redirector run")
         }
         Command::Counters { bpffs } => cli::print_counters(&bpffs).context("redirector counters"),
-        view @ (Command::Get { .. }
-        | Command::Describe { .. }
-        | Command::Env { .. }
-        | Command::Explain { .. }) => cli::view(view).map_err(anyhow::Error::from),
+        Command::View(view) => cli::view(view).map_err(anyhow::Error::from),
         Command::Cleanup { bpffs } => {
             let removed = redirector::datapath::cleanup(&bpffs)
                 .with_context(|| format!("removing redirector's pins under {}", bpffs.display()))?;

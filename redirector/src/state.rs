@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::datapath::maps::MapsError;
 use crate::datapath::{Maps, maps_pin_dir};
 use crate::model::{Endpoint, Frontend, ServiceInfo, ServicePort, ServicePortName};
+use crate::source::manifests::fnv1a;
 
 /// The agent's record of one service port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,14 +86,11 @@ impl PortRecord {
 pub fn fingerprint(endpoints: &[Endpoint]) -> u64 {
     let mut sorted = endpoints.to_vec();
     sorted.sort();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for ep in sorted {
-        for byte in ep.addr.octets().into_iter().chain(ep.port.to_be_bytes()) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    hash
+    let bytes: Vec<u8> = sorted
+        .iter()
+        .flat_map(|ep| ep.addr.octets().into_iter().chain(ep.port.to_be_bytes()))
+        .collect();
+    fnv1a(&bytes)
 }
 
 /// One service port as the maps hold it, with the agent's record.

@@ -354,16 +354,7 @@ fn the_datapath_keeps_working_while_the_agent_restarts_and_cleanup_removes_it() 
     );
     assert!(agent.stop(), "the agent exits cleanly");
 
-    let out = std::process::Command::new(agent_binary())
-        .args(["cleanup", "--bpffs"])
-        .arg(fx.bpffs.path())
-        .output()
-        .expect("redirector cleanup");
-    assert!(
-        out.status.success(),
-        "cleanup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli(&fx, &["cleanup"]);
     // Links are released asynchronously once their last pin goes.
     let err = eventually(
         "no translation after cleanup",

@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use redirector::datapath::writer::service_key;
 use redirector::datapath::{Maps, maps_pin_dir};
 use redirector::model::{Endpoint, Frontend};
 use redirector::testbed::kubeproxy::{self, NodeConfig};
@@ -19,7 +20,6 @@ use redirector::testbed::lanes::{
     service_endpoints, service_frontend, service_name, service_object, slice_object,
 };
 use redirector::testbed::{Fixture, in_netns};
-use redirector_common::service::ServiceKey;
 use serde::Serialize;
 
 use crate::measure::Summary;
@@ -89,22 +89,12 @@ fn fresh_endpoint(k: usize) -> Endpoint {
     }
 }
 
-fn service_key(fe: &Frontend, slot: u16) -> ServiceKey {
-    ServiceKey {
-        addr: u32::from_ne_bytes(fe.addr.octets()),
-        port: fe.port.to_be(),
-        slot,
-        proto: fe.protocol.number(),
-        _pad: [0; 3],
-    }
-}
-
 /// Whether a slot of `fe` names a backend at `addr`.
 fn map_has_endpoint(maps: &Maps, fe: &Frontend, slots: u16, addr: Ipv4Addr) -> bool {
     let want = u32::from_ne_bytes(addr.octets());
     (1..=slots).any(|slot| {
         maps.services
-            .get(&service_key(fe, slot), 0)
+            .get(&service_key(*fe, slot), 0)
             .ok()
             .and_then(|entry| maps.backends.get(&entry.backend_id, 0).ok())
             .is_some_and(|b| b.addr == want)

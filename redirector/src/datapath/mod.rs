@@ -272,10 +272,6 @@ impl Datapath {
             None => {}
         }
     }
-
-    pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.attached.keys().map(String::as_str)
-    }
 }
 
 /// Mounts a bpffs at `path` unless one is there already.

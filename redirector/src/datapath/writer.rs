@@ -663,11 +663,7 @@ impl MapWriter {
 
 /// Identifies a metadata record's bytes, to tell whether it must be rewritten.
 fn digest(meta: &ServiceMeta) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::hash::DefaultHasher::new();
-    meta.len.hash(&mut hasher);
-    meta.json.hash(&mut hasher);
-    hasher.finish()
+    crate::source::manifests::fnv1a(&meta.json[..(meta.len as usize).min(meta.json.len())])
 }
 
 /// Keeps surviving endpoints in their slots, fills freed slots with new
@@ -712,7 +708,8 @@ fn alloc_id(next: &mut u32) -> u32 {
     id
 }
 
-fn service_key(fe: Frontend, slot: u16) -> ServiceKey {
+/// The service map key of `fe`'s `slot` (0: the master entry).
+pub fn service_key(fe: Frontend, slot: u16) -> ServiceKey {
     ServiceKey {
         addr: u32::from_ne_bytes(fe.addr.octets()),
         port: fe.port.to_be(),

@@ -716,7 +716,7 @@ fn add<'a, T>(
 
 /// 64-bit FNV-1a: a hash that, unlike std's, is fixed forever, so allocated
 /// cluster IPs survive upgrades.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
         (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -20,7 +20,7 @@
 //! run. Output: `<out>/report.md`, `report.json`, `connect_latency.png`.
 //!
 //! `bench --agent PATH [--out DIR] [--quick] [--services N,N,…] [--rounds R]
-//!        [--endpoints E] [--skip lanes,b5,b6]`
+//!        [--endpoints E] [--skip lanes,b5,b6,b6-rulesets]`
 
 mod chart;
 mod measure;
@@ -203,7 +203,7 @@ fn main() -> anyhow::Result<()> {
             "--skip" => {
                 skip = args
                     .next()
-                    .context("--skip lanes,b5,b6")?
+                    .context("--skip lanes,b5,b6,b6-rulesets")?
                     .split(',')
                     .map(str::to_owned)
                     .collect()
@@ -295,7 +295,8 @@ fn main() -> anyhow::Result<()> {
         results.b5 = Some(progrun::run(&config.b5, &log));
     }
     if !config.skip.contains("b6") {
-        results.b6 = Some(programming::run(&agent, &config.b6, &log));
+        let rulesets = !config.skip.contains("b6-rulesets");
+        results.b6 = Some(programming::run(&agent, &config.b6, rulesets, &log));
     }
     results.meta.seconds = started.elapsed().as_secs_f64();
     let json = serde_json::to_string_pretty(&results)?;

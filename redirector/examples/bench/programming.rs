@@ -62,7 +62,8 @@ pub struct B6 {
     pub footprint: Option<Footprint>,
 }
 
-pub fn run(agent: &Path, config: &Config, log: &dyn Fn(&str)) -> B6 {
+/// `rulesets`: also load kube-proxy's rulesets for comparison (slow at 10k).
+pub fn run(agent: &Path, config: &Config, rulesets: bool, log: &dyn Fn(&str)) -> B6 {
     let mut out = B6 {
         config: Some(config.clone()),
         ..Default::default()
@@ -71,6 +72,9 @@ pub fn run(agent: &Path, config: &Config, log: &dyn Fn(&str)) -> B6 {
     let (backend, footprint) = agent_backend(agent, config, &set, log);
     out.backends.push(backend);
     out.footprint = footprint;
+    if !rulesets {
+        return out;
+    }
     for kind in [
         LaneKind::IptablesLegacy,
         LaneKind::IptablesNft,

@@ -260,23 +260,26 @@ impl ApiState {
 
     /// The objects of `kind` as they were at resourceVersion `at`, rebuilt by
     /// undoing later changes; None once those changes are compacted.
-    fn objects_at(&self, kind: Kind, at: u64) -> Option<BTreeMap<(String, String), Value>> {
+    /// The objects of `kind` as they were at `at`, borrowed: a page of a
+    /// large list must not copy the whole collection (real servers page from
+    /// their watch cache).
+    fn objects_at(&self, kind: Kind, at: u64) -> Option<BTreeMap<(&str, &str), &Value>> {
         if at < self.compacted_rv {
             return None;
         }
-        let mut objects: BTreeMap<(String, String), Value> = self
+        let mut objects: BTreeMap<(&str, &str), &Value> = self
             .objects
             .iter()
             .filter(|(key, _)| key.0 == kind)
-            .map(|((_, ns, name), object)| ((ns.clone(), name.clone()), object.clone()))
+            .map(|((_, ns, name), object)| ((ns.as_str(), name.as_str()), object))
             .collect();
         for change in self.history.iter().rev().take_while(|change| change.rv > at) {
             if change.key.0 != kind {
                 continue;
             }
-            let key = (change.key.1.clone(), change.key.2.clone());
+            let key = (change.key.1.as_str(), change.key.2.as_str());
             match &change.prev {
-                Some(prev) => objects.insert(key, prev.clone()),
+                Some(prev) => objects.insert(key, prev),
                 None => objects.remove(&key),
             };
         }
@@ -1294,12 +1297,14 @@ fn list(api: &mut ApiState, scope: &Scope, query: &[(String, String)]) -> Result
             (at, None)
         }
     };
-    let Some(objects) = api.objects_at(scope.kind, at) else {
+    if at < api.compacted_rv {
         api.expired += 1;
         return Err(expired(CONTINUE_EXPIRED));
-    };
+    }
+    let objects = api.objects_at(scope.kind, at).unwrap_or_default();
+    let after = after.as_ref().map(|(ns, name)| (ns.as_str(), name.as_str()));
     let mut items = Vec::new();
-    let mut last: Option<&(String, String)> = None;
+    let mut last: Option<&(&str, &str)> = None;
     let mut remaining: i64 = 0;
     for (key, object) in &objects {
         if after.as_ref().is_some_and(|after| key <= after) || !filter.matches(object) {

@@ -5,7 +5,7 @@
 //! outside (object applied on the API server → the backend readable in the
 //! pinned map).
 //!
-//! `programming_latency --agent PATH [--services N] [--changes N]`
+//! `programming_latency --agent PATH [--services N] [--endpoints E] [--changes N]`
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
@@ -18,23 +18,29 @@ use serde_json::json;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut agent, mut services, mut changes) = (None, 1000usize, 100usize);
+    let (mut agent, mut services, mut endpoints, mut changes) = (None, 1000usize, 2usize, 100usize);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--agent" => agent = args.next(),
             "--services" => services = args.next().context("--services N")?.parse()?,
+            "--endpoints" => endpoints = args.next().context("--endpoints E")?.parse()?,
             "--changes" => changes = args.next().context("--changes N")?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
     let agent = std::path::PathBuf::from(agent.context("--agent PATH is required")?);
+    // Addresses are 10.(128+n).x.y with x < 250, and changes use 10.200/16.
+    if !(1..=64).contains(&endpoints) || services > 62_500 {
+        bail!("--endpoints must be 1..=64 and --services at most 62500");
+    }
 
     let fx = Fixture::new("lat");
     let listener = in_netns(&fx.node, || TcpListener::bind("127.0.0.1:0"))?;
     let api = FakeApiServer::start(listener);
     for i in 0..services {
         api.apply(service(i));
-        api.apply(slice(i, &[endpoint_ip(i, 0), endpoint_ip(i, 1)]));
+        let ips: Vec<Ipv4Addr> = (0..endpoints).map(|n| endpoint_ip(i, n)).collect();
+        api.apply(slice(i, &ips));
     }
     let started = Instant::now();
     let mut agent = fx.start_agent_watching(&agent, &api.url(), &["--metrics-bind-address", ""]);
@@ -42,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     let listed = started.elapsed();
     agent.wait_for_log("synced ", 1);
     println!(
-        "{services} services x 2 endpoints: first sync after {:?} (agent start to maps written); \
+        "{services} services x {endpoints} endpoints: first sync after {:?} (agent start to maps written); \
          both lists complete after {listed:?}",
         started.elapsed()
     );
@@ -58,6 +64,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or("")
         );
     }
+    eprintln!("{}", agent.log());
     let maps = Maps::from_pins(&maps_pin_dir(fx.bpffs.path()))?;
 
     let (mut agent_us, mut outside_us) = (Vec::new(), Vec::new());
@@ -119,9 +126,9 @@ fn report(what: &str, samples: &mut [u64]) {
     );
 }
 
-/// Endpoint `n` (0 or 1) of service `i`: 10.244+n.x.y.
-fn endpoint_ip(i: usize, n: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244 + n, (i / 250) as u8, (i % 250) as u8 + 1)
+/// Endpoint `n` of service `i`: 10.(128+n).x.y.
+fn endpoint_ip(i: usize, n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 128 + n as u8, (i / 250) as u8, (i % 250) as u8 + 1)
 }
 
 fn service(i: usize) -> serde_json::Value {

@@ -72,7 +72,15 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             source,
         })?;
     }
-    let (mut datapath, maps) = Datapath::load(&config.bpffs, &config.map_sizes)?;
+    // The watchers list while the maps are created and the program verified
+    // (off this thread): the two are the bulk of a cold start.
+    let mut feed = Feed::start(&config.source).await?;
+    let (bpffs, sizes) = (config.bpffs.clone(), config.map_sizes.clone());
+    let (mut datapath, maps) = match tokio::task::spawn_blocking(move || Datapath::load(&bpffs, &sizes)).await
+    {
+        Ok(loaded) => loaded?,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
     log::info!(
         "datapath loaded; maps pinned under {}",
         datapath::maps_pin_dir(&config.bpffs).display()
@@ -106,26 +114,6 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err("SIGTERM"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(signal_err("SIGINT"))?;
 
-    let mut feed = match &config.source {
-        Source::Manifests(dir) => Feed::Manifests {
-            dir: dir.clone(),
-            store: ManifestStore::default(),
-            seen: None,
-            poll: tokio::time::interval(MANIFEST_POLL),
-        },
-        Source::Kubernetes {
-            connection,
-            service_proxy_name,
-        } => {
-            let client = kube_source::client(connection).await?;
-            log::info!("watching Services and EndpointSlices; nothing is programmed until both are listed");
-            Feed::Kubernetes {
-                source: KubeSource::start(client, service_proxy_name.as_deref()),
-                ready: false,
-                woke_by: None,
-            }
-        }
-    };
     loop {
         tokio::select! {
             _ = sigterm.recv() => { log::info!("SIGTERM: exiting"); break; }
@@ -160,6 +148,31 @@ enum Feed {
 }
 
 impl Feed {
+    async fn start(source: &Source) -> Result<Self, AgentError> {
+        Ok(match source {
+            Source::Manifests(dir) => Feed::Manifests {
+                dir: dir.clone(),
+                store: ManifestStore::default(),
+                seen: None,
+                poll: tokio::time::interval(MANIFEST_POLL),
+            },
+            Source::Kubernetes {
+                connection,
+                service_proxy_name,
+            } => {
+                let client = kube_source::client(connection).await?;
+                log::info!(
+                    "watching Services and EndpointSlices; nothing is programmed until both are listed"
+                );
+                Feed::Kubernetes {
+                    source: KubeSource::start(client, service_proxy_name.as_deref()),
+                    ready: false,
+                    woke_by: None,
+                }
+            }
+        })
+    }
+
     /// Resolves when a sync is due.
     async fn changed(&mut self) {
         match self {

@@ -4,7 +4,10 @@ use redirector::agent::{self, AgentConfig};
 use redirector::cli::{self, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Milliseconds: start-up and programming steps are timed from the log.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     match Cli::parse().command {
         Command::Run(args) => {
             let config = AgentConfig {

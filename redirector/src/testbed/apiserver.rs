@@ -33,6 +33,7 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -260,30 +261,65 @@ impl ApiState {
 
     /// The objects of `kind` as they were at resourceVersion `at`, rebuilt by
     /// undoing later changes; None once those changes are compacted.
-    /// The objects of `kind` as they were at `at`, borrowed: a page of a
-    /// large list must not copy the whole collection (real servers page from
-    /// their watch cache).
-    fn objects_at(&self, kind: Kind, at: u64) -> Option<BTreeMap<(&str, &str), &Value>> {
-        if at < self.compacted_rv {
-            return None;
-        }
-        let mut objects: BTreeMap<(&str, &str), &Value> = self
-            .objects
-            .iter()
-            .filter(|(key, _)| key.0 == kind)
-            .map(|((_, ns, name), object)| ((ns.as_str(), name.as_str()), object))
-            .collect();
+    /// The objects of `kind` as they were at `at`, in key order after
+    /// `after`, borrowed and produced lazily: a page of a large list must not
+    /// copy or walk the whole collection (real servers page from their watch
+    /// cache). The caller checks `at` against the compaction point.
+    fn objects_at<'a>(
+        &'a self,
+        kind: Kind,
+        at: u64,
+        after: Option<(&'a str, &'a str)>,
+    ) -> impl Iterator<Item = ((&'a str, &'a str), &'a Value)> + 'a {
+        // Objects changed since `at`, as they were then (None: absent). The
+        // oldest change after `at` is inserted last and wins.
+        let mut then: BTreeMap<(&str, &str), Option<&Value>> = BTreeMap::new();
         for change in self.history.iter().rev().take_while(|change| change.rv > at) {
-            if change.key.0 != kind {
-                continue;
+            if change.key.0 == kind {
+                then.insert(
+                    (change.key.1.as_str(), change.key.2.as_str()),
+                    change.prev.as_ref(),
+                );
             }
-            let key = (change.key.1.as_str(), change.key.2.as_str());
-            match &change.prev {
-                Some(prev) => objects.insert(key, prev),
-                None => objects.remove(&key),
-            };
         }
-        Some(objects)
+        let is_after = move |key: &(&str, &str)| after.is_none_or(|after| *key > after);
+        let lower = match after {
+            Some((ns, name)) => Bound::Excluded((kind, ns.to_owned(), name.to_owned())),
+            None => Bound::Included((kind, String::new(), String::new())),
+        };
+        let past: Vec<((&str, &str), &Value)> = then
+            .iter()
+            .filter(|(key, _)| is_after(key))
+            .filter_map(|(key, object)| object.map(|object| (*key, object)))
+            .collect();
+        let current = self
+            .objects
+            .range((lower, Bound::Unbounded))
+            .take_while(move |(key, _)| key.0 == kind)
+            .map(|((_, ns, name), object)| ((ns.as_str(), name.as_str()), object))
+            .filter(move |(key, _)| !then.contains_key(key))
+            .peekable();
+        MergeByKey {
+            a: current,
+            b: past.into_iter().peekable(),
+        }
+    }
+}
+
+/// Two iterators sorted by key (with no key in both), merged.
+struct MergeByKey<A: Iterator, B: Iterator> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+}
+
+impl<K: Ord, V, A: Iterator<Item = (K, V)>, B: Iterator<Item = (K, V)>> Iterator for MergeByKey<A, B> {
+    type Item = (K, V);
+    fn next(&mut self) -> Option<(K, V)> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some((a, _)), Some((b, _))) if b < a => self.b.next(),
+            (Some(_), _) => self.a.next(),
+            (None, _) => self.b.next(),
+        }
     }
 }
 
@@ -1301,17 +1337,20 @@ fn list(api: &mut ApiState, scope: &Scope, query: &[(String, String)]) -> Result
         api.expired += 1;
         return Err(expired(CONTINUE_EXPIRED));
     }
-    let objects = api.objects_at(scope.kind, at).unwrap_or_default();
     let after = after.as_ref().map(|(ns, name)| (ns.as_str(), name.as_str()));
     let mut items = Vec::new();
-    let mut last: Option<&(&str, &str)> = None;
+    let mut last: Option<(&str, &str)> = None;
     let mut remaining: i64 = 0;
-    for (key, object) in &objects {
-        if after.as_ref().is_some_and(|after| key <= after) || !filter.matches(object) {
+    for (key, object) in api.objects_at(scope.kind, at, after) {
+        if !filter.matches(object) {
             continue;
         }
         if limit > 0 && items.len() == limit {
             remaining += 1;
+            // Counting the rest is only worth it when it will be reported.
+            if filter.has_selectors() {
+                break;
+            }
             continue;
         }
         items.push(list_item(object));

@@ -75,7 +75,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // The watchers list while the maps are created and the program verified
     // (off this thread): the two are the bulk of a cold start.
     let mut feed = Feed::start(&config.source).await?;
-    let (bpffs, sizes) = (config.bpffs.clone(), config.map_sizes.clone());
+    let (bpffs, sizes) = (config.bpffs.clone(), config.map_sizes);
     let (mut datapath, maps) = match tokio::task::spawn_blocking(move || Datapath::load(&bpffs, &sizes)).await
     {
         Ok(loaded) => loaded?,

@@ -9,7 +9,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort as K8sServicePort};
-use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -177,28 +177,52 @@ pub fn slice_belongs_to(slice: &EndpointSlice, namespace: &str, name: &str) -> b
             == Some(name)
 }
 
+/// What [`slice_candidates`] reads of an EndpointSlice, so the API type and
+/// the watch cache's compact copy share one rule.
+pub trait SliceView {
+    /// `addressType`.
+    fn address_type(&self) -> &str;
+    /// `ports`.
+    fn ports(&self) -> &[EndpointPort];
+    /// Each endpoint's first address and its conditions.
+    fn endpoints(&self) -> impl Iterator<Item = (Option<&str>, Option<&EndpointConditions>)>;
+}
+
+impl SliceView for EndpointSlice {
+    fn address_type(&self) -> &str {
+        &self.address_type
+    }
+    fn ports(&self) -> &[EndpointPort] {
+        self.ports.as_deref().unwrap_or_default()
+    }
+    fn endpoints(&self) -> impl Iterator<Item = (Option<&str>, Option<&EndpointConditions>)> {
+        self.endpoints
+            .iter()
+            .flatten()
+            .map(|ep| (ep.addresses.first().map(String::as_str), ep.conditions.as_ref()))
+    }
+}
+
 /// Candidates for the service port called `port_name` (empty when unnamed)
 /// from `slices`, which should all belong to the Service. Slice ports match by
 /// name and protocol; an endpoint uses its first address, as kube-proxy does.
-pub fn slice_candidates(port_name: &str, protocol: Protocol, slices: &[&EndpointSlice]) -> Vec<Candidate> {
+pub fn slice_candidates<S: SliceView>(port_name: &str, protocol: Protocol, slices: &[&S]) -> Vec<Candidate> {
     let mut out = Vec::new();
-    for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
-        let ports = slice.ports.as_deref().unwrap_or_default();
-        let matching = ports.iter().filter(|p| {
+    for slice in slices.iter().filter(|s| s.address_type() == "IPv4") {
+        let matching = slice.ports().iter().filter(|p| {
             p.name.as_deref().unwrap_or("") == port_name
                 && parse_protocol(p.protocol.as_deref()) == Some(protocol)
         });
         // A port without a number means "all ports", which a service port
         // cannot map to; kube-proxy skips it too.
         for port in matching.filter_map(|p| p.port.and_then(port_number)) {
-            for ep in slice.endpoints.as_deref().unwrap_or_default() {
-                let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+            for (address, conditions) in slice.endpoints() {
+                let Some(addr) = address.and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
                     continue;
                 };
-                let conditions = ep.conditions.as_ref().map(Conditions::from).unwrap_or_default();
                 out.push(Candidate {
                     endpoint: Endpoint { addr, port },
-                    conditions,
+                    conditions: conditions.map(Conditions::from).unwrap_or_default(),
                 });
             }
         }

@@ -13,13 +13,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
 use tokio::sync::mpsc;
 
+use super::compact::{CompactService, CompactSlice};
 use super::endpoints::{
     ClusterIp, SERVICE_NAME_LABEL, cluster_ip, entries_with, namespace_of, slice_candidates,
 };
@@ -129,8 +128,8 @@ pub type ServiceKey = (String, String);
 /// observed), and what each Service contributes to the model, so a change
 /// is turned into the few frontends it affects.
 pub struct KubeSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    services: Store<CompactService>,
+    slices: Store<CompactSlice>,
     pub changes: mpsc::UnboundedReceiver<(Instant, Change)>,
     frontends_of: HashMap<ServiceKey, Vec<Frontend>>,
     owner_of: HashMap<Frontend, ServiceKey>,
@@ -152,7 +151,7 @@ impl KubeSource {
     pub fn start(client: Client, service_proxy_name: Option<&str>) -> Self {
         let selector = label_selector(service_proxy_name);
         let (tx, changes) = mpsc::unbounded_channel();
-        let services = spawn_reflector::<Service>(
+        let services = spawn_reflector::<CompactService>(
             Api::all(client.clone()),
             &selector,
             "services",
@@ -162,7 +161,7 @@ impl KubeSource {
             },
             tx.clone(),
         );
-        let slices = spawn_reflector::<EndpointSlice>(
+        let slices = spawn_reflector::<CompactSlice>(
             Api::all(client),
             &selector,
             "endpointslices",
@@ -194,7 +193,7 @@ impl KubeSource {
     /// ClusterIP, its endpoints chosen by kube-proxy's rules.
     pub fn desired(&mut self) -> (Desired, Vec<String>) {
         let slices = self.slices.state();
-        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        let mut by_service: HashMap<(&str, &str), Vec<&CompactSlice>> = HashMap::new();
         for slice in &slices {
             let Some(service) = slice
                 .metadata
@@ -209,7 +208,7 @@ impl KubeSource {
                 .or_default()
                 .push(slice.as_ref());
         }
-        let mut services: Vec<Arc<Service>> = self.services.state();
+        let mut services: Vec<Arc<CompactService>> = self.services.state();
         // Deterministic winner when two Services claim one frontend.
         services.sort_by(|a, b| {
             (namespace_of(&a.metadata), &a.metadata.name).cmp(&(namespace_of(&b.metadata), &b.metadata.name))
@@ -262,11 +261,11 @@ impl KubeSource {
             for fe in &old {
                 self.owner_of.remove(fe);
             }
-            let reference = ObjectRef::<Service>::new(&key.1).within(&key.0);
+            let reference = ObjectRef::<CompactService>::new(&key.1).within(&key.0);
             let new = match self.services.get(&reference) {
                 Some(service) => {
                     let names = self.slices_of.entry(key.clone()).or_default();
-                    let own: Vec<Arc<EndpointSlice>> = names
+                    let own: Vec<Arc<CompactSlice>> = names
                         .iter()
                         .filter_map(|n| self.slices.get(&ObjectRef::new(n).within(&key.0)))
                         .filter(|s| {
@@ -275,7 +274,7 @@ impl KubeSource {
                         .collect();
                     // Forget names that no longer belong (deleted or relabelled).
                     names.retain(|n| own.iter().any(|s| s.metadata.name.as_deref() == Some(n)));
-                    let own: Vec<&EndpointSlice> = own.iter().map(AsRef::as_ref).collect();
+                    let own: Vec<&CompactSlice> = own.iter().map(AsRef::as_ref).collect();
                     self.claim(&key, entries(&service, &own), &mut delta.warnings)
                 }
                 None => Vec::new(),
@@ -315,9 +314,10 @@ impl KubeSource {
 }
 
 /// The entries of one Service from its own slices.
-fn entries(service: &Service, own: &[&EndpointSlice]) -> Vec<(Frontend, ServicePort)> {
-    match cluster_ip(service) {
-        ClusterIp::V4(ip) => entries_with(service, ip, |p| slice_candidates(p.name, p.protocol, own)),
+fn entries(service: &CompactService, own: &[&CompactSlice]) -> Vec<(Frontend, ServicePort)> {
+    let service = service.to_api();
+    match cluster_ip(&service) {
+        ClusterIp::V4(ip) => entries_with(&service, ip, |p| slice_candidates(p.name, p.protocol, own)),
         _ => Vec::new(),
     }
 }
@@ -340,17 +340,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let config = watcher::Config::default().labels(selector);
-    let stream = watcher(api, config)
-        .default_backoff()
-        // Bookkeeping the proxy never reads, often most of an object's size.
-        .modify(|obj: &mut K| {
-            let meta = obj.meta_mut();
-            meta.managed_fields = None;
-            if let Some(annotations) = meta.annotations.as_mut() {
-                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-        })
-        .reflect(writer);
+    let stream = watcher(api, config).default_backoff().reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;

@@ -1,0 +1,252 @@
+//! Compact Services and EndpointSlices for the watch caches: only the fields
+//! kube-proxy's rules (and the reflector) read are parsed and kept.
+//!
+//! The generated API types are large even when mostly empty (one discovery/v1
+//! `Endpoint` is 352 bytes before its strings), and a cache holds every
+//! object of the cluster: at 10k Services × 10 endpoints the full types cost
+//! about 45 MiB of the agent's heap. Unknown fields (managedFields,
+//! annotations, status, topology) are skipped while parsing, which also
+//! makes the initial lists cheaper to decode.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde::{Deserialize, Deserializer};
+
+use super::endpoints::SliceView;
+
+/// The metadata fields read by the proxy and by the watcher's cache.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MetaFields {
+    name: Option<String>,
+    namespace: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    resource_version: Option<String>,
+    uid: Option<String>,
+    creation_timestamp: Option<Time>,
+    deletion_timestamp: Option<Time>,
+}
+
+fn compact_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    let m = MetaFields::deserialize(deserializer)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        labels: m.labels,
+        resource_version: m.resource_version,
+        uid: m.uid,
+        creation_timestamp: m.creation_timestamp,
+        deletion_timestamp: m.deletion_timestamp,
+        ..ObjectMeta::default()
+    })
+}
+
+/// A Service as the proxy sees it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CompactService {
+    #[serde(default, deserialize_with = "compact_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<CompactServiceSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CompactServiceSpec {
+    #[serde(rename = "type")]
+    type_: Option<String>,
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    ports: Option<Vec<ServicePort>>,
+    selector: Option<BTreeMap<String, String>>,
+    session_affinity: Option<String>,
+}
+
+impl CompactService {
+    /// The API type with the kept fields, for the rules shared with the
+    /// manifest source (built per use: it lives only while one Service is
+    /// turned into entries).
+    pub fn to_api(&self) -> Service {
+        Service {
+            metadata: self.metadata.clone(),
+            spec: self.spec.as_ref().map(|s| ServiceSpec {
+                type_: s.type_.clone(),
+                cluster_ip: s.cluster_ip.clone(),
+                ports: s.ports.clone(),
+                selector: s.selector.clone(),
+                session_affinity: s.session_affinity.clone(),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+}
+
+/// An EndpointSlice as the proxy sees it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompactSlice {
+    #[serde(default, deserialize_with = "compact_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    address_type: String,
+    #[serde(default)]
+    ports: Option<Vec<EndpointPort>>,
+    #[serde(default)]
+    endpoints: Option<Vec<CompactEndpoint>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct CompactEndpoint {
+    /// Only the first address is used (as kube-proxy does); all are kept so
+    /// the object reads as it was written.
+    #[serde(default)]
+    addresses: Vec<String>,
+    conditions: Option<EndpointConditions>,
+}
+
+impl SliceView for CompactSlice {
+    fn address_type(&self) -> &str {
+        &self.address_type
+    }
+    fn ports(&self) -> &[EndpointPort] {
+        self.ports.as_deref().unwrap_or_default()
+    }
+    fn endpoints(&self) -> impl Iterator<Item = (Option<&str>, Option<&EndpointConditions>)> {
+        self.endpoints
+            .iter()
+            .flatten()
+            .map(|ep| (ep.addresses.first().map(String::as_str), ep.conditions.as_ref()))
+    }
+}
+
+macro_rules! namespaced_resource {
+    ($type:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
+        impl kube::Resource for $type {
+            type DynamicType = ();
+            type Scope = NamespaceResourceScope;
+            fn kind(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($kind)
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($group)
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($version)
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($plural)
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+namespaced_resource!(CompactService, "Service", "", "v1", "services");
+namespaced_resource!(
+    CompactSlice,
+    "EndpointSlice",
+    "discovery.k8s.io",
+    "v1",
+    "endpointslices"
+);
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::Resource;
+
+    use super::*;
+    use crate::model::Protocol;
+    use crate::source::endpoints::slice_candidates;
+
+    const SERVICE: &str = r#"{
+      "apiVersion": "v1", "kind": "Service",
+      "metadata": {"name": "web", "namespace": "shop", "uid": "u1", "resourceVersion": "7",
+                   "labels": {"app": "web"}, "annotations": {"a": "b"},
+                   "creationTimestamp": "2026-11-27T00:00:00Z",
+                   "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+      "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+               "selector": {"app": "web"}, "sessionAffinity": "ClientIP",
+               "externalTrafficPolicy": "Local",
+               "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "web", "nodePort": 30080}]},
+      "status": {"loadBalancer": {}}
+    }"#;
+
+    const SLICE: &str = r#"{
+      "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+      "metadata": {"name": "web-abc", "namespace": "shop", "resourceVersion": "8",
+                   "labels": {"kubernetes.io/service-name": "web"}},
+      "addressType": "IPv4",
+      "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+      "endpoints": [
+        {"addresses": ["10.244.1.5"], "conditions": {"ready": true, "serving": true, "terminating": false},
+         "nodeName": "n1", "zone": "a", "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
+        {"addresses": ["10.244.2.6"], "conditions": {"ready": false, "serving": true, "terminating": true}}
+      ]
+    }"#;
+
+    #[test]
+    fn a_compact_service_keeps_what_the_rules_read() {
+        let compact: CompactService = serde_json::from_str(SERVICE).expect("parses");
+        let full: Service = serde_json::from_str(SERVICE).expect("parses");
+        let api = compact.to_api();
+        let spec = api.spec.as_ref().expect("spec");
+        let want = full.spec.as_ref().expect("spec");
+        assert_eq!(spec.type_, want.type_, "type");
+        assert_eq!(spec.cluster_ip, want.cluster_ip, "clusterIP");
+        assert_eq!(spec.ports, want.ports, "ports");
+        assert_eq!(spec.selector, want.selector, "selector");
+        assert_eq!(spec.session_affinity, want.session_affinity, "sessionAffinity");
+        let meta = compact.meta();
+        assert_eq!(meta.name.as_deref(), Some("web"), "name");
+        assert_eq!(meta.namespace.as_deref(), Some("shop"), "namespace");
+        assert_eq!(meta.labels, full.metadata.labels, "labels");
+        assert_eq!(
+            meta.resource_version.as_deref(),
+            Some("7"),
+            "resourceVersion (watch bookkeeping)"
+        );
+        assert_eq!(meta.uid.as_deref(), Some("u1"), "uid");
+        assert_eq!(
+            meta.creation_timestamp, full.metadata.creation_timestamp,
+            "creationTimestamp (AGE)"
+        );
+        assert_eq!(meta.annotations, None, "annotations are not kept");
+        assert_eq!(meta.managed_fields, None, "managedFields are not kept");
+        assert_eq!(
+            <CompactService as Resource>::url_path(&(), Some("shop")),
+            "/api/v1/namespaces/shop/services"
+        );
+    }
+
+    #[test]
+    fn a_compact_slice_gives_the_same_candidates_as_the_full_one() {
+        let compact: CompactSlice = serde_json::from_str(SLICE).expect("parses");
+        let full: EndpointSlice = serde_json::from_str(SLICE).expect("parses");
+        assert_eq!(
+            slice_candidates("http", Protocol::Tcp, &[&compact]),
+            slice_candidates("http", Protocol::Tcp, &[&full]),
+            "candidates from the compact and the full slice"
+        );
+        assert_eq!(
+            slice_candidates("http", Protocol::Tcp, &[&compact]).len(),
+            2,
+            "both endpoints are candidates"
+        );
+        assert_eq!(
+            <CompactSlice as Resource>::url_path(&(), None),
+            "/apis/discovery.k8s.io/v1/endpointslices"
+        );
+    }
+}

@@ -64,7 +64,15 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or("")
         );
     }
-    eprintln!("{}", agent.log());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
+    for field in ["VmHWM:", "VmRSS:", "RssAnon:", "RssFile:", "RssShmem:"] {
+        if let Some(line) = status.lines().find(|l| l.starts_with(field)) {
+            println!(
+                "  agent {}",
+                line.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+        }
+    }
     let maps = Maps::from_pins(&maps_pin_dir(fx.bpffs.path()))?;
 
     let (mut agent_us, mut outside_us) = (Vec::new(), Vec::new());

@@ -12,12 +12,14 @@ use crate::datapath::writer::{MapWriter, SyncReport};
 use crate::datapath::{self, Datapath, MapSizes, Maps};
 use crate::interfaces::{self, InterfaceGlobs, LinkEvent};
 use crate::metrics::{self, Metrics};
-use crate::model::Ipv4Cidr;
+use crate::model::{Frontend, Ipv4Cidr};
 use crate::source::kube::{self as kube_source, Change, KubeSource};
 use crate::source::manifests::ManifestStore;
 
 /// How often the manifest directory is checked for changes.
 const MANIFEST_POLL: Duration = Duration::from_millis(250);
+/// Services computed and written at a time after a (re)list.
+const RELIST_PART: usize = 1000;
 
 /// Where services and endpoints come from.
 pub enum Source {
@@ -228,10 +230,21 @@ impl Feed {
                 }
                 let relisted = changes.contains(&Change::Relisted);
                 if relisted {
-                    let (desired, warnings) = source.desired();
-                    warn_all(warnings);
-                    let report = writer.sync(&desired);
-                    log_sync(&report, desired.len(), started, observed, metrics);
+                    let mut report = SyncReport::default();
+                    let services = source.restart();
+                    for part in services.chunks(RELIST_PART) {
+                        let delta = source.delta(part.iter().cloned().map(Change::Service));
+                        warn_all(delta.warnings);
+                        let upserts: Vec<_> = delta.upserts.iter().map(|(fe, port)| (*fe, port)).collect();
+                        report.absorb(writer.sync_frontends(&upserts, &[]));
+                    }
+                    let gone: Vec<Frontend> = writer
+                        .programmed_frontends()
+                        .filter(|fe| !source.holds(fe))
+                        .copied()
+                        .collect();
+                    report.absorb(writer.sync_frontends(&[], &gone));
+                    log_sync(&report, writer.programmed_count(), started, observed, metrics);
                 } else {
                     let delta = source.delta(changes);
                     warn_all(delta.warnings);

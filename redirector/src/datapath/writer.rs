@@ -78,6 +78,14 @@ impl SyncReport {
     fn entries(&self) -> usize {
         self.writes + self.deletes
     }
+
+    /// Adds what a later sync of the same change did.
+    pub fn absorb(&mut self, later: SyncReport) {
+        self.writes += later.writes;
+        self.deletes += later.deletes;
+        self.errors.extend(later.errors);
+        self.changed.extend(later.changed);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,6 +178,11 @@ impl MapWriter {
 
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+
+    /// Frontends currently in the maps.
+    pub fn programmed_frontends(&self) -> impl Iterator<Item = &Frontend> {
+        self.programmed.keys()
     }
 
     /// Frontends currently in the maps, with their endpoints by slot order.

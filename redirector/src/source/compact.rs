@@ -17,10 +17,10 @@ use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::{Deserialize, Deserializer};
 
-use super::endpoints::SliceView;
+use super::endpoints::{SERVICE_NAME_LABEL, SliceView};
 
 /// The metadata fields read by the proxy and by the watcher's cache.
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MetaFields {
     name: Option<String>,
@@ -32,18 +32,23 @@ struct MetaFields {
     deletion_timestamp: Option<Time>,
 }
 
+impl From<MetaFields> for ObjectMeta {
+    fn from(m: MetaFields) -> Self {
+        ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            labels: m.labels,
+            resource_version: m.resource_version,
+            uid: m.uid,
+            creation_timestamp: m.creation_timestamp,
+            deletion_timestamp: m.deletion_timestamp,
+            ..ObjectMeta::default()
+        }
+    }
+}
+
 fn compact_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
-    let m = MetaFields::deserialize(deserializer)?;
-    Ok(ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        labels: m.labels,
-        resource_version: m.resource_version,
-        uid: m.uid,
-        creation_timestamp: m.creation_timestamp,
-        deletion_timestamp: m.deletion_timestamp,
-        ..ObjectMeta::default()
-    })
+    MetaFields::deserialize(deserializer).map(ObjectMeta::from)
 }
 
 /// A Service as the proxy sees it.
@@ -87,18 +92,53 @@ impl CompactService {
     }
 }
 
-/// An EndpointSlice as the proxy sees it.
+/// An EndpointSlice as the proxy sees it. Of its labels only the Service's
+/// name is kept (a label map costs half a kilobyte even with one entry).
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(from = "SliceFields")]
 pub struct CompactSlice {
-    #[serde(default, deserialize_with = "compact_meta")]
     pub metadata: ObjectMeta,
+    service_name: Option<String>,
+    address_type: String,
+    ports: Option<Vec<EndpointPort>>,
+    endpoints: Option<Vec<CompactEndpoint>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SliceFields {
+    #[serde(default)]
+    metadata: MetaFields,
     #[serde(default)]
     address_type: String,
     #[serde(default)]
     ports: Option<Vec<EndpointPort>>,
     #[serde(default)]
     endpoints: Option<Vec<CompactEndpoint>>,
+}
+
+impl From<SliceFields> for CompactSlice {
+    fn from(mut fields: SliceFields) -> Self {
+        let service_name = fields
+            .metadata
+            .labels
+            .take()
+            .and_then(|mut labels| labels.remove(SERVICE_NAME_LABEL));
+        CompactSlice {
+            metadata: fields.metadata.into(),
+            service_name,
+            address_type: fields.address_type,
+            ports: fields.ports,
+            endpoints: fields.endpoints,
+        }
+    }
+}
+
+impl CompactSlice {
+    /// The Service it belongs to: its `kubernetes.io/service-name` label.
+    pub fn service_name(&self) -> Option<&str> {
+        self.service_name.as_deref()
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -243,6 +283,13 @@ mod tests {
             slice_candidates("http", Protocol::Tcp, &[&compact]).len(),
             2,
             "both endpoints are candidates"
+        );
+        assert_eq!(compact.service_name(), Some("web"), "the Service's name label");
+        assert_eq!(compact.meta().name.as_deref(), Some("web-abc"), "name");
+        assert_eq!(
+            compact.meta().resource_version.as_deref(),
+            Some("8"),
+            "resourceVersion"
         );
         assert_eq!(
             <CompactSlice as Resource>::url_path(&(), None),

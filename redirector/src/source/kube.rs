@@ -19,10 +19,8 @@ use kube::{Api, Client, Config};
 use tokio::sync::mpsc;
 
 use super::compact::{CompactService, CompactSlice};
-use super::endpoints::{
-    ClusterIp, SERVICE_NAME_LABEL, cluster_ip, entries_with, namespace_of, slice_candidates,
-};
-use crate::model::{Desired, Frontend, ServicePort};
+use super::endpoints::{ClusterIp, cluster_ip, entries_with, namespace_of, slice_candidates};
+use crate::model::{Frontend, ServicePort};
 
 /// Services with this label belong to another proxy unless it names us.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -166,8 +164,8 @@ impl KubeSource {
             &selector,
             "endpointslices",
             |slice| {
-                let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-                let key = (namespace_of(&slice.metadata).to_owned(), service.clone());
+                let service = slice.service_name()?;
+                let key = (namespace_of(&slice.metadata).to_owned(), service.to_owned());
                 Some(Change::Slice(key, slice.metadata.name.clone()?))
             },
             tx,
@@ -189,54 +187,36 @@ impl KubeSource {
         let _ = self.slices.wait_until_ready().await;
     }
 
-    /// The whole model for the current caches: every Service with an IPv4
-    /// ClusterIP, its endpoints chosen by kube-proxy's rules.
-    pub fn desired(&mut self) -> (Desired, Vec<String>) {
-        let slices = self.slices.state();
-        let mut by_service: HashMap<(&str, &str), Vec<&CompactSlice>> = HashMap::new();
-        for slice in &slices {
-            let Some(service) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            else {
-                continue;
-            };
-            by_service
-                .entry((namespace_of(&slice.metadata), service.as_str()))
-                .or_default()
-                .push(slice.as_ref());
-        }
-        let mut services: Vec<Arc<CompactService>> = self.services.state();
-        // Deterministic winner when two Services claim one frontend.
-        services.sort_by(|a, b| {
-            (namespace_of(&a.metadata), &a.metadata.name).cmp(&(namespace_of(&b.metadata), &b.metadata.name))
-        });
+    /// Starts the model over from the caches (after a relist): forgets which
+    /// Service holds which frontend and returns every Service, sorted, so a
+    /// frontend two Services claim goes to the same one every time. Feed
+    /// them to [`Self::delta`] (in parts: the model of a large cluster then
+    /// never sits in memory whole), then remove what [`Self::holds`] denies.
+    pub fn restart(&mut self) -> Vec<ServiceKey> {
         self.frontends_of.clear();
         self.owner_of.clear();
         self.slices_of.clear();
-        for ((namespace, service), own) in &by_service {
-            let names = own.iter().filter_map(|s| s.metadata.name.clone());
-            self.slices_of
-                .entry((namespace.to_string(), service.to_string()))
-                .or_default()
-                .extend(names);
-        }
-        let mut desired = Desired::new();
-        let mut warnings = Vec::new();
-        for service in &services {
-            let key = (
-                namespace_of(&service.metadata),
-                service.metadata.name.as_deref().unwrap_or(""),
-            );
-            let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
-            let key = (key.0.to_owned(), key.1.to_owned());
-            for (frontend, port) in self.claim(&key, entries(service, own), &mut warnings) {
-                desired.insert(frontend, port);
+        for slice in self.slices.state() {
+            if let (Some(service), Some(name)) = (slice.service_name(), slice.metadata.name.as_ref()) {
+                self.slices_of
+                    .entry((namespace_of(&slice.metadata).to_owned(), service.to_owned()))
+                    .or_default()
+                    .insert(name.clone());
             }
         }
-        (desired, warnings)
+        let mut keys: Vec<ServiceKey> = self
+            .services
+            .state()
+            .iter()
+            .filter_map(|s| Some((namespace_of(&s.metadata).to_owned(), s.metadata.name.clone()?)))
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Whether a Service of the model holds `frontend`.
+    pub fn holds(&self, frontend: &Frontend) -> bool {
+        self.owner_of.contains_key(frontend)
     }
 
     /// What changed for the Services in `keys` since the model was last
@@ -268,9 +248,7 @@ impl KubeSource {
                     let own: Vec<Arc<CompactSlice>> = names
                         .iter()
                         .filter_map(|n| self.slices.get(&ObjectRef::new(n).within(&key.0)))
-                        .filter(|s| {
-                            s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) == Some(&key.1)
-                        })
+                        .filter(|s| s.service_name() == Some(key.1.as_str()))
                         .collect();
                     // Forget names that no longer belong (deleted or relabelled).
                     names.retain(|n| own.iter().any(|s| s.metadata.name.as_deref() == Some(n)));

@@ -299,6 +299,10 @@ impl Agent {
         self.log.lock().unwrap().clone()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until the log has `count` lines containing `needle`.
     pub fn wait_for_log(&mut self, needle: &str, count: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -604,3 +604,77 @@ fn a_full_map_names_the_service_that_did_not_fit_and_the_rest_keeps_working() {
     let (_, out) = h.run(&Spec::tcp((CLIENT, 40000), (VIP, 80), SYN).build());
     assert_eq!(Parsed::new(&out).dst, POD, "the service that fit works");
 }
+
+#[test]
+fn new_ports_written_in_batches_fall_back_one_by_one_when_a_map_fills() {
+    let bpffs = common::Bpffs::new("rdt-batch");
+    // Twenty new ports of three entries each (master + 2 slots); room for ten.
+    let sizes = MapSizes {
+        services: 31,
+        ..MapSizes::default()
+    };
+    let (datapath, maps) = Datapath::load(bpffs.path(), &sizes).expect("load");
+    let mut writer = MapWriter::new(maps).expect("writer");
+    let vip = |i: u8| Ipv4Addr::new(10, 96, 1, i);
+    let mut desired = Desired::new();
+    for i in 1..=20u8 {
+        let endpoints = [Ipv4Addr::new(10, 244, 3, i), Ipv4Addr::new(10, 244, 4, i)];
+        desired.insert(
+            fe(vip(i), 80, Protocol::Tcp),
+            service(&format!("svc-{i}"), &endpoints),
+        );
+    }
+    let report = writer.sync(&desired);
+    assert_eq!(
+        report.errors.len(),
+        10,
+        "ten ports do not fit: {:?}",
+        report.errors
+    );
+    for (error, i) in report.errors.iter().zip(11..) {
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("default/svc-{i}:http")) && message.contains("is full"),
+            "the error names the port that did not fit and the full map: {message}"
+        );
+    }
+    let programmed: Vec<Frontend> = writer.programmed().keys().copied().collect();
+    let want: Vec<Frontend> = (1..=10).map(|i| fe(vip(i), 80, Protocol::Tcp)).collect();
+    assert_eq!(programmed, want, "the first ten are programmed, in order");
+    let maps = writer.maps();
+    assert_eq!(
+        maps.services.keys().count(),
+        30,
+        "no slot or master of a port that failed is left"
+    );
+    assert_eq!(
+        maps.backends.keys().count(),
+        20,
+        "no backend of a port that failed is left"
+    );
+    assert_eq!(maps.meta.keys().count(), 10, "one record per programmed port");
+    assert_eq!(
+        report.writes,
+        10 * (2 + 3 + 1) + 20 + 10 * 3,
+        "backends, slots+master and a record per programmed port, every address, and for each \
+         port that failed its backends and first slot (written, then undone)"
+    );
+    assert_eq!(
+        maps.vips.keys().count(),
+        10,
+        "addresses of ports that failed are withdrawn"
+    );
+    let h = Harness {
+        _bpffs: bpffs,
+        datapath,
+        writer,
+    };
+    for i in [1u8, 10] {
+        let (_, out) = h.run(&Spec::tcp((CLIENT, 40000 + u16::from(i)), (vip(i), 80), SYN).build());
+        let dst = Parsed::new(&out).dst;
+        assert!(
+            [Ipv4Addr::new(10, 244, 3, i), Ipv4Addr::new(10, 244, 4, i)].contains(&dst),
+            "service {i} sends to one of its endpoints, not {dst}"
+        );
+    }
+}

@@ -1,5 +1,6 @@
 //! Loading, pinning and attaching the eBPF datapath.
 
+pub mod batch;
 pub mod maps;
 pub mod writer;
 

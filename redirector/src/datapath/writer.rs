@@ -19,6 +19,7 @@ use redirector_common::{
 };
 
 use super::Maps;
+use super::batch;
 use super::maps::MapsError;
 use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, ServicePort, ServicePortName};
 use crate::state::PortRecord;
@@ -229,7 +230,14 @@ impl MapWriter {
         // Addresses first: the datapath looks a packet's address up before
         // its service port.
         self.add_addresses(upserts.iter().map(|(fe, _)| fe), &mut report);
-        for (frontend, port) in upserts {
+        // A frontend listed twice is new only the first time.
+        let mut seen = HashSet::new();
+        let (new, known): (Vec<_>, Vec<_>) = upserts
+            .iter()
+            .copied()
+            .partition(|(fe, _)| !self.programmed.contains_key(fe) && seen.insert(*fe));
+        let left = self.add_new_ports(new, &mut report);
+        for (frontend, port) in left.iter().chain(&known) {
             let before = report.entries();
             if let Err(error) = self.upsert(*frontend, port, &mut report) {
                 report.errors.push(error);
@@ -255,6 +263,122 @@ impl MapWriter {
             self.remove_unaccounted(&mut report);
         }
         report
+    }
+
+    /// Programs service ports the maps do not hold yet (a cold start, a
+    /// relist, new Services) with one batch per map, in the order a single
+    /// update uses: backends, slots, masters, then the records. A batch that
+    /// fails (a full map) is undone and its ports are returned, for the
+    /// one-by-one path to program what fits and name what does not.
+    fn add_new_ports<'a>(
+        &mut self,
+        ports: Vec<(Frontend, &'a ServicePort)>,
+        report: &mut SyncReport,
+    ) -> Vec<(Frontend, &'a ServicePort)> {
+        let mut next_backend_id = self.next_backend_id;
+        let mut planned = Vec::new();
+        let mut left = Vec::new();
+        for (fe, port) in ports {
+            let svc_id = match port.endpoints.len() <= MAX_ENDPOINTS_PER_PORT {
+                true => self.svc_ids.alloc(),
+                false => None,
+            };
+            let Some(svc_id) = svc_id else {
+                left.push((fe, port));
+                continue;
+            };
+            let slots = plan_slots(&[], &port.endpoints, || alloc_id(&mut next_backend_id));
+            planned.push((fe, port, svc_id, slots));
+        }
+        let backends: Vec<(u32, Backend)> = planned
+            .iter()
+            .flat_map(|(fe, _, _, slots)| {
+                slots
+                    .iter()
+                    .map(|slot| (slot.backend_id, backend_entry(*fe, slot)))
+            })
+            .collect();
+        let slots: Vec<(ServiceKey, ServiceEntry)> = planned
+            .iter()
+            .flat_map(|(fe, _, svc_id, slots)| {
+                slots.iter().enumerate().map(|(index, slot)| {
+                    let entry = ServiceEntry {
+                        backend_id: slot.backend_id,
+                        count: 0,
+                        flags: 0,
+                        svc_id: *svc_id,
+                    };
+                    (service_key(*fe, index as u16 + 1), entry)
+                })
+            })
+            .collect();
+        let masters: Vec<(ServiceKey, ServiceEntry)> = planned
+            .iter()
+            .map(|(fe, _, svc_id, slots)| {
+                let master = ServiceEntry {
+                    backend_id: 0,
+                    count: slots.len() as u16,
+                    flags: 0,
+                    svc_id: *svc_id,
+                };
+                (service_key(*fe, MASTER_SLOT), master)
+            })
+            .collect();
+        let written = batch::update_batch(&mut self.maps.backends, &backends)
+            .map_err(|e| (e.written, 0, 0))
+            .and_then(|()| {
+                batch::update_batch(&mut self.maps.services, &slots)
+                    .map_err(|e| (backends.len(), e.written, 0))
+            })
+            .and_then(|()| {
+                batch::update_batch(&mut self.maps.services, &masters)
+                    .map_err(|e| (backends.len(), slots.len(), e.written))
+            });
+        if let Err((b, s, m)) = written {
+            for (key, _) in masters[..m].iter().chain(&slots[..s]) {
+                let _ = self.maps.services.remove(key);
+            }
+            for (id, _) in &backends[..b] {
+                let _ = self.maps.backends.remove(id);
+            }
+            for (fe, port, svc_id, _) in planned {
+                self.svc_ids.release(svc_id);
+                left.push((fe, port));
+            }
+            return left;
+        }
+        self.next_backend_id = next_backend_id;
+        report.writes += backends.len() + slots.len() + masters.len();
+
+        let mut records = Vec::with_capacity(planned.len());
+        for (fe, port, svc_id, slots) in planned {
+            report.changed.push(fe);
+            self.track(
+                fe,
+                Programmed {
+                    svc_id,
+                    slots,
+                    meta: None,
+                },
+            );
+            records.push((fe, port, svc_id, PortRecord::new(port).encode()));
+        }
+        let entries: Vec<(u32, ServiceMeta)> = records.iter().map(|(_, _, id, meta)| (*id, *meta)).collect();
+        let stored = match batch::update_batch(&mut self.maps.meta, &entries) {
+            Ok(()) => records.len(),
+            Err(e) => e.written,
+        };
+        report.writes += stored;
+        for (index, (fe, port, svc_id, meta)) in records.into_iter().enumerate() {
+            if index < stored {
+                if let Some(p) = self.programmed.get_mut(&fe) {
+                    p.meta = Some(digest(&meta));
+                }
+            } else if let Err(source) = self.write_meta(fe, svc_id, meta, report) {
+                report.errors.push(self.meta_error(port, fe, source));
+            }
+        }
+        left
     }
 
     fn upsert(&mut self, fe: Frontend, port: &ServicePort, report: &mut SyncReport) -> Result<(), SyncError> {
@@ -395,15 +519,9 @@ impl MapWriter {
     ) -> Result<(), (&'static str, MapError)> {
         let old_ids: HashSet<u32> = old_slots.iter().map(|s| s.backend_id).collect();
         for slot in new_slots.iter().filter(|s| !old_ids.contains(&s.backend_id)) {
-            let backend = Backend {
-                addr: u32::from_ne_bytes(slot.endpoint.addr.octets()),
-                port: slot.endpoint.port.to_be(),
-                proto: fe.protocol.number(),
-                _pad: 0,
-            };
             self.maps
                 .backends
-                .insert(slot.backend_id, backend, 0)
+                .insert(slot.backend_id, backend_entry(fe, slot), 0)
                 .map_err(|e| (BACKEND_MAP, e))?;
             undo.push(Undo::DeleteBackend(slot.backend_id));
             report.writes += 1;
@@ -671,6 +789,16 @@ impl MapWriter {
                 report.deletes += 1;
             }
         }
+    }
+}
+
+/// The backend map's entry for the endpoint in `slot` of `fe`.
+fn backend_entry(fe: Frontend, slot: &Slot) -> Backend {
+    Backend {
+        addr: u32::from_ne_bytes(slot.endpoint.addr.octets()),
+        port: slot.endpoint.port.to_be(),
+        proto: fe.protocol.number(),
+        _pad: 0,
     }
 }
 

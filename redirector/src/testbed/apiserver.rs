@@ -30,7 +30,7 @@
 //! listener it is given: a caller can bind it inside another network
 //! namespace.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Bound;
@@ -177,6 +177,10 @@ pub struct ApiState {
     /// The history holds every change with a resourceVersion above this.
     compacted_rv: u64,
     objects: BTreeMap<Key, Value>,
+    /// Each stored object's JSON as a list item, by key and resourceVersion:
+    /// kube-apiserver's watch cache keeps objects' encodings too, so a large
+    /// list is served by copying, not by encoding every object again.
+    encoded: HashMap<(Key, String), Arc<str>>,
     history: VecDeque<Arc<Change>>,
     uids: u64,
     requests: Vec<RequestRecord>,
@@ -196,6 +200,7 @@ impl ApiState {
             rv: 1,
             compacted_rv: 1,
             objects: BTreeMap::new(),
+            encoded: HashMap::new(),
             history: VecDeque::new(),
             uids: 0,
             requests: Vec::new(),
@@ -244,6 +249,10 @@ impl ApiState {
             Some(object) => self.objects.insert(key.clone(), object.clone()),
             None => self.objects.remove(&key),
         };
+        if let Some(rv) = prev.as_ref().map(resource_version_of) {
+            // A list of an older snapshot encodes it again if it needs it.
+            self.encoded.remove(&(key.clone(), rv));
+        }
         let change = Arc::new(Change {
             rv: self.rv,
             key,
@@ -1268,7 +1277,8 @@ fn list_item(object: &Value) -> Value {
     item
 }
 
-fn list(api: &mut ApiState, scope: &Scope, query: &[(String, String)]) -> Result<Value, Value> {
+/// The list as JSON text (items copied from their cached encodings).
+fn list(api: &mut ApiState, scope: &Scope, query: &[(String, String)]) -> Result<String, Value> {
     let filter = Filter::new(scope, query).map_err(bad_request)?;
     let limit = match param(query, "limit").filter(|v| !v.is_empty()) {
         None => 0,
@@ -1353,25 +1363,64 @@ fn list(api: &mut ApiState, scope: &Scope, query: &[(String, String)]) -> Result
             }
             continue;
         }
-        items.push(list_item(object));
+        items.push((key, object));
         last = Some(key);
     }
+    let mut fresh = Vec::new();
+    let items: Vec<Arc<str>> = items
+        .into_iter()
+        .map(|((ns, name), object)| {
+            let id = (
+                (scope.kind, ns.to_owned(), name.to_owned()),
+                resource_version_of(object),
+            );
+            match api.encoded.get(&id) {
+                Some(text) => Arc::clone(text),
+                None => {
+                    let text: Arc<str> = list_item(object).to_string().into();
+                    fresh.push((id, Arc::clone(&text)));
+                    text
+                }
+            }
+        })
+        .collect();
+    let last = last.map(|(ns, name)| (ns.to_owned(), name.to_owned()));
+    api.encoded.extend(fresh);
     let mut metadata = json!({ "resourceVersion": at.to_string() });
     if remaining > 0
         && let Some((namespace, name)) = last
     {
-        metadata["continue"] = encode_continue(at, namespace, name).into();
+        metadata["continue"] = encode_continue(at, &namespace, &name).into();
         // Real servers only count when no selector makes it expensive.
         if !filter.has_selectors() {
             metadata["remainingItemCount"] = remaining.into();
         }
     }
-    Ok(json!({
+    let mut body = json!({
         "kind": scope.kind.list_kind(),
         "apiVersion": scope.kind.api_version(),
         "metadata": metadata,
-        "items": items,
-    }))
+    })
+    .to_string();
+    body.pop(); // the closing brace: the items follow
+    body.push_str(",\"items\":[");
+    for (index, item) in items.iter().enumerate() {
+        if index > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+    body.push_str("]}");
+    Ok(body)
+}
+
+/// `metadata.resourceVersion` of a stored object.
+fn resource_version_of(object: &Value) -> String {
+    object
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn get_object(api: &ApiState, scope: &Scope) -> Result<Value, Value> {
@@ -1817,12 +1866,15 @@ async fn handle(
             let result = {
                 let mut inner = lock(shared);
                 if scope.name.is_some() {
-                    get_object(&inner.api, &scope)
+                    get_object(&inner.api, &scope).map(|object| object.to_string())
                 } else {
                     list(&mut inner.api, &scope, &request.query)
                 }
             };
-            respond_json(wr, result, keep_alive).await?;
+            match result {
+                Ok(body) => respond(wr, 200, "application/json", body.as_bytes(), keep_alive).await?,
+                Err(status) => respond_json(wr, Err(status), keep_alive).await?,
+            }
             Ok(true)
         }
         Route::Version => {

@@ -2,13 +2,15 @@
 //!
 //! Modelled on Cilium's `lb4` maps: one hash map holds, for every service port,
 //! a master entry (`slot == 0`) with the number of backends, and entries for
-//! slots `1..=count` naming a backend ID. Backends live in their own map. The
-//! writer fills backends and slots before the master entry points at them and
-//! removes them only after the master entry shrank, so the datapath never sees
-//! a half-programmed service.
+//! slots `1..=count` naming a backend ID and, so that a new flow needs no
+//! further lookup, the backend's address. Backends also live in their own map,
+//! which says whether a backend ID still exists. The writer fills backends and
+//! slots before the master entry points at them and removes them only after
+//! the master entry shrank, so the datapath never sees a half-programmed
+//! service.
 
 /// Service port → backend slots. Key [`ServiceKey`], value [`ServiceEntry`].
-pub const SERVICE_MAP: &str = "SVC_V1";
+pub const SERVICE_MAP: &str = "SVC_V2";
 /// Backend ID → address. Key `u32` (host order, never 0), value [`Backend`].
 pub const BACKEND_MAP: &str = "BACKEND_V1";
 /// Service address → [`VipEntry`]; tells "a service address on an undefined
@@ -48,8 +50,41 @@ pub struct ServiceEntry {
     /// Stable ID of the service port (host order, never 0), shared by the
     /// master and its slots; indexes per-service statistics.
     pub svc_id: u32,
+    /// Slot entries: the backend's IPv4 address, network byte order. Master: 0.
+    pub backend_addr: u32,
+    /// Slot entries: the backend's port, network byte order. Master: 0.
+    pub backend_port: u16,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 20);
+
+impl ServiceEntry {
+    /// The master entry of a service port with `count` slots.
+    pub const fn master(count: u16, svc_id: u32) -> Self {
+        Self {
+            backend_id: 0,
+            count,
+            flags: 0,
+            svc_id,
+            backend_addr: 0,
+            backend_port: 0,
+            _pad: [0; 2],
+        }
+    }
+
+    /// A slot naming backend `backend_id` at `addr:port` (network order).
+    pub const fn slot(backend_id: u32, svc_id: u32, addr: u32, port: u16) -> Self {
+        Self {
+            backend_id,
+            count: 0,
+            flags: 0,
+            svc_id,
+            backend_addr: addr,
+            backend_port: port,
+            _pad: [0; 2],
+        }
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]

@@ -37,7 +37,7 @@ use packet::Packet;
 
 // Sizes here are defaults; the agent sets the real ones at load time.
 #[map]
-static SVC_V1: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(65536, 0);
+static SVC_V2: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(65536, 0);
 #[map]
 static BACKEND_V1: HashMap<u32, Backend> = HashMap::pinned(65536, 0);
 #[map]
@@ -166,7 +166,7 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
         return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
     }
     let master_key = service_key(&pkt, MASTER_SLOT);
-    let Some(master) = (unsafe { SVC_V1.get(&master_key) }).copied() else {
+    let Some(master) = (unsafe { SVC_V2.get(&master_key) }).copied() else {
         return Err(Verdict::drop(counters::DROP_UNKNOWN_PORT));
     };
     choice.svc_id = master.svc_id;
@@ -204,17 +204,23 @@ fn count_forward(ctx: &TcContext, mode: Mode, svc_id: u32, new_flow: bool) {
     }
 }
 
-/// A new flow picks uniformly among the service port's slots.
+/// A new flow picks uniformly among the service port's slots; the slot
+/// carries the backend's address, so no backend lookup follows.
 #[inline(always)]
 fn select_backend(pkt: &Packet, count: u16) -> Result<(u16, u32, Backend), Verdict> {
     let slot = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16;
     let missing = Verdict::drop(counters::DROP_BACKEND_MISSING);
-    let entry = unsafe { SVC_V1.get(&service_key(pkt, slot)) }.ok_or(missing)?;
-    let backend_id = entry.backend_id;
-    let backend = unsafe { BACKEND_V1.get(&backend_id) }
-        .copied()
-        .ok_or(Verdict::drop(counters::DROP_BACKEND_MISSING))?;
-    Ok((slot, backend_id, backend))
+    let entry = unsafe { SVC_V2.get(&service_key(pkt, slot)) }.ok_or(missing)?;
+    if entry.backend_id == 0 {
+        return Err(missing);
+    }
+    let backend = Backend {
+        addr: entry.backend_addr,
+        port: entry.backend_port,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    Ok((slot, entry.backend_id, backend))
 }
 
 /// Records both directions; the reply entry first so a forwarded packet always

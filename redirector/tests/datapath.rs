@@ -588,7 +588,7 @@ fn a_full_map_names_the_service_that_did_not_fit_and_the_rest_keeps_working() {
     );
     let message = report.errors[0].to_string();
     assert!(
-        message.contains("default/too-big:http") && message.contains("SVC_V1") && message.contains("full"),
+        message.contains("default/too-big:http") && message.contains("SVC_V2") && message.contains("full"),
         "the error names the service and the map: {message}"
     );
     assert_eq!(

@@ -301,26 +301,16 @@ impl MapWriter {
         let slots: Vec<(ServiceKey, ServiceEntry)> = planned
             .iter()
             .flat_map(|(fe, _, svc_id, slots)| {
-                slots.iter().enumerate().map(|(index, slot)| {
-                    let entry = ServiceEntry {
-                        backend_id: slot.backend_id,
-                        count: 0,
-                        flags: 0,
-                        svc_id: *svc_id,
-                    };
-                    (service_key(*fe, index as u16 + 1), entry)
-                })
+                slots
+                    .iter()
+                    .enumerate()
+                    .map(|(index, slot)| (service_key(*fe, index as u16 + 1), slot_entry(slot, *svc_id)))
             })
             .collect();
         let masters: Vec<(ServiceKey, ServiceEntry)> = planned
             .iter()
             .map(|(fe, _, svc_id, slots)| {
-                let master = ServiceEntry {
-                    backend_id: 0,
-                    count: slots.len() as u16,
-                    flags: 0,
-                    svc_id: *svc_id,
-                };
+                let master = ServiceEntry::master(slots.len() as u16, *svc_id);
                 (service_key(*fe, MASTER_SLOT), master)
             })
             .collect();
@@ -532,35 +522,19 @@ impl MapWriter {
                 continue;
             }
             let key = service_key(fe, index as u16 + 1);
-            let entry = ServiceEntry {
-                backend_id: slot.backend_id,
-                count: 0,
-                flags: 0,
-                svc_id,
-            };
+            let entry = slot_entry(slot, svc_id);
             self.maps
                 .services
                 .insert(key, entry, 0)
                 .map_err(|e| (SERVICE_MAP, e))?;
             undo.push(match old {
-                Some(old) => Undo::RestoreSlot(
-                    key,
-                    ServiceEntry {
-                        backend_id: old.backend_id,
-                        ..entry
-                    },
-                ),
+                Some(old) => Undo::RestoreSlot(key, slot_entry(old, svc_id)),
                 None => Undo::DeleteSlot(key),
             });
             report.writes += 1;
         }
         if !existed || old_slots.len() != new_slots.len() {
-            let master = ServiceEntry {
-                backend_id: 0,
-                count: new_slots.len() as u16,
-                flags: 0,
-                svc_id,
-            };
+            let master = ServiceEntry::master(new_slots.len() as u16, svc_id);
             self.maps
                 .services
                 .insert(service_key(fe, MASTER_SLOT), master, 0)
@@ -800,6 +774,16 @@ fn backend_entry(fe: Frontend, slot: &Slot) -> Backend {
         proto: fe.protocol.number(),
         _pad: 0,
     }
+}
+
+/// The service map's entry for `slot`: its backend ID and address.
+fn slot_entry(slot: &Slot, svc_id: u32) -> ServiceEntry {
+    ServiceEntry::slot(
+        slot.backend_id,
+        svc_id,
+        u32::from_ne_bytes(slot.endpoint.addr.octets()),
+        slot.endpoint.port.to_be(),
+    )
 }
 
 /// Identifies a metadata record's bytes, to tell whether it must be rewritten.

@@ -15,7 +15,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use super::endpoints::{SERVICE_NAME_LABEL, SliceView};
 
@@ -47,22 +47,36 @@ impl From<MetaFields> for ObjectMeta {
     }
 }
 
-fn compact_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
-    MetaFields::deserialize(deserializer).map(ObjectMeta::from)
-}
-
-/// A Service as the proxy sees it.
+/// A Service as the proxy sees it. Its labels and selector are kept as
+/// pairs: a one-entry label map costs half a kilobyte.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(from = "ServiceFields")]
 pub struct CompactService {
-    #[serde(default, deserialize_with = "compact_meta")]
     pub metadata: ObjectMeta,
-    #[serde(default)]
+    labels: Vec<(String, String)>,
     spec: Option<CompactServiceSpec>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default)]
 struct CompactServiceSpec {
+    type_: Option<String>,
+    cluster_ip: Option<String>,
+    ports: Option<Vec<ServicePort>>,
+    selector: Vec<(String, String)>,
+    session_affinity: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ServiceFields {
+    #[serde(default)]
+    metadata: MetaFields,
+    #[serde(default)]
+    spec: Option<SpecFields>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SpecFields {
     #[serde(rename = "type")]
     type_: Option<String>,
     #[serde(rename = "clusterIP")]
@@ -72,18 +86,43 @@ struct CompactServiceSpec {
     session_affinity: Option<String>,
 }
 
+impl From<ServiceFields> for CompactService {
+    fn from(mut fields: ServiceFields) -> Self {
+        let labels = fields.metadata.labels.take().unwrap_or_default();
+        CompactService {
+            metadata: fields.metadata.into(),
+            labels: labels.into_iter().collect(),
+            spec: fields.spec.map(|s| CompactServiceSpec {
+                type_: s.type_,
+                cluster_ip: s.cluster_ip,
+                ports: s.ports,
+                selector: s.selector.unwrap_or_default().into_iter().collect(),
+                session_affinity: s.session_affinity,
+            }),
+        }
+    }
+}
+
+/// `Some(map)` of `pairs`, `None` when there are none.
+fn map_of(pairs: &[(String, String)]) -> Option<BTreeMap<String, String>> {
+    (!pairs.is_empty()).then(|| pairs.iter().cloned().collect())
+}
+
 impl CompactService {
     /// The API type with the kept fields, for the rules shared with the
     /// manifest source (built per use: it lives only while one Service is
     /// turned into entries).
     pub fn to_api(&self) -> Service {
         Service {
-            metadata: self.metadata.clone(),
+            metadata: ObjectMeta {
+                labels: map_of(&self.labels),
+                ..self.metadata.clone()
+            },
             spec: self.spec.as_ref().map(|s| ServiceSpec {
                 type_: s.type_.clone(),
                 cluster_ip: s.cluster_ip.clone(),
                 ports: s.ports.clone(),
-                selector: s.selector.clone(),
+                selector: map_of(&s.selector),
                 session_affinity: s.session_affinity.clone(),
                 ..ServiceSpec::default()
             }),
@@ -248,10 +287,10 @@ mod tests {
         assert_eq!(spec.ports, want.ports, "ports");
         assert_eq!(spec.selector, want.selector, "selector");
         assert_eq!(spec.session_affinity, want.session_affinity, "sessionAffinity");
+        assert_eq!(api.metadata.labels, full.metadata.labels, "labels");
         let meta = compact.meta();
         assert_eq!(meta.name.as_deref(), Some("web"), "name");
         assert_eq!(meta.namespace.as_deref(), Some("shop"), "namespace");
-        assert_eq!(meta.labels, full.metadata.labels, "labels");
         assert_eq!(
             meta.resource_version.as_deref(),
             Some("7"),

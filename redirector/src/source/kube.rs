@@ -133,7 +133,8 @@ pub struct KubeSource {
     owner_of: HashMap<Frontend, ServiceKey>,
     /// Names of the slices seen for each Service (possibly stale: checked
     /// against the cache when used).
-    slices_of: HashMap<ServiceKey, BTreeSet<String>>,
+    /// (A Vec: nearly always one or two names, and a set's node is 300 bytes.)
+    slices_of: HashMap<ServiceKey, Vec<String>>,
 }
 
 /// What to write after some Services changed.
@@ -198,10 +199,13 @@ impl KubeSource {
         self.slices_of.clear();
         for slice in self.slices.state() {
             if let (Some(service), Some(name)) = (slice.service_name(), slice.metadata.name.as_ref()) {
-                self.slices_of
+                let names = self
+                    .slices_of
                     .entry((namespace_of(&slice.metadata).to_owned(), service.to_owned()))
-                    .or_default()
-                    .insert(name.clone());
+                    .or_default();
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
             }
         }
         let mut keys: Vec<ServiceKey> = self
@@ -229,7 +233,10 @@ impl KubeSource {
                     keys.insert(key);
                 }
                 Change::Slice(key, slice) => {
-                    self.slices_of.entry(key.clone()).or_default().insert(slice);
+                    let names = self.slices_of.entry(key.clone()).or_default();
+                    if !names.contains(&slice) {
+                        names.push(slice);
+                    }
                     keys.insert(key);
                 }
                 Change::Relisted => {}

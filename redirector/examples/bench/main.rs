@@ -474,10 +474,7 @@ fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Re
                         Err(e) => steps[k].bpf_stats_error = Some(e),
                     }
                 }
-                None => {
-                    steps[k].bpf_stats_error =
-                        Some("no agent process (in-process loader): not cross-checked".into())
-                }
+                None => steps[k].bpf_stats_error = Some("no agent process found: not cross-checked".into()),
             }
         }
         results.steps.extend(steps);

@@ -37,8 +37,8 @@ use serde_json::json;
 use super::apiserver::FakeApiServer;
 use super::kubeproxy::{self, NodeConfig};
 use super::{Agent, Fixture, in_netns};
-use crate::datapath::{self, Datapath, MapSizes, Maps, writer::MapWriter};
-use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, Protocol, ServicePort, ServicePortName};
+use crate::datapath::{self, MapSizes, Maps};
+use crate::model::{Desired, Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
 
 /// The client pod.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
@@ -53,9 +53,6 @@ pub const TARGET_PORT: u16 = 8080;
 pub const SERVICE_PORT: u16 = 80;
 /// Distinct ClusterIPs used (the agent's address map holds 65,536).
 pub const ADDRESSES: usize = 60_000;
-/// The service port capacity of the agent (its per-port statistics array
-/// has 65,536 slots and no flag raises it); more are loaded in-process.
-pub const AGENT_MAX_SERVICE_PORTS: usize = 65_535;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 const NAMESPACE: &str = "bench";
 
@@ -359,7 +356,7 @@ pub struct Programmed {
     /// Loading time: the restore / `nft -f` command, or the agent's change
     /// (objects applied → its sync logged).
     pub took: Duration,
-    /// How: "iptables-legacy-restore", "agent (API watch)", "in-process loader"...
+    /// How: "iptables-legacy-restore", "agent (API watch)"...
     pub how: String,
 }
 
@@ -497,6 +494,8 @@ impl Lane {
             sizes.services.to_string(),
             "--max-backends".into(),
             sizes.backends.to_string(),
+            "--max-service-ports".into(),
+            sizes.service_ports.to_string(),
             "--max-flow-entries".into(),
             sizes.flows.to_string(),
         ];
@@ -589,9 +588,6 @@ impl Lane {
                     how: "nft -f".into(),
                 }
             }
-            LaneKind::Redirector if n > AGENT_MAX_SERVICE_PORTS || self.agent.is_none() => {
-                self.program_in_process(set, n, timeout)?
-            }
             LaneKind::Redirector => self.program_agent(set, n, timeout)?,
         };
         self.programmed = n;
@@ -651,55 +647,6 @@ impl Lane {
             services: n,
             took,
             how: "agent (API watch)".into(),
-        })
-    }
-
-    /// Beyond the agent's capacity: stops the agent and programs the same
-    /// program and maps from this process, with room for `n` service ports.
-    fn program_in_process(
-        &mut self,
-        set: &ServiceSet,
-        n: usize,
-        timeout: Duration,
-    ) -> Result<Programmed, String> {
-        if let Some(agent) = self.agent.take() {
-            agent.stop();
-        }
-        let bpffs = self.fixture.bpffs.path().to_owned();
-        // Unpin the agent's links and maps: the new maps are larger.
-        datapath::cleanup(&bpffs).map_err(|e| format!("removing the agent's pins: {e}"))?;
-        let mut sizes = agent_map_sizes(n.max(self.options.max_services), self.options.endpoints);
-        sizes.service_ports = (n as u32 + 2).next_power_of_two();
-        let desired: Desired = set.list[..n].iter().cloned().collect();
-        let started = Instant::now();
-        let result = in_netns(&self.fixture.node, move || -> Result<(), String> {
-            let (mut dp, maps) = Datapath::load(&bpffs, &sizes).map_err(|e| e.to_string())?;
-            for iface in ["vp0", "vp1"] {
-                dp.attach(iface).map_err(|e| e.to_string())?;
-            }
-            let mut writer = MapWriter::new(maps).map_err(|e| e.to_string())?;
-            writer
-                .set_service_cidr("10.96.0.0/12".parse::<Ipv4Cidr>().expect("CIDR"))
-                .map_err(|e| e.to_string())?;
-            let report = writer.sync(&desired);
-            if let Some(e) = report.errors.first() {
-                return Err(format!(
-                    "{} services not programmed, first: {e}",
-                    report.errors.len()
-                ));
-            }
-            // The links are pinned: the program stays attached after `dp` goes.
-            Ok(())
-        });
-        result?;
-        let took = started.elapsed();
-        if took > timeout {
-            return Err(format!("programming {n} services in-process took {took:?}"));
-        }
-        Ok(Programmed {
-            services: n,
-            took,
-            how: "in-process loader (agent limit: 65,535 service ports)".into(),
         })
     }
 
@@ -832,9 +779,11 @@ pub fn agent_map_sizes(n: usize, e: usize) -> MapSizes {
     let defaults = MapSizes::default();
     let services = ((n * (e + 1)) as u32 + 1024).max(defaults.services);
     let backends = ((n * e) as u32 + 1024).max(defaults.backends);
+    let service_ports = (n as u32 + 2).next_power_of_two().max(defaults.service_ports);
     MapSizes {
         services,
         backends,
+        service_ports,
         ..defaults
     }
 }

@@ -1,0 +1,133 @@
+//! Where B1's "random position" overhead goes: new connections on a bare lane
+//! and on a redirector lane (agent, N services × 2 endpoints) to the same
+//! service every time, to random services, and to random ones among ten,
+//! with the kernel's BPF run-time statistics on while the redirector lane
+//! runs. Prints, per round and pattern, both connect p50s, their ratio, and
+//! the program's ns per run (four runs per connection: SYN, SYN-ACK, ACK, RST).
+//!
+//! `connect_probe --agent PATH [--services N] [--rounds R] [--connections C]`
+
+use std::net::{SocketAddrV4, TcpStream};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use redirector::testbed::in_netns;
+use redirector::testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet, set_linger_zero};
+
+const BPF_ENABLE_STATS: libc::c_long = 32;
+
+/// BPF run-time statistics stay on while the returned fd is open.
+fn enable_stats() -> std::io::Result<OwnedFd> {
+    let mut attr = [0u32; 4]; // BPF_STATS_RUN_TIME = 0
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_mut_ptr(), 16) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// (run_time_ns, run_cnt) summed over the programs process `pid` holds.
+fn prog_stats(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let mut sum = (0, 0);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if !info.contains("prog_type:") {
+            continue;
+        }
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        sum.0 += field("run_time_ns:");
+        sum.1 += field("run_cnt:");
+    }
+    Ok(sum)
+}
+
+/// Connect p50 in µs over `targets`, each connection closed with RST.
+fn connect_p50(client: &str, targets: Vec<SocketAddrV4>) -> anyhow::Result<f64> {
+    in_netns(client, move || -> anyhow::Result<f64> {
+        let mut samples = Vec::with_capacity(targets.len());
+        for to in targets {
+            let started = Instant::now();
+            let stream = TcpStream::connect_timeout(&to.into(), Duration::from_secs(1))
+                .with_context(|| format!("connecting to {to}"))?;
+            samples.push(started.elapsed().as_secs_f64() * 1e6);
+            set_linger_zero(&stream)?;
+        }
+        samples.sort_by(f64::total_cmp);
+        Ok(samples[samples.len() / 2])
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut agent, mut services, mut rounds, mut connections) = (None, 1000usize, 4usize, 400usize);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--agent" => agent = args.next().map(PathBuf::from),
+            "--services" => services = args.next().context("--services N")?.parse()?,
+            "--rounds" => rounds = args.next().context("--rounds R")?.parse()?,
+            "--connections" => connections = args.next().context("--connections C")?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if services < 10 || connections == 0 {
+        bail!("--services must be at least 10 and --connections at least 1");
+    }
+    let options = LaneOptions {
+        agent: Some(agent.context("--agent PATH (the release redirector binary) is required")?),
+        max_services: services,
+        endpoints: 2,
+    };
+    let set = ServiceSet::new(services, 2);
+    let cap = Duration::from_secs(120);
+    let mut bare = Lane::new(LaneKind::Bare, &options).map_err(anyhow::Error::msg)?;
+    bare.program(&set, services, cap).map_err(anyhow::Error::msg)?;
+    let mut redirector = Lane::new(LaneKind::Redirector, &options).map_err(anyhow::Error::msg)?;
+    redirector
+        .program(&set, services, cap)
+        .map_err(anyhow::Error::msg)?;
+    let pid = redirector.agent_pid().context("the agent process")?;
+
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random = move |below: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % below as u64) as usize
+    };
+    println!("{services} services x 2 endpoints, {connections} connections per pattern and lane");
+    for round in 1..=rounds {
+        for pattern in ["same service", "random", "random of 10"] {
+            let picks: Vec<usize> = (0..connections)
+                .map(|_| match pattern {
+                    "same service" => services - 1,
+                    "random" => random(services),
+                    _ => random(10),
+                })
+                .collect();
+            let bare_p50 = connect_p50(&bare.client, picks.iter().map(|&i| bare.target(i)).collect())?;
+            let stats = enable_stats().context("enabling BPF run-time statistics")?;
+            let before = prog_stats(pid)?;
+            let ours = connect_p50(
+                &redirector.client,
+                picks.iter().map(|&i| redirector.target(i)).collect(),
+            )?;
+            let after = prog_stats(pid)?;
+            drop(stats);
+            let runs = after.1 - before.1;
+            println!(
+                "round {round} {pattern:>12}: connect p50 bare {bare_p50:.1} us, redirector {ours:.1} us \
+                 (x{:.3}); program {:.0} ns per run over {runs} runs",
+                ours / bare_p50,
+                (after.0 - before.0) as f64 / runs.max(1) as f64
+            );
+        }
+    }
+    Ok(())
+}

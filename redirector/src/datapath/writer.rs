@@ -278,11 +278,11 @@ impl MapWriter {
         let mut next_backend_id = self.next_backend_id;
         let mut planned = Vec::new();
         let mut left = Vec::new();
-        for (fe, port) in ports {
-            let svc_id = match port.endpoints.len() <= MAX_ENDPOINTS_PER_PORT {
-                true => self.svc_ids.alloc(),
-                false => None,
-            };
+        for &(fe, port) in &ports {
+            // The one-by-one path names what is wrong with these.
+            let svc_id = (port.endpoints.len() <= MAX_ENDPOINTS_PER_PORT)
+                .then(|| self.svc_ids.alloc())
+                .flatten();
             let Some(svc_id) = svc_id else {
                 left.push((fe, port));
                 continue;
@@ -331,11 +331,10 @@ impl MapWriter {
             for (id, _) in &backends[..b] {
                 let _ = self.maps.backends.remove(id);
             }
-            for (fe, port, svc_id, _) in planned {
+            for (_, _, svc_id, _) in planned {
                 self.svc_ids.release(svc_id);
-                left.push((fe, port));
             }
-            return left;
+            return ports;
         }
         self.next_backend_id = next_backend_id;
         report.writes += backends.len() + slots.len() + masters.len();

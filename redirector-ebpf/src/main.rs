@@ -122,7 +122,9 @@ pub fn redirector_tc(mut ctx: TcContext) -> i32 {
     verdict.action
 }
 
-/// `Ok` for packets that go on (passed, translated, answered); `Err` for drops.
+/// `Ok` for packets that go on (passed, translated, answered); `Err` ends
+/// early, with a drop or with a pass decided while parsing. Both arms carry
+/// the verdict and are handled alike.
 #[inline(always)]
 fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verdict, Verdict> {
     let pkt = packet::parse(ctx)?;
@@ -174,17 +176,14 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
         return refuse::port_unreachable(ctx, &pkt, counters::REFUSED_NO_ENDPOINTS);
     }
 
-    let (slot, backend_id, backend) = select_backend(&pkt, master.count)?;
-    *choice = Choice {
-        backend_id,
-        slot: u32::from(slot),
-        svc_id: master.svc_id,
-    };
+    let (slot, chosen) = select_backend(&pkt, master.count)?;
+    choice.backend_id = chosen.backend_id;
+    choice.slot = u32::from(slot);
     if mode == Mode::Live {
-        remember_flow(&pkt, &tuple, backend_id, &backend, master.svc_id)?;
+        remember_flow(&pkt, &tuple, &chosen, master.svc_id)?;
     }
     count_forward(ctx, mode, master.svc_id, true);
-    packet::rewrite_destination(ctx, &pkt, backend.addr, backend.port)?;
+    packet::rewrite_destination(ctx, &pkt, chosen.backend_addr, chosen.backend_port)?;
     Ok(Verdict::pass(counters::FORWARD_NEW_FLOW))
 }
 
@@ -205,38 +204,28 @@ fn count_forward(ctx: &TcContext, mode: Mode, svc_id: u32, new_flow: bool) {
 }
 
 /// A new flow picks uniformly among the service port's slots; the slot
-/// carries the backend's address, so no backend lookup follows.
+/// entry carries the backend's ID and address, so no backend lookup follows.
 #[inline(always)]
-fn select_backend(pkt: &Packet, count: u16) -> Result<(u16, u32, Backend), Verdict> {
+fn select_backend(pkt: &Packet, count: u16) -> Result<(u16, ServiceEntry), Verdict> {
     let slot = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16;
     let missing = Verdict::drop(counters::DROP_BACKEND_MISSING);
-    let entry = unsafe { SVC_V2.get(&service_key(pkt, slot)) }.ok_or(missing)?;
+    let entry = unsafe { SVC_V2.get(&service_key(pkt, slot)) }
+        .copied()
+        .ok_or(missing)?;
     if entry.backend_id == 0 {
         return Err(missing);
     }
-    let backend = Backend {
-        addr: entry.backend_addr,
-        port: entry.backend_port,
-        proto: pkt.proto,
-        _pad: 0,
-    };
-    Ok((slot, entry.backend_id, backend))
+    Ok((slot, entry))
 }
 
 /// Records both directions; the reply entry first so a forwarded packet always
 /// has its way back.
 #[inline(always)]
-fn remember_flow(
-    pkt: &Packet,
-    tuple: &CtKey,
-    backend_id: u32,
-    backend: &Backend,
-    svc_id: u32,
-) -> Result<(), Verdict> {
+fn remember_flow(pkt: &Packet, tuple: &CtKey, slot: &ServiceEntry, svc_id: u32) -> Result<(), Verdict> {
     let reply_key = CtKey {
-        saddr: backend.addr,
+        saddr: slot.backend_addr,
         daddr: pkt.saddr,
-        sport: backend.port,
+        sport: slot.backend_port,
         dport: pkt.sport,
         proto: pkt.proto,
         _pad: [0; 3],
@@ -246,20 +235,18 @@ fn remember_flow(
         nat_port: pkt.dport,
         kind: CT_REPLY,
         _pad: 0,
-        backend_id,
+        backend_id: slot.backend_id,
         svc_id,
     };
     let forward = CtEntry {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
+        nat_addr: slot.backend_addr,
+        nat_port: slot.backend_port,
         kind: CT_FORWARD,
         ..reply
     };
     let full = Verdict::drop(counters::DROP_CT_FULL);
     CT_V1.insert(&reply_key, &reply, 0).map_err(|_| full)?;
-    CT_V1
-        .insert(tuple, &forward, 0)
-        .map_err(|_| Verdict::drop(counters::DROP_CT_FULL))
+    CT_V1.insert(tuple, &forward, 0).map_err(|_| full)
 }
 
 #[inline(always)]

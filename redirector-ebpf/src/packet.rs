@@ -10,7 +10,7 @@ use crate::Verdict;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
-const IPV4_MIN_HLEN: usize = 20;
+pub const IPV4_MIN_HLEN: usize = 20;
 const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
@@ -114,10 +114,10 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Verdict> {
     if u16::from_be_bytes(eth_proto) != ETH_P_IP {
         return Err(Verdict::pass(counters::PASS_NOT_IPV4));
     }
-    let ip: [u8; IPV4_MIN_HLEN] = bytes_at(ctx, ETH_HLEN).ok_or(Verdict::pass(counters::PASS_UNPARSABLE))?;
+    let ip: [u8; IPV4_MIN_HLEN] = bytes_at(ctx, ETH_HLEN).ok_or(unparsable)?;
     let ip_hlen = usize::from(ip[0] & 0x0f) * 4;
     if ip[0] >> 4 != 4 || ip_hlen < IPV4_MIN_HLEN {
-        return Err(Verdict::pass(counters::PASS_UNPARSABLE));
+        return Err(unparsable);
     }
     let l4_proto = ip[9];
     if l4_proto != proto::TCP && l4_proto != proto::UDP {

@@ -5,19 +5,18 @@
 
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
     programs::TcContext,
 };
 use redirector_common::{counters, proto};
 
 use crate::{
     Verdict,
-    packet::{ETH_HLEN, Packet},
+    packet::{ETH_HLEN, IPV4_MIN_HLEN as IP_HLEN, Packet},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
-const IP_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;
 /// RFC 792: the offending IP header (with options) and 8 bytes of its payload.
 const MAX_QUOTE: usize = 60 + 8;
@@ -72,7 +71,7 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet, counter: u32) -> Result<V
     ctx.store(0, &eth, 0).map_err(|_| failed)?;
     ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| failed)?;
     if unsafe {
-        aya_ebpf::helpers::bpf_skb_store_bytes(
+        bpf_skb_store_bytes(
             skb.cast(),
             (ETH_HLEN + IP_HLEN + ICMP_HLEN) as u32,
             quote.as_ptr().cast(),

@@ -162,12 +162,11 @@ impl MapWriter {
             svc_ids: SvcIds {
                 next: 1,
                 free: BTreeSet::new(),
-                capacity: 0,
+                capacity,
             },
             next_backend_id: 1,
             collect_garbage: false,
         };
-        writer.svc_ids.capacity = capacity;
         writer.restore()?;
         Ok(writer)
     }
@@ -269,7 +268,8 @@ impl MapWriter {
     /// relist, new Services) with one batch per map, in the order a single
     /// update uses: backends, slots, masters, then the records. A batch that
     /// fails (a full map) is undone and its ports are returned, for the
-    /// one-by-one path to program what fits and name what does not.
+    /// one-by-one path to program what fits and name what does not; a
+    /// records batch that fails is finished one by one.
     fn add_new_ports<'a>(
         &mut self,
         ports: Vec<(Frontend, &'a ServicePort)>,
@@ -339,7 +339,8 @@ impl MapWriter {
         self.next_backend_id = next_backend_id;
         report.writes += backends.len() + slots.len() + masters.len();
 
-        let mut records = Vec::with_capacity(planned.len());
+        let mut owners = Vec::with_capacity(planned.len());
+        let mut records: Vec<(u32, ServiceMeta)> = Vec::with_capacity(planned.len());
         for (fe, port, svc_id, slots) in planned {
             report.changed.push(fe);
             self.track(
@@ -350,21 +351,23 @@ impl MapWriter {
                     meta: None,
                 },
             );
-            records.push((fe, port, svc_id, PortRecord::new(port).encode()));
+            owners.push((fe, port));
+            records.push((svc_id, PortRecord::new(port).encode()));
         }
-        let entries: Vec<(u32, ServiceMeta)> = records.iter().map(|(_, _, id, meta)| (*id, *meta)).collect();
-        let stored = match batch::update_batch(&mut self.maps.meta, &entries) {
+        let stored = match batch::update_batch(&mut self.maps.meta, &records) {
             Ok(()) => records.len(),
             Err(e) => e.written,
         };
         report.writes += stored;
-        for (index, (fe, port, svc_id, meta)) in records.into_iter().enumerate() {
+        for (index, ((fe, port), (svc_id, meta))) in owners.into_iter().zip(records).enumerate() {
             if index < stored {
                 if let Some(p) = self.programmed.get_mut(&fe) {
                     p.meta = Some(digest(&meta));
                 }
             } else if let Err(source) = self.write_meta(fe, svc_id, meta, report) {
-                report.errors.push(self.meta_error(port, fe, source));
+                report
+                    .errors
+                    .push(write_error(port, fe, SERVICE_META_MAP, source));
             }
         }
         left
@@ -379,9 +382,9 @@ impl MapWriter {
             });
         }
         let old = self.programmed.get(&fe).cloned();
-        let old_slots = old.as_ref().map(|p| p.slots.clone()).unwrap_or_default();
+        let old_slots: &[Slot] = old.as_ref().map_or(&[], |p| &p.slots);
         let mut next_backend_id = self.next_backend_id;
-        let new_slots = plan_slots(&old_slots, &port.endpoints, || alloc_id(&mut next_backend_id));
+        let new_slots = plan_slots(old_slots, &port.endpoints, || alloc_id(&mut next_backend_id));
         let meta = PortRecord::new(port).encode();
         if let Some(old) = &old
             && new_slots == old_slots
@@ -389,7 +392,7 @@ impl MapWriter {
             // Forwarding unchanged; only what operators see may differ.
             if old.meta != Some(digest(&meta)) {
                 self.write_meta(fe, old.svc_id, meta, report)
-                    .map_err(|source| self.meta_error(port, fe, source))?;
+                    .map_err(|source| write_error(port, fe, SERVICE_META_MAP, source))?;
             }
             return Ok(());
         }
@@ -407,7 +410,7 @@ impl MapWriter {
             fe,
             svc_id,
             old.is_some(),
-            &old_slots,
+            old_slots,
             &new_slots,
             &mut undo,
             report,
@@ -422,20 +425,7 @@ impl MapWriter {
                 None => self.svc_ids.release(svc_id),
             }
             let (map, source) = source;
-            return Err(if is_map_full(&source) {
-                SyncError::MapFull {
-                    service: port.name.clone(),
-                    frontend: fe,
-                    map,
-                }
-            } else {
-                SyncError::Write {
-                    service: port.name.clone(),
-                    frontend: fe,
-                    map,
-                    source: Box::new(source),
-                }
-            });
+            return Err(write_error(port, fe, map, source));
         }
         self.next_backend_id = next_backend_id;
 
@@ -457,7 +447,7 @@ impl MapWriter {
             },
         );
         self.write_meta(fe, svc_id, meta, report)
-            .map_err(|source| self.meta_error(port, fe, source))
+            .map_err(|source| write_error(port, fe, SERVICE_META_MAP, source))
     }
 
     /// Writes the operator-facing record of a service port (not used for
@@ -475,23 +465,6 @@ impl MapWriter {
             p.meta = Some(digest(&meta));
         }
         Ok(())
-    }
-
-    fn meta_error(&self, port: &ServicePort, fe: Frontend, source: MapError) -> SyncError {
-        if is_map_full(&source) {
-            SyncError::MapFull {
-                service: port.name.clone(),
-                frontend: fe,
-                map: SERVICE_META_MAP,
-            }
-        } else {
-            SyncError::Write {
-                service: port.name.clone(),
-                frontend: fe,
-                map: SERVICE_META_MAP,
-                source: Box::new(source),
-            }
-        }
     }
 
     /// Backends, then changed slots, then the master entry.
@@ -570,9 +543,7 @@ impl MapWriter {
         for slot in &old.slots {
             self.delete_backend(slot.backend_id, report);
         }
-        if self.maps.meta.remove(&old.svc_id).is_ok() {
-            report.deletes += 1;
-        }
+        self.delete_meta(old.svc_id, report);
         // A reused ID starts from zero; zeroing an array slot is its delete.
         if let Ok(cpus) = aya::util::nr_cpus()
             && let Ok(zero) = PerCpuValues::try_from(vec![ServiceStats::default(); cpus])
@@ -651,6 +622,12 @@ impl MapWriter {
 
     fn delete_service_entry(&mut self, key: ServiceKey, report: &mut SyncReport) {
         if self.maps.services.remove(&key).is_ok() {
+            report.deletes += 1;
+        }
+    }
+
+    fn delete_meta(&mut self, svc_id: u32, report: &mut SyncReport) {
+        if self.maps.meta.remove(&svc_id).is_ok() {
             report.deletes += 1;
         }
     }
@@ -758,9 +735,26 @@ impl MapWriter {
             .filter(|id| !live.contains(id))
             .collect();
         for id in stale_meta {
-            if self.maps.meta.remove(&id).is_ok() {
-                report.deletes += 1;
-            }
+            self.delete_meta(id, report);
+        }
+    }
+}
+
+/// Why a write to `map` for service port `fe` failed: a full map, or another error.
+fn write_error(port: &ServicePort, fe: Frontend, map: &'static str, source: MapError) -> SyncError {
+    let service = port.name.clone();
+    if is_map_full(&source) {
+        SyncError::MapFull {
+            service,
+            frontend: fe,
+            map,
+        }
+    } else {
+        SyncError::Write {
+            service,
+            frontend: fe,
+            map,
+            source: Box::new(source),
         }
     }
 }

@@ -90,25 +90,18 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut writer = MapWriter::new(maps)?;
     writer.set_service_cidr(config.service_cidr)?;
     let metrics = Metrics::default();
+    let listen_err = |addr, what| move |source| AgentError::Listen { addr, what, source };
     if let Some(addr) = config.healthz_bind_address {
         metrics::serve_health(addr, metrics.clone())
             .await
-            .map_err(|source| AgentError::Listen {
-                addr,
-                what: "/healthz",
-                source,
-            })?;
+            .map_err(listen_err(addr, "/healthz"))?;
     }
     if let Some(addr) = config.metrics_bind_address {
         // A second handle on the pinned maps, read per scrape.
         let maps = Maps::from_pins(&datapath::maps_pin_dir(&config.bpffs)).ok();
         metrics::serve_metrics(addr, metrics.clone(), maps)
             .await
-            .map_err(|source| AgentError::Listen {
-                addr,
-                what: "/metrics",
-                source,
-            })?;
+            .map_err(listen_err(addr, "/metrics"))?;
     }
 
     let mut links = interfaces::watch()?;
@@ -228,15 +221,11 @@ impl Feed {
                     observed = observed.min(at);
                     changes.push(change);
                 }
-                let relisted = changes.contains(&Change::Relisted);
-                if relisted {
+                let report = if changes.contains(&Change::Relisted) {
                     let mut report = SyncReport::default();
-                    let services = source.restart();
-                    for part in services.chunks(RELIST_PART) {
+                    for part in source.restart().chunks(RELIST_PART) {
                         let delta = source.delta(part.iter().cloned().map(Change::Service));
-                        warn_all(delta.warnings);
-                        let upserts: Vec<_> = delta.upserts.iter().map(|(fe, port)| (*fe, port)).collect();
-                        report.absorb(writer.sync_frontends(&upserts, &[]));
+                        report.absorb(write_delta(writer, delta));
                     }
                     let gone: Vec<Frontend> = writer
                         .programmed_frontends()
@@ -244,17 +233,21 @@ impl Feed {
                         .copied()
                         .collect();
                     report.absorb(writer.sync_frontends(&[], &gone));
-                    log_sync(&report, writer.programmed_count(), started, observed, metrics);
+                    report
                 } else {
-                    let delta = source.delta(changes);
-                    warn_all(delta.warnings);
-                    let upserts: Vec<_> = delta.upserts.iter().map(|(fe, port)| (*fe, port)).collect();
-                    let report = writer.sync_frontends(&upserts, &delta.removals);
-                    log_sync(&report, writer.programmed_count(), started, observed, metrics);
-                }
+                    write_delta(writer, source.delta(changes))
+                };
+                log_sync(&report, writer.programmed_count(), started, observed, metrics);
             }
         }
     }
+}
+
+/// Logs what `delta` warns of and writes it.
+fn write_delta(writer: &mut MapWriter, delta: kube_source::Delta) -> SyncReport {
+    warn_all(delta.warnings);
+    let upserts: Vec<_> = delta.upserts.iter().map(|(fe, port)| (*fe, port)).collect();
+    writer.sync_frontends(&upserts, &delta.removals)
 }
 
 fn warn_all(warnings: Vec<String>) {

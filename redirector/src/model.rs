@@ -188,3 +188,28 @@ impl fmt::Display for Ipv4Cidr {
         write!(f, "{}/{}", self.addr, self.prefix_len)
     }
 }
+
+/// 64-bit FNV-1a: a hash that, unlike std's, is fixed forever, so allocated
+/// cluster IPs and record digests survive upgrades.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fnv1a;
+
+    #[test]
+    fn fnv1a_is_the_standard_one() {
+        let cases: [(&str, u64); 3] = [
+            ("", 0xcbf2_9ce4_8422_2325),
+            ("a", 0xaf63_dc4c_8601_ec8c),
+            ("foobar", 0x8594_4171_f739_67e8),
+        ];
+        for (input, want) in cases {
+            assert_eq!(fnv1a(input.as_bytes()), want, "FNV-1a 64 of {input:?}");
+        }
+    }
+}

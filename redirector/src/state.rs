@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::datapath::maps::MapsError;
 use crate::datapath::{Maps, maps_pin_dir};
+use crate::model::fnv1a;
 use crate::model::{Endpoint, Frontend, ServiceInfo, ServicePort, ServicePortName};
-use crate::source::manifests::fnv1a;
 
 /// The agent's record of one service port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -781,7 +781,7 @@ fn slot_entry(slot: &Slot, svc_id: u32) -> ServiceEntry {
 
 /// Identifies a metadata record's bytes, to tell whether it must be rewritten.
 fn digest(meta: &ServiceMeta) -> u64 {
-    crate::source::manifests::fnv1a(&meta.json[..(meta.len as usize).min(meta.json.len())])
+    crate::model::fnv1a(&meta.json[..(meta.len as usize).min(meta.json.len())])
 }
 
 /// Keeps surviving endpoints in their slots, fills freed slots with new

@@ -291,28 +291,28 @@ pub fn service_info(service: &Service, port: &ProgrammablePort<'_>) -> ServiceIn
     }
 }
 
-/// Datapath entries for `service` at `cluster_ip` from the EndpointSlices
-/// labelled with its name in its namespace (`slices` may hold others; they are
-/// ignored). Slices are merged, so ports split across slices all count.
-pub fn service_entries(
-    service: &Service,
-    cluster_ip: Ipv4Addr,
-    slices: &[EndpointSlice],
-) -> Vec<(Frontend, ServicePort)> {
-    let namespace = namespace_of(&service.metadata);
-    let name = service.metadata.name.as_deref().unwrap_or("");
-    let own: Vec<&EndpointSlice> = slices
-        .iter()
-        .filter(|s| slice_belongs_to(s, namespace, name))
-        .collect();
-    entries_with(service, cluster_ip, |port| {
-        slice_candidates(port.name, port.protocol, &own)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Datapath entries for `service` at `cluster_ip` from the EndpointSlices
+    /// labelled with its name in its namespace (`slices` may hold others; they are
+    /// ignored). Slices are merged, so ports split across slices all count.
+    fn service_entries(
+        service: &Service,
+        cluster_ip: Ipv4Addr,
+        slices: &[EndpointSlice],
+    ) -> Vec<(Frontend, ServicePort)> {
+        let namespace = namespace_of(&service.metadata);
+        let name = service.metadata.name.as_deref().unwrap_or("");
+        let own: Vec<&EndpointSlice> = slices
+            .iter()
+            .filter(|s| slice_belongs_to(s, namespace, name))
+            .collect();
+        entries_with(service, cluster_ip, |port| {
+            slice_candidates(port.name, port.protocol, &own)
+        })
+    }
 
     fn ep(last: u8, port: u16) -> Endpoint {
         Endpoint {

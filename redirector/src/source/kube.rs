@@ -154,21 +154,14 @@ impl KubeSource {
             Api::all(client.clone()),
             &selector,
             "services",
-            |svc| {
-                let key = (namespace_of(&svc.metadata).to_owned(), svc.metadata.name.clone()?);
-                Some(Change::Service(key))
-            },
+            |svc| service_key(svc).map(Change::Service),
             tx.clone(),
         );
         let slices = spawn_reflector::<CompactSlice>(
             Api::all(client),
             &selector,
             "endpointslices",
-            |slice| {
-                let service = slice.service_name()?;
-                let key = (namespace_of(&slice.metadata).to_owned(), service.to_owned());
-                Some(Change::Slice(key, slice.metadata.name.clone()?))
-            },
+            |slice| Some(Change::Slice(owner_key(slice)?, slice.metadata.name.clone()?)),
             tx,
         );
         Self {
@@ -198,21 +191,15 @@ impl KubeSource {
         self.owner_of.clear();
         self.slices_of.clear();
         for slice in self.slices.state() {
-            if let (Some(service), Some(name)) = (slice.service_name(), slice.metadata.name.as_ref()) {
-                let names = self
-                    .slices_of
-                    .entry((namespace_of(&slice.metadata).to_owned(), service.to_owned()))
-                    .or_default();
-                if !names.contains(name) {
-                    names.push(name.clone());
-                }
+            if let (Some(key), Some(name)) = (owner_key(&slice), &slice.metadata.name) {
+                self.note_slice(key, name);
             }
         }
         let mut keys: Vec<ServiceKey> = self
             .services
             .state()
             .iter()
-            .filter_map(|s| Some((namespace_of(&s.metadata).to_owned(), s.metadata.name.clone()?)))
+            .filter_map(|s| service_key(s))
             .collect();
         keys.sort_unstable();
         keys
@@ -223,8 +210,8 @@ impl KubeSource {
         self.owner_of.contains_key(frontend)
     }
 
-    /// What changed for the Services in `keys` since the model was last
-    /// computed: only their frontends are recomputed.
+    /// What changed for the Services that `changes` touch since the model was
+    /// last computed: only their frontends are recomputed.
     pub fn delta(&mut self, changes: impl IntoIterator<Item = Change>) -> Delta {
         let mut keys = BTreeSet::new();
         for change in changes {
@@ -233,10 +220,7 @@ impl KubeSource {
                     keys.insert(key);
                 }
                 Change::Slice(key, slice) => {
-                    let names = self.slices_of.entry(key.clone()).or_default();
-                    if !names.contains(&slice) {
-                        names.push(slice);
-                    }
+                    self.note_slice(key.clone(), &slice);
                     keys.insert(key);
                 }
                 Change::Relisted => {}
@@ -248,17 +232,10 @@ impl KubeSource {
             for fe in &old {
                 self.owner_of.remove(fe);
             }
+            let own = self.live_slices(&key);
             let reference = ObjectRef::<CompactService>::new(&key.1).within(&key.0);
             let new = match self.services.get(&reference) {
                 Some(service) => {
-                    let names = self.slices_of.entry(key.clone()).or_default();
-                    let own: Vec<Arc<CompactSlice>> = names
-                        .iter()
-                        .filter_map(|n| self.slices.get(&ObjectRef::new(n).within(&key.0)))
-                        .filter(|s| s.service_name() == Some(key.1.as_str()))
-                        .collect();
-                    // Forget names that no longer belong (deleted or relabelled).
-                    names.retain(|n| own.iter().any(|s| s.metadata.name.as_deref() == Some(n)));
                     let own: Vec<&CompactSlice> = own.iter().map(AsRef::as_ref).collect();
                     self.claim(&key, entries(&service, &own), &mut delta.warnings)
                 }
@@ -271,6 +248,33 @@ impl KubeSource {
             delta.upserts.extend(new);
         }
         delta
+    }
+
+    /// Remembers that slice `name` belongs to the Service `key`.
+    fn note_slice(&mut self, key: ServiceKey, name: &str) {
+        let names = self.slices_of.entry(key).or_default();
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
+        }
+    }
+
+    /// The cached slices of `key`. Names that no longer belong (deleted or
+    /// relabelled) are forgotten, and the entry with the last of them, so
+    /// deleted Services leave nothing behind.
+    fn live_slices(&mut self, key: &ServiceKey) -> Vec<Arc<CompactSlice>> {
+        let Some(names) = self.slices_of.get_mut(key) else {
+            return Vec::new();
+        };
+        let own: Vec<Arc<CompactSlice>> = names
+            .iter()
+            .filter_map(|n| self.slices.get(&ObjectRef::new(n).within(&key.0)))
+            .filter(|s| s.service_name() == Some(key.1.as_str()))
+            .collect();
+        names.retain(|n| own.iter().any(|s| s.metadata.name.as_deref() == Some(n)));
+        if names.is_empty() {
+            self.slices_of.remove(key);
+        }
+        own
     }
 
     /// Records that `key` serves `entries`, except frontends another Service
@@ -296,6 +300,22 @@ impl KubeSource {
         }
         claimed
     }
+}
+
+/// `(namespace, name)` of a Service.
+fn service_key(service: &CompactService) -> Option<ServiceKey> {
+    Some((
+        namespace_of(&service.metadata).to_owned(),
+        service.metadata.name.clone()?,
+    ))
+}
+
+/// `(namespace, name)` of the Service a slice belongs to.
+fn owner_key(slice: &CompactSlice) -> Option<ServiceKey> {
+    Some((
+        namespace_of(&slice.metadata).to_owned(),
+        slice.service_name()?.to_owned(),
+    ))
 }
 
 /// The entries of one Service from its own slices.

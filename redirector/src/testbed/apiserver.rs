@@ -268,8 +268,6 @@ impl ApiState {
         change
     }
 
-    /// The objects of `kind` as they were at resourceVersion `at`, rebuilt by
-    /// undoing later changes; None once those changes are compacted.
     /// The objects of `kind` as they were at `at`, in key order after
     /// `after`, borrowed and produced lazily: a page of a large list must not
     /// copy or walk the whole collection (real servers page from their watch
@@ -556,10 +554,6 @@ impl FakeApiServer {
             .collect()
     }
 
-    pub fn clear_requests(&self) {
-        lock(&self.shared).api.requests.clear();
-    }
-
     /// LIST requests on `kind` so far (each page counts), any namespace.
     pub fn list_count(&self, kind: &str) -> usize {
         self.count(kind_arg(kind), Verb::List)
@@ -584,21 +578,6 @@ impl FakeApiServer {
     /// LIST continue tokens).
     pub fn expired_count(&self) -> usize {
         lock(&self.shared).api.expired
-    }
-
-    /// Blocks until `n` watches of `kind` are open; false on timeout. (For
-    /// synchronous tests; async ones should poll `open_watch_count`.)
-    pub fn wait_for_watches(&self, kind: &str, n: usize, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now().checked_add(timeout);
-        loop {
-            if self.open_watch_count(kind) >= n {
-                return true;
-            }
-            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     /// Stops serving (closes the listener and every connection, so the port
@@ -1343,10 +1322,7 @@ fn list(api: &mut ApiState, scope: &Scope, query: &[(String, String)]) -> Result
             (at, None)
         }
     };
-    if at < api.compacted_rv {
-        api.expired += 1;
-        return Err(expired(CONTINUE_EXPIRED));
-    }
+    // Every `at` chosen above is at or after the compaction point.
     let after = after.as_ref().map(|(ns, name)| (ns.as_str(), name.as_str()));
     let mut items = Vec::new();
     let mut last: Option<(&str, &str)> = None;

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redirector_common::service::{MASTER_SLOT, ServiceKey};
+use redirector_common::service::MASTER_SLOT;
 use serde_json::json;
 
 use super::apiserver::FakeApiServer;
@@ -139,7 +139,6 @@ pub fn service_name(i: usize) -> ServicePortName {
 #[derive(Clone, Debug)]
 pub struct ServiceSet {
     pub list: Vec<(Frontend, ServicePort)>,
-    pub endpoints_per_service: usize,
 }
 
 impl ServiceSet {
@@ -157,7 +156,6 @@ impl ServiceSet {
                     )
                 })
                 .collect(),
-            endpoints_per_service: e,
         }
     }
 
@@ -732,45 +730,18 @@ impl Lane {
         })
     }
 
-    /// PID of the agent process (its `ip netns exec` became the agent).
+    /// PID of the agent process (its `ip netns exec` became the agent), while
+    /// it runs.
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref()?;
-        let needle = self.fixture.bpffs.path().to_str()?.to_owned();
-        find_process(|cmdline| cmdline.contains("redirector") && cmdline.contains(&needle))
+        let pid = self.agent.as_ref()?.pid();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        (!cmdline.is_empty()).then_some(pid)
     }
-}
-
-/// The first process whose NUL-separated command line (joined by spaces)
-/// satisfies `matches`.
-fn find_process(matches: impl Fn(&str) -> bool) -> Option<u32> {
-    let own = std::process::id();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == own {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if matches(&cmdline) && !cmdline.starts_with("ip ") {
-            return Some(pid);
-        }
-    }
-    None
 }
 
 /// The endpoint count of `fe`'s master entry in the service map.
 pub fn master_count(maps: &Maps, fe: &Frontend) -> Option<usize> {
-    let key = ServiceKey {
-        addr: u32::from_ne_bytes(fe.addr.octets()),
-        port: fe.port.to_be(),
-        slot: MASTER_SLOT,
-        proto: fe.protocol.number(),
-        _pad: [0; 3],
-    };
+    let key = datapath::writer::service_key(*fe, MASTER_SLOT);
     maps.services.get(&key, 0).ok().map(|m| usize::from(m.count))
 }
 

@@ -103,7 +103,6 @@ pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + '
 pub struct Fixture {
     prefix: String,
     pub node: String,
-    hosts: Vec<String>,
     servers: Vec<Server>,
     next_iface: u32,
     pub bpffs: Bpffs,
@@ -128,7 +127,6 @@ impl Fixture {
             bpffs: Bpffs::new(&format!("{prefix}-bpf")),
             prefix,
             node,
-            hosts: Vec::new(),
             servers: Vec::new(),
             next_iface: 0,
             manifests,
@@ -143,7 +141,6 @@ impl Fixture {
         let node_iface = format!("vp{}", self.next_iface);
         self.next_iface += 1;
         ip(&["netns", "add", &netns]);
-        self.hosts.push(netns.clone());
         ip(&[
             "-n",
             &self.node,
@@ -515,12 +512,10 @@ pub fn udp_request(netns: &str, to: SocketAddrV4) -> std::io::Result<Answer> {
     socket.send(b"hello")?;
     let mut buf = [0u8; 2048];
     let n = socket.recv(&mut buf)?;
-    let mut rest = Vec::new();
-    let _ = (&buf[..n]).read_to_end(&mut rest);
-    Ok(parse_answer(&String::from_utf8_lossy(&rest)))
+    Ok(parse_answer(&String::from_utf8_lossy(&buf[..n])))
 }
 
-/// Retries `f` until it returns `Some` or `timeout` passes (the agent syncs
+/// Retries `f` until it returns `Ok` or `timeout` passes (the agent syncs
 /// asynchronously); the last error is shown on failure.
 pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + timeout;

@@ -8,45 +8,13 @@
 //! `connect_probe --agent PATH [--services N] [--rounds R] [--connections C]`
 
 use std::net::{SocketAddrV4, TcpStream};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use redirector::testbed::in_netns;
 use redirector::testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet, set_linger_zero};
-
-const BPF_ENABLE_STATS: libc::c_long = 32;
-
-/// BPF run-time statistics stay on while the returned fd is open.
-fn enable_stats() -> std::io::Result<OwnedFd> {
-    let mut attr = [0u32; 4]; // BPF_STATS_RUN_TIME = 0
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_mut_ptr(), 16) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// (run_time_ns, run_cnt) summed over the programs process `pid` holds.
-fn prog_stats(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let mut sum = (0, 0);
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
-        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        if !info.contains("prog_type:") {
-            continue;
-        }
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        sum.0 += field("run_time_ns:");
-        sum.1 += field("run_cnt:");
-    }
-    Ok(sum)
-}
+use redirector::testbed::procfs::{enable_run_time_stats, prog_stats};
 
 /// Connect p50 in µs over `targets`, each connection closed with RST.
 fn connect_p50(client: &str, targets: Vec<SocketAddrV4>) -> anyhow::Result<f64> {
@@ -112,13 +80,13 @@ fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             let bare_p50 = connect_p50(&bare.client, picks.iter().map(|&i| bare.target(i)).collect())?;
-            let stats = enable_stats().context("enabling BPF run-time statistics")?;
-            let before = prog_stats(pid)?;
+            let stats = enable_run_time_stats().context("enabling BPF run-time statistics")?;
+            let before = prog_stats(pid).context("the agent holds no program fd")?;
             let ours = connect_p50(
                 &redirector.client,
                 picks.iter().map(|&i| redirector.target(i)).collect(),
             )?;
-            let after = prog_stats(pid)?;
+            let after = prog_stats(pid).context("the agent holds no program fd")?;
             drop(stats);
             let runs = after.1 - before.1;
             println!(

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use redirector::datapath::{Maps, maps_pin_dir};
 use redirector::testbed::apiserver::FakeApiServer;
+use redirector::testbed::procfs::status_kib;
 use redirector::testbed::{Fixture, in_netns};
 use serde_json::json;
 
@@ -64,13 +65,9 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or("")
         );
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
     for field in ["VmHWM:", "VmRSS:", "RssAnon:", "RssFile:", "RssShmem:"] {
-        if let Some(line) = status.lines().find(|l| l.starts_with(field)) {
-            println!(
-                "  agent {}",
-                line.split_whitespace().collect::<Vec<_>>().join(" ")
-            );
+        if let Some(kib) = status_kib(agent.pid(), field) {
+            println!("  agent {field} {kib} kB");
         }
     }
     let maps = Maps::from_pins(&maps_pin_dir(fx.bpffs.path()))?;

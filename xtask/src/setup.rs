@@ -68,8 +68,8 @@ pub fn setup() -> Result<()> {
 }
 
 /// Debian packages the benchmark lanes and their correctness tests use:
-/// `iptables` (iptables-legacy, iptables-nft and their -restore variants) and
-/// `nftables` (nft). Installed with apt-get only when missing; `apt-get update`
+/// `iptables` (iptables-legacy, iptables-nft and their -restore variants),
+/// `nftables` (nft) and `iproute2` (ip). Installed with apt-get only when missing; `apt-get update`
 /// runs once, and only when something is missing. Never touches any ruleset.
 pub const NETFILTER_PACKAGES: [(&str, &str); 4] = [
     ("iptables", "iptables-legacy-restore"),
@@ -86,7 +86,7 @@ pub fn ensure_netfilter_tools() -> Result<()> {
         .collect();
     missing.dedup();
     if missing.is_empty() {
-        println!("setup: iptables (legacy and nft), nftables: present");
+        println!("setup: iptables (legacy and nft), nftables, iproute2: present");
         return Ok(());
     }
     println!("setup: installing {} with apt-get", missing.join(" "));

@@ -175,7 +175,7 @@ pub fn connect_batch(client: &str, targets: Vec<SocketAddrV4>, cap: Duration) ->
     })
 }
 
-/// Busy and total CPU time of the machine, in clock ticks (/proc/stat).
+/// Busy CPU time of the machine, in clock ticks (/proc/stat).
 #[derive(Clone, Copy, Debug)]
 pub struct CpuTimes {
     pub busy: u64,

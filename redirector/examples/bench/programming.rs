@@ -19,6 +19,7 @@ use redirector::testbed::lanes::{
     Lane, LaneKind, LaneOptions, ServiceSet, TARGET_PORT, master_count, netns_exec, request,
     service_endpoints, service_frontend, service_name, service_object, slice_object,
 };
+use redirector::testbed::procfs::{fdinfo_field, status_kib};
 use redirector::testbed::{Fixture, in_netns};
 use serde::Serialize;
 
@@ -455,20 +456,6 @@ pub struct Footprint {
     pub maps_total: u64,
 }
 
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-fn fdinfo_field(info: &str, name: &str) -> Option<u64> {
-    info.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Names of the maps pinned under `bpffs`, by map id.
 fn pinned_names(bpffs: &Path) -> std::collections::BTreeMap<u64, String> {
     let mut names = std::collections::BTreeMap::new();
@@ -518,7 +505,8 @@ pub fn footprint(pid: u32, bpffs: &Path, services: usize, endpoints: usize) -> F
     }
 }
 
-/// Memory of the maps pinned under `bpffs` (no agent running), by name.
+/// Memory of the maps pinned under `bpffs`, by name, when the agent process
+/// is not found.
 pub fn pinned_footprint(bpffs: &Path, services: usize, endpoints: usize) -> Footprint {
     let mut maps = Vec::new();
     if let Ok(dir) = std::fs::read_dir(maps_pin_dir(bpffs)) {
@@ -539,7 +527,7 @@ pub fn pinned_footprint(bpffs: &Path, services: usize, endpoints: usize) -> Foot
     }
     maps.sort();
     Footprint {
-        context: "in-process loader (no agent)".into(),
+        context: "pinned maps (agent process not found)".into(),
         services,
         endpoints,
         vm_hwm_kib: None,

@@ -12,13 +12,13 @@ use std::time::Instant;
 use redirector::datapath::{Datapath, writer::MapWriter};
 use redirector::testbed::Bpffs;
 use redirector::testbed::lanes::{ServiceSet, agent_map_sizes, service_endpoints, service_frontend};
+use redirector::testbed::procfs::{enable_run_time_stats, prog_stats};
 use serde::Serialize;
 
 use crate::measure::{Figure, Rng, Summary};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_ENABLE_STATS: libc::c_long = 32;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 
@@ -120,42 +120,6 @@ fn test_run(
         std::mem::size_of::<TestRunAttr>(),
     )?;
     Ok((attr.retval, attr.duration))
-}
-
-/// Turns on the kernel's BPF run-time statistics (what
-/// `sysctl kernel.bpf_stats_enabled=1` does) while the returned fd is open.
-pub fn enable_stats() -> std::io::Result<OwnedFd> {
-    let mut attr = [0u32; 4]; // BPF_STATS_RUN_TIME = 0
-    let fd = bpf(
-        BPF_ENABLE_STATS,
-        attr.as_mut_ptr().cast(),
-        std::mem::size_of_val(&attr),
-    )?;
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// (run_time_ns, run_cnt) summed over the BPF programs process `pid` holds.
-pub fn prog_stats(pid: u32) -> Option<(u64, u64)> {
-    let dir = format!("/proc/{pid}/fdinfo");
-    let mut found = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        if !info.contains("prog_type:") {
-            continue;
-        }
-        let field = |name: &str| -> Option<u64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok())
-        };
-        if let (Some(t), Some(c)) = (field("run_time_ns:"), field("run_cnt:")) {
-            let (st, sc) = found.unwrap_or((0, 0));
-            found = Some((st + t, sc + c));
-        }
-    }
-    found
 }
 
 // ---------------------------------------------------------------------------
@@ -442,7 +406,7 @@ fn frames_for_arp(flows: usize) -> usize {
 /// Runs `traffic` with BPF run-time statistics on and returns the average
 /// ns per run of `pid`'s programs over it, and the runs counted.
 pub fn cross_check(pid: u32, traffic: impl FnOnce()) -> Result<(f64, u64), String> {
-    let stats = enable_stats().map_err(|e| format!("enabling BPF statistics: {e}"))?;
+    let stats = enable_run_time_stats().map_err(|e| format!("enabling BPF statistics: {e}"))?;
     let before = prog_stats(pid).ok_or("the agent holds no program fd")?;
     let started = Instant::now();
     traffic();

@@ -9,6 +9,7 @@
 pub mod apiserver;
 pub mod kubeproxy;
 pub mod lanes;
+pub mod procfs;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -14,8 +14,8 @@ use anyhow::{Context, bail};
 use redirector::datapath::{Maps, maps_pin_dir};
 use redirector::model::{Ipv4Cidr, Protocol};
 use redirector::source::manifests::ManifestStore;
-use redirector::testbed::{Answer, Fixture, eventually, tcp_request, udp_request};
 use serde::Deserialize;
+use testbed::{Answer, Fixture, eventually, tcp_request, udp_request};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const REQUESTS_PER_PORT: usize = 8;

@@ -12,4 +12,3 @@ pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod state;
-pub mod testbed;

@@ -10,8 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::{agent_binary, require_root};
-use redirector::testbed::kubeproxy::{expected_nat_rules, nat_rule_count};
-use redirector::testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet, netns_output};
+use testbed::kubeproxy::{expected_nat_rules, nat_rule_count};
+use testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet, netns_output};
 
 const SERVICES: usize = 20;
 const ENDPOINTS: usize = 2;

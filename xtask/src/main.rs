@@ -163,12 +163,12 @@ fn bench(quick: bool, services: Option<&str>) -> Result<()> {
         "--release",
         "--package",
         "redirector",
+        "--package",
+        "redirector-bench",
         "--bins",
-        "--example",
-        "bench",
     ]))?;
     let root = workspace_root();
-    let mut cmd = Command::new(root.join("target/release/examples/bench"));
+    let mut cmd = Command::new(root.join("target/release/bench"));
     cmd.current_dir(&root)
         .arg("--agent")
         .arg(root.join("target/release/redirector"))

@@ -1,12 +1,12 @@
 //! Shared test support: packets for the datapath tests; the netns test bed
-//! lives in the library (`redirector::testbed`) so the demo can use it too.
+//! is the `testbed` crate (test/testbed), shared with the demo and the benchmark.
 #![allow(dead_code)]
 
 pub mod packet;
 
 use std::path::Path;
 
-pub use redirector::testbed::*;
+pub use testbed::*;
 
 /// The agent binary built for these tests.
 pub fn agent_binary() -> &'static Path {

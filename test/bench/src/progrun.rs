@@ -10,10 +10,10 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use redirector::datapath::{Datapath, writer::MapWriter};
-use redirector::testbed::Bpffs;
-use redirector::testbed::lanes::{ServiceSet, agent_map_sizes, service_endpoints, service_frontend};
-use redirector::testbed::procfs::{enable_run_time_stats, prog_stats};
 use serde::Serialize;
+use testbed::Bpffs;
+use testbed::lanes::{ServiceSet, agent_map_sizes, service_endpoints, service_frontend};
+use testbed::procfs::{enable_run_time_stats, prog_stats};
 
 use crate::measure::{Figure, Rng, Summary};
 

@@ -33,9 +33,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use redirector::testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet};
-use redirector::testbed::require_root;
 use serde::Serialize;
+use testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet};
+use testbed::require_root;
 
 use measure::{ConnectBatch, EstablishedResult, RateResult, Rng};
 

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redirector::testbed::in_netns;
-use redirector::testbed::lanes::{set_linger_zero, stream_bytes};
 use serde::Serialize;
+use testbed::in_netns;
+use testbed::lanes::{set_linger_zero, stream_bytes};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 

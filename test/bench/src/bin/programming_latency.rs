@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use redirector::datapath::{Maps, maps_pin_dir};
-use redirector::testbed::apiserver::FakeApiServer;
-use redirector::testbed::procfs::status_kib;
-use redirector::testbed::{Fixture, in_netns};
 use serde_json::json;
+use testbed::apiserver::FakeApiServer;
+use testbed::procfs::status_kib;
+use testbed::{Fixture, in_netns};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

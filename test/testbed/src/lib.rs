@@ -1,4 +1,6 @@
-//! Test bed (used by the tests, the demo and the benchmarks): a cluster node in network namespaces: a "node" netns with no default route,
+//! The netns test bed of redirector's tests, demo and benchmarks (its own
+//! crate, so the product exports no test code): a cluster node in network
+//! namespaces: a "node" netns with no default route,
 //! pods (and hosts outside the pod network) as netns joined to it by veth
 //! pairs, servers in them that answer with their name and the client address
 //! they saw, and the agent running inside the node. Everything is created
@@ -53,7 +55,7 @@ impl Bpffs {
     pub fn new(prefix: &str) -> Self {
         require_root();
         let path = std::env::temp_dir().join(unique_name(prefix));
-        crate::datapath::ensure_bpffs(&path)
+        redirector::datapath::ensure_bpffs(&path)
             .unwrap_or_else(|e| panic!("mounting a bpffs at {}: {e}", path.display()));
         Self { path }
     }

@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use redirector::testbed::in_netns;
-use redirector::testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet, set_linger_zero};
-use redirector::testbed::procfs::{enable_run_time_stats, prog_stats};
+use testbed::in_netns;
+use testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet, set_linger_zero};
+use testbed::procfs::{enable_run_time_stats, prog_stats};
 
 /// Connect p50 in µs over `targets`, each connection closed with RST.
 fn connect_p50(client: &str, targets: Vec<SocketAddrV4>) -> anyhow::Result<f64> {

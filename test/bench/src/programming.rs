@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use redirector::datapath::writer::service_key;
 use redirector::datapath::{Maps, maps_pin_dir};
 use redirector::model::{Endpoint, Frontend};
-use redirector::testbed::kubeproxy::{self, NodeConfig};
-use redirector::testbed::lanes::{
+use serde::Serialize;
+use testbed::kubeproxy::{self, NodeConfig};
+use testbed::lanes::{
     Lane, LaneKind, LaneOptions, ServiceSet, TARGET_PORT, master_count, netns_exec, request,
     service_endpoints, service_frontend, service_name, service_object, slice_object,
 };
-use redirector::testbed::procfs::{fdinfo_field, status_kib};
-use redirector::testbed::{Fixture, in_netns};
-use serde::Serialize;
+use testbed::procfs::{fdinfo_field, status_kib};
+use testbed::{Fixture, in_netns};
 
 use crate::measure::Summary;
 

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use redirector::testbed::lanes::LaneKind;
+use testbed::lanes::LaneKind;
 
 use crate::measure::{Figure, slope};
 use crate::{LaneStep, Results, Round, chart};

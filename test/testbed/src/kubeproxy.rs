@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use crate::model::{Endpoint, Frontend, Ipv4Cidr, ServicePort, ServicePortName};
+use redirector::model::{Endpoint, Frontend, Ipv4Cidr, ServicePort, ServicePortName};
 
 /// kube-proxy's default masquerade mark (`--iptables-masquerade-bit 14`).
 pub const MASQUERADE_MARK: &str = "0x4000";
@@ -557,7 +557,7 @@ pub fn base32(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
+    use redirector::model::Protocol;
 
     fn spn(ns: &str, name: &str, port: &str) -> ServicePortName {
         ServicePortName {

@@ -37,8 +37,8 @@ use serde_json::json;
 use super::apiserver::FakeApiServer;
 use super::kubeproxy::{self, NodeConfig};
 use super::{Agent, Fixture, in_netns};
-use crate::datapath::{self, MapSizes, Maps};
-use crate::model::{Desired, Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
+use redirector::datapath::{self, MapSizes, Maps};
+use redirector::model::{Desired, Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
 
 /// The client pod.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);

@@ -151,8 +151,8 @@ fn parse_to(s: &str) -> Result<(SocketAddrV4, Protocol), AddressError> {
 
 /// Runs a read-only view, printing its output.
 pub fn view(view: View) -> Result<(), crate::inspect::InspectError> {
+    use crate::datapath::record::Snapshot;
     use crate::inspect::{self, Scope};
-    use crate::state::Snapshot;
     let scope = |l: &ListArgs| {
         if l.all_namespaces {
             Scope::All

@@ -13,8 +13,8 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use redirector_common::counters;
 
 use crate::datapath::program_pin_path;
+use crate::datapath::record::{PortRecord, ProgrammedPort, Snapshot, SnapshotError};
 use crate::model::{Endpoint, Protocol, ServiceInfo};
-use crate::state::{PortRecord, ProgrammedPort, Snapshot, SnapshotError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {

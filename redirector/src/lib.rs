@@ -11,4 +11,3 @@ pub mod interfaces;
 pub mod metrics;
 pub mod model;
 pub mod source;
-pub mod state;

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::datapath::Maps;
-use crate::state::Snapshot;
+use crate::datapath::record::Snapshot;
 
 /// Bucket bounds (seconds) shared by the duration histograms, as kube-proxy's
 /// sync histograms (exponential from 1 ms).

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod maps;
+pub mod record;
 pub mod writer;
 
 use std::collections::BTreeMap;

@@ -21,8 +21,8 @@ use redirector_common::{
 use super::Maps;
 use super::batch;
 use super::maps::MapsError;
+use crate::datapath::record::PortRecord;
 use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, ServicePort, ServicePortName};
-use crate::state::PortRecord;
 
 /// Slots are numbered by a `u16`, slot 0 being the master entry.
 pub const MAX_ENDPOINTS_PER_PORT: usize = u16::MAX as usize;

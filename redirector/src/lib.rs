@@ -1,12 +1,11 @@
-//! The redirector agent and CLI.
+//! The redirector agent: datapath, sources of services, model, metrics.
+//! The CLI (src/cli/) is the binary's own.
 
 /// The compiled eBPF object, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
 
 pub mod agent;
-pub mod cli;
 pub mod datapath;
-pub mod inspect;
 pub mod interfaces;
 pub mod metrics;
 pub mod model;

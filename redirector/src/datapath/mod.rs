@@ -1,6 +1,7 @@
 //! Loading, pinning and attaching the eBPF datapath.
 
 pub mod batch;
+pub mod explain;
 pub mod maps;
 pub mod record;
 pub mod writer;

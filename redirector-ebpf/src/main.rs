@@ -2,7 +2,10 @@
 //!
 //! Per packet: parse → conntrack → (new flow: look up service → select backend
 //! → record both directions) → rewrite with checksums. Every outcome bumps one
-//! per-CPU counter; nothing is logged per packet.
+//! per-CPU counter. Only anomalies are logged (aya-log, forwarded into the
+//! agent's log): a slot with no backend, a failed connection-table insert;
+//! never the normal path, and only once the packet's fate is settled, so the
+//! logging code stays out of the parse-and-rewrite chain.
 //!
 //! Deliberate handling of awkward input (see also the README):
 //! - non-IPv4, non-TCP/UDP: passed untouched;
@@ -26,6 +29,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::warn;
 use redirector_common::{
     config::Config,
     conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey},
@@ -104,6 +108,19 @@ pub fn redirector_tc(mut ctx: TcContext) -> i32 {
     };
     let mut choice = Choice::default();
     let (Ok(verdict) | Err(verdict)) = try_redirect(&ctx, mode, &mut choice);
+    match verdict.counter {
+        counters::DROP_BACKEND_MISSING => warn!(
+            &ctx,
+            "service port {} slot {} names no backend: the service map is inconsistent",
+            choice.svc_id,
+            choice.slot
+        ),
+        counters::DROP_CT_FULL => warn!(
+            &ctx,
+            "connection table insert failed: a new flow to service port {} was dropped", choice.svc_id
+        ),
+        _ => {}
+    }
     match mode {
         Mode::Live => {
             if let Some(count) = COUNTERS_V1.get_ptr_mut(verdict.counter) {
@@ -176,9 +193,10 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
         return refuse::port_unreachable(ctx, &pkt, counters::REFUSED_NO_ENDPOINTS);
     }
 
-    let (slot, chosen) = select_backend(&pkt, master.count)?;
-    choice.backend_id = chosen.backend_id;
+    let slot = pick_slot(master.count);
     choice.slot = u32::from(slot);
+    let chosen = slot_entry(&pkt, slot)?;
+    choice.backend_id = chosen.backend_id;
     if mode == Mode::Live {
         remember_flow(&pkt, &tuple, &chosen, master.svc_id)?;
     }
@@ -203,19 +221,27 @@ fn count_forward(ctx: &TcContext, mode: Mode, svc_id: u32, new_flow: bool) {
     }
 }
 
-/// A new flow picks uniformly among the service port's slots; the slot
-/// entry carries the backend's ID and address, so no backend lookup follows.
+/// A new flow picks uniformly among the service port's slots.
 #[inline(always)]
-fn select_backend(pkt: &Packet, count: u16) -> Result<(u16, ServiceEntry), Verdict> {
-    let slot = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16;
+fn pick_slot(count: u16) -> u16 {
+    // SAFETY: a BPF helper without arguments.
+    1 + (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16
+}
+
+/// The slot entry carries the backend's ID and address, so no backend lookup
+/// follows. The writer writes slots before their master: a missing or empty
+/// slot means the maps are inconsistent.
+#[inline(always)]
+fn slot_entry(pkt: &Packet, slot: u16) -> Result<ServiceEntry, Verdict> {
     let missing = Verdict::drop(counters::DROP_BACKEND_MISSING);
+    // SAFETY: the entry is copied out at once.
     let entry = unsafe { SVC_V2.get(&service_key(pkt, slot)) }
         .copied()
         .ok_or(missing)?;
     if entry.backend_id == 0 {
         return Err(missing);
     }
-    Ok((slot, entry))
+    Ok(entry)
 }
 
 /// Records both directions; the reply entry first so a forwarded packet always

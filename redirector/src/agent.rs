@@ -87,6 +87,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         "datapath loaded; maps pinned under {}",
         datapath::maps_pin_dir(&config.bpffs).display()
     );
+    if let Some(logs) = datapath.take_logs() {
+        tokio::spawn(datapath::forward_logs(logs));
+    }
     let mut writer = MapWriter::new(maps)?;
     writer.set_service_cidr(config.service_cidr)?;
     let metrics = Metrics::default();

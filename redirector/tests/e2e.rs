@@ -689,3 +689,48 @@ fn interfaces_that_appear_later_are_attached_and_bad_manifests_keep_the_last_goo
         "still answered by a jordy pod: {answer:?}"
     );
 }
+
+/// The datapath logs anomalies only, and the agent's log shows them: a slot
+/// that names no backend (the maps corrupted behind the agent's back) drops
+/// the new flow, counts it, and says which service port and slot.
+#[test]
+fn datapath_anomalies_reach_the_agent_log() {
+    use redirector::datapath::writer::service_key;
+    use redirector::datapath::{Maps, maps_pin_dir};
+    use redirector::model::{Frontend, Protocol};
+    use redirector_common::counters;
+
+    let (fx, client) = seed_cluster("anomaly");
+    let mut agent = fx.start_agent(agent_binary(), &[]);
+    agent.wait_for_log("synced ", 1);
+    let to = service_address(&fx, "jordy-svc-alloc-port", "http");
+    eventually("both pods answer", SYNC_TIMEOUT, || {
+        pods_answering(&client, to, &["jordy-a", "jordy-b"])
+    });
+
+    let mut maps = Maps::from_pins(&maps_pin_dir(fx.bpffs.path())).expect("pinned maps");
+    let frontend = Frontend {
+        addr: *to.ip(),
+        port: to.port(),
+        protocol: Protocol::Tcp,
+    };
+    for slot in 1..=2 {
+        let key = service_key(frontend, slot);
+        let mut entry = maps.services.get(&key, 0).expect("the slot is programmed");
+        entry.backend_id = 0;
+        maps.services.insert(key, entry, 0).expect("corrupting the slot");
+    }
+    let dropped_before = maps.counter_totals().unwrap()[counters::DROP_BACKEND_MISSING as usize];
+    assert!(
+        tcp_request(&client, to).is_err(),
+        "a new flow to a slot without a backend is dropped"
+    );
+    let dropped = maps.counter_totals().unwrap()[counters::DROP_BACKEND_MISSING as usize] - dropped_before;
+    assert!(dropped >= 1, "the drop is counted ({dropped})");
+    agent.wait_for_log("names no backend", 1);
+    assert!(
+        !agent.log().contains("connection table insert failed"),
+        "only the anomaly that happened is logged:\n{}",
+        agent.log()
+    );
+}

@@ -20,6 +20,8 @@ use redirector_common::{
     conntrack::CT_MAP,
     service::{BACKEND_MAP, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, VIP_MAP},
 };
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 pub use maps::Maps;
 
@@ -88,9 +90,13 @@ enum Attachment {
     Owned(SchedClassifierLinkId),
 }
 
+/// The reader of the program's log records (anomalies only).
+pub type ProgramLogs = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// The loaded program, attached to a set of interfaces.
 pub struct Datapath {
     ebpf: Ebpf,
+    logs: Option<ProgramLogs>,
     attached: BTreeMap<String, Attachment>,
     use_tcx: bool,
     links_dir: PathBuf,
@@ -174,16 +180,25 @@ impl Datapath {
             source: ProgramError::IOError(io::Error::other(e)),
         })?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
+        let logs = aya_log::EbpfLogger::init(&mut ebpf)
+            .inspect_err(|e| log::warn!("the datapath's log records will not be shown: {e}"))
+            .ok();
         let use_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         Ok((
             Self {
                 ebpf,
+                logs,
                 attached: BTreeMap::new(),
                 use_tcx,
                 links_dir,
             },
             maps,
         ))
+    }
+
+    /// The program's log records, once: [`forward_logs`] passes them on.
+    pub fn take_logs(&mut self) -> Option<ProgramLogs> {
+        self.logs.take()
     }
 
     pub fn program(&self) -> &SchedClassifier {
@@ -274,6 +289,23 @@ impl Datapath {
             }
             None => {}
         }
+    }
+}
+
+/// Passes the program's log records into the agent's log as they come.
+pub async fn forward_logs(logs: ProgramLogs) {
+    // SAFETY: the logger owns its ring buffer's fd and keeps it open, unchanged,
+    // for as long as the AsyncFd owns the logger.
+    let mut logs = match unsafe { AsyncFd::register_with_interest(logs, Interest::READABLE) } {
+        Ok(logs) => logs,
+        Err(e) => {
+            log::warn!("the datapath's log records will not be shown: {e}");
+            return;
+        }
+    };
+    while let Ok(mut ready) = logs.readable_mut().await {
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
     }
 }
 

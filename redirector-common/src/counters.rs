@@ -1,7 +1,8 @@
 //! Per-CPU packet counters: one slot per verdict and drop reason.
 
 /// `PerCpuArray<u64>` with [`COUNT`] slots, indexed by the constants below.
-pub const COUNTER_MAP: &str = "COUNTERS_V1";
+/// V2: `pass_to_pod` (the reverse-translation program on the way into pods).
+pub const COUNTER_MAP: &str = "COUNTERS_V2";
 
 macro_rules! counters {
     ($($name:ident = $index:literal : $label:literal,)+) => {
@@ -37,6 +38,7 @@ counters! {
     DROP_BACKEND_MISSING = 12: "drop_backend_missing",
     DROP_CT_FULL = 13: "drop_conntrack_insert_failed",
     DROP_REWRITE_FAILED = 14: "drop_rewrite_failed",
+    PASS_TO_POD = 15: "pass_to_pod_untouched",
 }
 
 /// `skb->mark` that asks the program to decide without side effects (no

@@ -1,6 +1,14 @@
-//! The service datapath: a TC program on the node side of pod interfaces.
+//! The service datapath: two TC programs on the node side of pod interfaces.
 //!
-//! Per packet: parse → conntrack → (new flow: look up service → select backend
+//! `redirector_tc` (ingress: packets leaving a pod) translates service
+//! traffic; `redirector_tc_to_pod` (egress: packets on their way into a pod)
+//! translates replies back, wherever they come from: an endpoint on another
+//! node (over a route or a tunnel), a process on the node, or a flow that a
+//! masquerade rule rewrote after our translation. Packets that are not ours
+//! go on down the TC chain (TC_ACT_UNSPEC: tcx "next"), so a CNI's program
+//! attached after ours still sees them; so do the ones we translated.
+//!
+//! Per packet leaving a pod: parse → conntrack → (new flow: look up service → select backend
 //! → record both directions) → rewrite with checksums. Every outcome bumps one
 //! per-CPU counter. Only anomalies are logged (aya-log, forwarded into the
 //! agent's log): a slot with no backend, a failed connection-table insert;
@@ -23,7 +31,7 @@ mod packet;
 mod refuse;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_get_prandom_u32,
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -52,7 +60,7 @@ static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(262144, BPF_F_NO_C
 #[map]
 static CONFIG_V1: Array<Config> = Array::pinned(1, 0);
 #[map]
-static COUNTERS_V1: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+static COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 #[map]
 static SVCSTATS_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(65536, 0);
 /// Written and read by user space only; allocated per entry, not up front.
@@ -86,7 +94,8 @@ pub struct Choice {
 impl Verdict {
     const fn pass(counter: u32) -> Self {
         Self {
-            action: TC_ACT_OK as i32,
+            // Not TC_ACT_OK: that would end the chain before a CNI's program.
+            action: TC_ACT_UNSPEC,
             counter,
         }
     }
@@ -122,12 +131,7 @@ pub fn redirector_tc(mut ctx: TcContext) -> i32 {
         _ => {}
     }
     match mode {
-        Mode::Live => {
-            if let Some(count) = COUNTERS_V1.get_ptr_mut(verdict.counter) {
-                // Per-CPU slot: no other writer.
-                unsafe { *count += 1 };
-            }
-        }
+        Mode::Live => count(verdict),
         Mode::Explain => {
             let cb = ctx.cb_mut();
             cb[counters::EXPLAIN_CB_COUNTER] = verdict.counter;
@@ -137,6 +141,39 @@ pub fn redirector_tc(mut ctx: TcContext) -> i32 {
         }
     }
     verdict.action
+}
+
+/// Packets on their way into a pod: a reply of a translated flow gets the
+/// service address back as its source; anything else goes on untouched.
+#[classifier]
+pub fn redirector_tc_to_pod(ctx: TcContext) -> i32 {
+    let (Ok(verdict) | Err(verdict)) = try_translate_reply(&ctx);
+    count(verdict);
+    verdict.action
+}
+
+#[inline(always)]
+fn try_translate_reply(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    let pkt = packet::parse(ctx)?;
+    if pkt.is_fragment || pkt.l4_truncated {
+        return Ok(Verdict::pass(counters::PASS_UNPARSABLE));
+    }
+    // SAFETY: the entry is copied out at once.
+    if let Some(entry) = unsafe { CT_V1.get(&pkt.tuple()) }.copied()
+        && entry.kind == CT_REPLY
+    {
+        packet::rewrite_source(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
+        return Ok(Verdict::pass(counters::REPLY_TRANSLATED));
+    }
+    Ok(Verdict::pass(counters::PASS_TO_POD))
+}
+
+#[inline(always)]
+fn count(verdict: Verdict) {
+    if let Some(count) = COUNTERS_V2.get_ptr_mut(verdict.counter) {
+        // SAFETY: a per-CPU slot: no other writer while the program runs.
+        unsafe { *count += 1 };
+    }
 }
 
 /// `Ok` for packets that go on (passed, translated, answered); `Err` ends

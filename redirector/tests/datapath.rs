@@ -12,7 +12,9 @@ use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
 use redirector::model::{Desired, Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
 use redirector_common::counters;
 
-const TC_ACT_OK: u32 = 0;
+/// What the program returns for every packet it lets through: go on down the
+/// TC chain (tcx "next"), so a CNI program attached after ours still runs.
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -125,11 +127,11 @@ fn check(h: &Harness, case: Case) {
         .unwrap_or_else(|e| panic!("{name}: BPF_PROG_TEST_RUN: {e:?}"));
     match case.expect {
         Expect::Untouched => {
-            assert_eq!(verdict, TC_ACT_OK, "{name}: verdict");
+            assert_eq!(verdict, TC_ACT_UNSPEC, "{name}: verdict");
             assert_eq!(out, case.frame, "{name}: frame must pass unchanged");
         }
         Expect::Translated { src, dst } => {
-            assert_eq!(verdict, TC_ACT_OK, "{name}: verdict");
+            assert_eq!(verdict, TC_ACT_UNSPEC, "{name}: verdict");
             let p = Parsed::new(&out);
             assert_eq!((p.src, p.sport), src, "{name}: source");
             assert_eq!((p.dst, p.dport), dst, "{name}: destination");

@@ -25,8 +25,20 @@ use tokio::io::unix::AsyncFd;
 
 pub use maps::Maps;
 
-/// Name of the TC program in the eBPF object.
+/// Name of the TC program that translates traffic leaving pods.
 pub const PROGRAM: &str = "redirector_tc";
+/// Name of the TC program that translates replies on their way into pods.
+pub const TO_POD_PROGRAM: &str = "redirector_tc_to_pod";
+
+/// The programs and where each hangs off a pod interface's node side:
+/// ingress there is traffic leaving the pod, egress traffic entering it.
+/// The second element names the link pin: an interface name cannot contain
+/// ':', so the egress pin never collides with an interface's ingress pin
+/// (named as the interface, as before the egress program existed).
+const HOOKS: [(&str, TcAttachType, &str); 2] = [
+    (PROGRAM, TcAttachType::Ingress, ""),
+    (TO_POD_PROGRAM, TcAttachType::Egress, ":egress"),
+];
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Capacities of the maps, fixed when they are first created and pinned.
@@ -67,18 +79,26 @@ pub enum LoadError {
         pin_dir: PathBuf,
         source: Box<aya::EbpfError>,
     },
-    #[error("the eBPF object has no program {PROGRAM}")]
-    MissingProgram,
-    #[error("loading program {PROGRAM} into the kernel: {source}")]
-    Program { source: ProgramError },
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("loading program {program} into the kernel: {source}")]
+    Program {
+        program: &'static str,
+        source: ProgramError,
+    },
     #[error(transparent)]
     Maps(#[from] maps::MapsError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("attaching {PROGRAM} to {interface} (tc ingress): {source}")]
-    Attach { interface: String, source: ProgramError },
+    #[error("attaching {program} to {interface} (tc {hook:?}): {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        hook: TcAttachType,
+        source: Box<ProgramError>,
+    },
 }
 
 /// How the program hangs off an interface.
@@ -87,17 +107,18 @@ enum Attachment {
     /// agent, so traffic keeps being translated across restarts and upgrades.
     Pinned(PathBuf),
     /// A netlink tc filter (kernels before 6.6), owned by this process.
-    Owned(SchedClassifierLinkId),
+    Owned(&'static str, SchedClassifierLinkId),
 }
 
 /// The reader of the program's log records (anomalies only).
 pub type ProgramLogs = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-/// The loaded program, attached to a set of interfaces.
+/// The loaded programs, attached to a set of interfaces.
 pub struct Datapath {
     ebpf: Ebpf,
     logs: Option<ProgramLogs>,
-    attached: BTreeMap<String, Attachment>,
+    /// Per interface, one attachment per hook, in [`HOOKS`] order.
+    attached: BTreeMap<String, Vec<Attachment>>,
     use_tcx: bool,
     links_dir: PathBuf,
 }
@@ -167,18 +188,29 @@ impl Datapath {
                 pin_dir,
                 source: Box::new(source),
             })?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(LoadError::MissingProgram)?
-            .try_into()
-            .map_err(|source| LoadError::Program { source })?;
-        program.load().map_err(|source| LoadError::Program { source })?;
+        for (name, _, _) in HOOKS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(LoadError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| LoadError::Program {
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|source| LoadError::Program {
+                program: name,
+                source,
+            })?;
+        }
         // Pinned so `redirector explain` can run this very program.
         let program_pin = program_pin_path(bpffs);
         let _ = std::fs::remove_file(&program_pin);
-        program.pin(&program_pin).map_err(|e| LoadError::Program {
-            source: ProgramError::IOError(io::Error::other(e)),
-        })?;
+        classifier_mut(&mut ebpf, PROGRAM)
+            .pin(&program_pin)
+            .map_err(|e| LoadError::Program {
+                program: PROGRAM,
+                source: ProgramError::IOError(io::Error::other(e)),
+            })?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let logs = aya_log::EbpfLogger::init(&mut ebpf)
             .inspect_err(|e| log::warn!("the datapath's log records will not be shown: {e}"))
@@ -201,6 +233,7 @@ impl Datapath {
         self.logs.take()
     }
 
+    /// The program that translates traffic leaving pods.
     pub fn program(&self) -> &SchedClassifier {
         // Checked to exist and to be a classifier in `load`.
         self.ebpf
@@ -209,53 +242,67 @@ impl Datapath {
             .expect("program checked at load")
     }
 
-    fn program_mut(&mut self) -> &mut SchedClassifier {
-        self.ebpf
-            .program_mut(PROGRAM)
-            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-            .expect("program checked at load")
-    }
-
-    /// Attaches to the ingress of `interface` (traffic leaving the pod behind
-    /// it); attaching twice is a no-op. With tcx, a link an earlier agent
-    /// pinned for the interface gets this program swapped in atomically, so
-    /// no packet goes untranslated across a restart.
+    /// Attaches every program to its hook on `interface`; attaching twice is
+    /// a no-op. With tcx, a link an earlier agent pinned for the interface
+    /// gets this agent's program swapped in atomically, so no packet goes
+    /// untranslated across a restart.
     pub fn attach(&mut self, interface: &str) -> Result<bool, AttachError> {
         if self.attached.contains_key(interface) {
             return Ok(false);
         }
+        let mut attachments = Vec::with_capacity(HOOKS.len());
+        for (program, hook, pin_suffix) in HOOKS {
+            let pin = self.links_dir.join(format!("{interface}{pin_suffix}"));
+            match self.attach_one(program, interface, hook, pin) {
+                Ok(attachment) => attachments.push(attachment),
+                Err(e) => {
+                    // All hooks or none: half a datapath would translate
+                    // requests whose replies go untranslated.
+                    for attachment in attachments {
+                        self.detach(attachment);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.attached.insert(interface.to_owned(), attachments);
+        Ok(true)
+    }
+
+    fn attach_one(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        hook: TcAttachType,
+        pin: PathBuf,
+    ) -> Result<Attachment, AttachError> {
         let attach_err = |source| AttachError::Attach {
+            program: name,
             interface: interface.to_owned(),
-            source,
+            hook,
+            source: Box::new(source),
         };
+        let program = classifier_mut(&mut self.ebpf, name);
         if !self.use_tcx {
             // Before tcx (Linux 6.6) TC programs hang off a clsact qdisc;
             // an existing one is fine.
             let _ = aya::programs::tc::qdisc_add_clsact(interface);
-            let link = self
-                .program_mut()
-                .attach(interface, TcAttachType::Ingress)
-                .map_err(attach_err)?;
-            self.attached
-                .insert(interface.to_owned(), Attachment::Owned(link));
-            return Ok(true);
+            let link = program.attach(interface, hook).map_err(attach_err)?;
+            return Ok(Attachment::Owned(name, link));
         }
-        let pin = self.links_dir.join(interface);
         if pin.exists() {
             let reused = PinnedLink::from_pin(&pin)
                 .ok()
                 .map(FdLink::from)
                 .and_then(|fd| SchedClassifierLink::try_from(fd).ok())
-                .map(|link| self.program_mut().attach_to_link(link));
+                .map(|link| program.attach_to_link(link));
             match reused {
                 Some(Ok(id)) => {
                     // The pin keeps the link; the program needs no handle on it.
-                    if let Ok(link) = self.program_mut().take_link(id) {
+                    if let Ok(link) = program.take_link(id) {
                         drop(link);
                     }
-                    self.attached
-                        .insert(interface.to_owned(), Attachment::Pinned(pin));
-                    return Ok(true);
+                    return Ok(Attachment::Pinned(pin));
                 }
                 // The interface was re-created since: that link is defunct.
                 _ => {
@@ -263,33 +310,40 @@ impl Datapath {
                 }
             }
         }
-        let program = self.program_mut();
-        let id = program
-            .attach(interface, TcAttachType::Ingress)
-            .map_err(attach_err)?;
+        let id = program.attach(interface, hook).map_err(attach_err)?;
         let link = program.take_link(id).map_err(attach_err)?;
         let pinned = FdLink::try_from(link)
             .map_err(|e| attach_err(ProgramError::IOError(io::Error::other(e))))?
             .pin(&pin)
             .map_err(|e| attach_err(ProgramError::IOError(io::Error::other(e))))?;
         drop(pinned);
-        self.attached
-            .insert(interface.to_owned(), Attachment::Pinned(pin));
-        Ok(true)
+        Ok(Attachment::Pinned(pin))
     }
 
-    /// Forgets an interface that went away (its link went with it).
+    /// Forgets an interface that went away (its links went with it).
     pub fn forget(&mut self, interface: &str) {
-        match self.attached.remove(interface) {
-            Some(Attachment::Owned(link)) => {
-                let _ = self.program_mut().detach(link);
-            }
-            Some(Attachment::Pinned(pin)) => {
-                let _ = std::fs::remove_file(pin);
-            }
-            None => {}
+        for attachment in self.attached.remove(interface).unwrap_or_default() {
+            self.detach(attachment);
         }
     }
+
+    fn detach(&mut self, attachment: Attachment) {
+        match attachment {
+            Attachment::Owned(name, link) => {
+                let _ = classifier_mut(&mut self.ebpf, name).detach(link);
+            }
+            Attachment::Pinned(pin) => {
+                let _ = std::fs::remove_file(pin);
+            }
+        }
+    }
+}
+
+/// A program of the object, checked to exist and to be a classifier in `load`.
+fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        .expect("program checked at load")
 }
 
 /// Passes the program's log records into the agent's log as they come.

@@ -9,6 +9,7 @@
 //! touched.
 
 pub mod apiserver;
+pub mod cluster;
 pub mod kubeproxy;
 pub mod lanes;
 pub mod procfs;

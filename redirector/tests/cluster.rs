@@ -1,0 +1,126 @@
+//! The multi-node bed: pods on two nodes, the underlay, and each way of
+//! carrying pod traffic between nodes ([`PodNetwork`]); one agent per node.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use common::{agent_binary, eventually, tcp_request, udp_request};
+use testbed::cluster::{Cluster, PodNetwork, pod_address};
+
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+const SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+const DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53);
+
+fn pod_yaml(name: &str, addr: Ipv4Addr, node: usize) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: default
+  labels:
+    app: web
+spec:
+  nodeName: node-{node}
+  containers:
+  - name: web
+    ports:
+    - name: http
+      containerPort: 8080
+status:
+  phase: Running
+  podIP: {addr}
+  conditions:
+  - type: Ready
+    status: \"True\"
+"
+    )
+}
+
+const WEB_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  clusterIP: 10.96.0.10
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+  - name: dns
+    port: 53
+    protocol: UDP
+    targetPort: 8080
+";
+
+/// A client pod on node 0 and the only endpoint on node 1.
+fn cross_node(tag: &str, network: PodNetwork) -> (Cluster, String) {
+    let mut cluster = Cluster::new(tag, 2, network);
+    let client = cluster.add_pod(0, "client", pod_address(0, 5));
+    let web = cluster.add_pod(1, "web-b", pod_address(1, 10));
+    cluster.serve(&web, "web-b", 8080);
+    cluster.write_manifest(
+        "web.yaml",
+        &format!("{}---\n{WEB_SERVICE}", pod_yaml("web-b", pod_address(1, 10), 1)),
+    );
+    (cluster, client)
+}
+
+fn pod_to_service_on_another_node(tag: &str, network: PodNetwork) {
+    let (cluster, client) = cross_node(tag, network);
+    let _agents = cluster.start_agents(agent_binary(), &[]);
+    // Pod to pod across nodes works without the agents' help.
+    eventually(
+        &format!("{network:?}: pod to pod across nodes"),
+        SYNC_TIMEOUT,
+        || tcp_request(&client, SocketAddrV4::new(pod_address(1, 10), 8080)).map_err(|e| e.to_string()),
+    );
+    let answer = eventually(
+        &format!("{network:?}: TCP to the ClusterIP"),
+        SYNC_TIMEOUT,
+        || tcp_request(&client, SERVICE).map_err(|e| e.to_string()),
+    );
+    assert_eq!(
+        answer.pod, "web-b",
+        "{network:?}: the endpoint on node 1 answered"
+    );
+    assert_eq!(
+        *answer.client.ip(),
+        pod_address(0, 5),
+        "{network:?}: the endpoint saw the client pod's address"
+    );
+    let answer = eventually(
+        &format!("{network:?}: UDP to the ClusterIP"),
+        SYNC_TIMEOUT,
+        || udp_request(&client, DNS).map_err(|e| e.to_string()),
+    );
+    assert_eq!(
+        answer.pod, "web-b",
+        "{network:?}: UDP: the endpoint on node 1 answered"
+    );
+    assert_eq!(
+        *answer.client.ip(),
+        pod_address(0, 5),
+        "{network:?}: UDP: the client address is kept"
+    );
+}
+
+#[test]
+fn routed_pod_reaches_a_service_endpoint_on_another_node() {
+    pod_to_service_on_another_node("rt", PodNetwork::Routed);
+}
+
+#[test]
+fn vxlan_pod_reaches_a_service_endpoint_on_another_node() {
+    pod_to_service_on_another_node("vx", PodNetwork::Vxlan);
+}
+
+#[test]
+fn l3_tunnel_pod_reaches_a_service_endpoint_on_another_node() {
+    pod_to_service_on_another_node("l3", PodNetwork::L3Tunnel);
+}

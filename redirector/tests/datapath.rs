@@ -287,6 +287,9 @@ fn translates_forward_and_reply() {
 #[test]
 fn passes_what_is_not_for_a_service() {
     let h = Harness::new();
+    // One field of a built frame altered rather than a real ARP or ICMP packet,
+    // so only the EtherType or the IP protocol number tells them apart from a
+    // SYN the program would translate.
     let mut arp = Spec::tcp((CLIENT, 1), (VIP, 80), SYN).build();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     let mut icmp = Spec::tcp((CLIENT, 1), (VIP, 80), 0).build();
@@ -335,6 +338,8 @@ fn passes_what_is_not_for_a_service() {
 #[test]
 fn refuses_and_drops() {
     let h = Harness::new();
+    // The builder only writes well-formed frames: these are built whole, then cut
+    // or altered.
     let mut truncated = Spec::tcp((CLIENT, 40000), (VIP, 80), SYN).build();
     truncated.truncate(14 + 20 + 10);
     // The kernel's test runner refuses frames shorter than an IPv4 header, so

@@ -1,21 +1,33 @@
-//! Building and checking Ethernet/IPv4/TCP/UDP/ICMP frames byte by byte, so
+//! Ethernet/IPv4/TCP/UDP frames built and read back with etherparse, so
 //! datapath tests state exactly what goes in and what must come out.
 
 use std::net::Ipv4Addr;
 
+use etherparse::{
+    Icmpv4Type, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, LinkSlice, NetSlice, PacketBuilder,
+    SlicedPacket, TcpHeader, TransportSlice, UdpHeader,
+};
+
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
-pub const ICMP: u8 = 1;
+pub const TCP: u8 = IpNumber::TCP.0;
+pub const UDP: u8 = IpNumber::UDP.0;
+pub const ICMP: u8 = IpNumber::ICMP.0;
+/// TCP flag bits as they sit in the header's flags byte.
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
+
+// The IPv4 flags+fragment offset field, as `Spec::frag` carries it.
+const DONT_FRAGMENT: u16 = 0x4000;
+const MORE_FRAGMENTS: u16 = 0x2000;
+const FRAGMENT_OFFSET: u16 = 0x1fff;
 
 #[derive(Clone, Debug)]
 pub struct Spec {
     pub proto: u8,
     pub src: (Ipv4Addr, u16),
     pub dst: (Ipv4Addr, u16),
+    /// SYN and/or ACK.
     pub tcp_flags: u8,
     pub payload: Vec<u8>,
     /// Raw IPv4 options (length a multiple of 4).
@@ -48,116 +60,111 @@ impl Spec {
         }
     }
 
+    /// The frame, with valid IPv4 and TCP/UDP checksums (bar a requested zero
+    /// UDP checksum).
     pub fn build(&self) -> Vec<u8> {
-        let ip_hlen = 20 + self.ip_options.len();
-        let l4_hlen = if self.proto == TCP { 20 } else { 8 };
-        let total = ip_hlen + l4_hlen + self.payload.len();
-        let mut f = Vec::with_capacity(14 + total);
-        f.extend_from_slice(&NODE_MAC);
-        f.extend_from_slice(&CLIENT_MAC);
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
-        f.push(0x40 | (ip_hlen / 4) as u8);
-        f.push(0);
-        f.extend_from_slice(&(total as u16).to_be_bytes());
-        f.extend_from_slice(&0x1234u16.to_be_bytes());
-        f.extend_from_slice(&self.frag.to_be_bytes());
-        f.push(64);
-        f.push(self.proto);
-        f.extend_from_slice(&[0, 0]);
-        f.extend_from_slice(&self.src.0.octets());
-        f.extend_from_slice(&self.dst.0.octets());
-        f.extend_from_slice(&self.ip_options);
-        let l4 = f.len();
-        f.extend_from_slice(&self.src.1.to_be_bytes());
-        f.extend_from_slice(&self.dst.1.to_be_bytes());
-        if self.proto == TCP {
-            f.extend_from_slice(&1000u32.to_be_bytes());
-            f.extend_from_slice(&(if self.tcp_flags & ACK != 0 { 2000u32 } else { 0 }).to_be_bytes());
-            f.push(5 << 4);
-            f.push(self.tcp_flags);
-            f.extend_from_slice(&64240u16.to_be_bytes());
-            f.extend_from_slice(&[0, 0, 0, 0]);
-        } else {
-            f.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-            f.extend_from_slice(&[0, 0]);
-        }
-        f.extend_from_slice(&self.payload);
-        let ip_csum = checksum(&f[14..14 + ip_hlen]);
-        f[24..26].copy_from_slice(&ip_csum.to_be_bytes());
-        if !(self.proto == UDP && self.udp_zero_checksum) {
-            let csum_at = l4 + if self.proto == TCP { 16 } else { 6 };
-            let mut c = l4_checksum(&f);
-            if self.proto == UDP && c == 0 {
-                c = 0xffff;
+        assert_eq!(
+            self.frag & !(DONT_FRAGMENT | MORE_FRAGMENTS | FRAGMENT_OFFSET),
+            0,
+            "the reserved IPv4 flag cannot be built"
+        );
+        let ip = Ipv4Header {
+            identification: 0x1234,
+            dont_fragment: self.frag & DONT_FRAGMENT != 0,
+            more_fragments: self.frag & MORE_FRAGMENTS != 0,
+            fragment_offset: IpFragOffset::try_new(self.frag & FRAGMENT_OFFSET).unwrap(),
+            time_to_live: 64,
+            source: self.src.0.octets(),
+            destination: self.dst.0.octets(),
+            options: self
+                .ip_options
+                .as_slice()
+                .try_into()
+                .expect("IPv4 options: at most 40 bytes, a multiple of 4"),
+            ..Default::default()
+        };
+        let ip = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ip(IpHeaders::Ipv4(ip, Default::default()));
+        let mut frame = Vec::new();
+        match self.proto {
+            TCP => {
+                assert_eq!(self.tcp_flags & !(SYN | ACK), 0, "only SYN and ACK can be built");
+                let mut tcp = TcpHeader::new(self.src.1, self.dst.1, 1000, 64240);
+                tcp.syn = self.tcp_flags & SYN != 0;
+                tcp.ack = self.tcp_flags & ACK != 0;
+                if tcp.ack {
+                    tcp.acknowledgment_number = 2000;
+                }
+                ip.tcp_header(tcp).write(&mut frame, &self.payload)
             }
-            f[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+            // The builder always fills in the UDP checksum; a datagram without
+            // one (zero, allowed over IPv4) goes in as the IP payload instead.
+            UDP if self.udp_zero_checksum => {
+                let udp = UdpHeader {
+                    source_port: self.src.1,
+                    destination_port: self.dst.1,
+                    length: (UdpHeader::LEN + self.payload.len()) as u16,
+                    checksum: 0,
+                };
+                let datagram = [&udp.to_bytes()[..], &self.payload].concat();
+                ip.write(&mut frame, IpNumber::UDP, &datagram)
+            }
+            UDP => ip.udp(self.src.1, self.dst.1).write(&mut frame, &self.payload),
+            other => panic!("cannot build IP protocol {other}"),
         }
-        f
+        .expect("build frame");
+        frame
     }
 }
 
-/// Internet checksum (RFC 1071) of `data`, as a big-endian value.
-pub fn checksum(data: &[u8]) -> u16 {
-    !fold(sum(data))
-}
-
-fn sum(data: &[u8]) -> u64 {
-    data.chunks(2)
-        .map(|c| u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut s: u64) -> u16 {
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
-
-/// TCP/UDP checksum over pseudo-header and segment, with the checksum field
-/// taken as zero.
-fn l4_checksum(frame: &[u8]) -> u16 {
-    let p = Parsed::new(frame);
-    let mut seg = frame[p.l4..].to_vec();
-    let at = if p.proto == TCP { 16 } else { 6 };
-    seg[at] = 0;
-    seg[at + 1] = 0;
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&frame[26..34]);
-    pseudo.push(0);
-    pseudo.push(p.proto);
-    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-    !fold(sum(&pseudo) + sum(&seg))
-}
-
-/// A received frame, read back.
+/// A received Ethernet/IPv4 frame carrying TCP, UDP or ICMP, read back.
 #[derive(Debug)]
-pub struct Parsed {
+pub struct Parsed<'a> {
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
     pub proto: u8,
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
+    /// TCP/UDP ports; zero for ICMP.
     pub sport: u16,
     pub dport: u16,
+    /// Offset of the TCP/UDP/ICMP header in the frame.
     pub l4: usize,
     pub ip_hlen: usize,
+    ip: Ipv4Header,
+    transport: TransportSlice<'a>,
 }
 
-impl Parsed {
-    pub fn new(f: &[u8]) -> Self {
-        let ip_hlen = usize::from(f[14] & 0x0f) * 4;
-        let l4 = 14 + ip_hlen;
+impl<'a> Parsed<'a> {
+    pub fn new(frame: &'a [u8]) -> Self {
+        let packet = SlicedPacket::from_ethernet(frame).expect("an Ethernet frame");
+        let Some(LinkSlice::Ethernet2(eth)) = &packet.link else {
+            panic!("an Ethernet II frame: {packet:?}");
+        };
+        let Some(NetSlice::Ipv4(ipv4)) = &packet.net else {
+            panic!("an IPv4 packet: {packet:?}");
+        };
+        let ip = ipv4.header().to_header();
+        let transport = packet
+            .transport
+            .clone()
+            .unwrap_or_else(|| panic!("a TCP, UDP or ICMP header: {packet:?}"));
+        let (sport, dport) = match &transport {
+            TransportSlice::Tcp(tcp) => (tcp.source_port(), tcp.destination_port()),
+            TransportSlice::Udp(udp) => (udp.source_port(), udp.destination_port()),
+            _ => (0, 0),
+        };
         Self {
-            dst_mac: f[0..6].try_into().unwrap(),
-            src_mac: f[6..12].try_into().unwrap(),
-            proto: f[23],
-            src: Ipv4Addr::new(f[26], f[27], f[28], f[29]),
-            dst: Ipv4Addr::new(f[30], f[31], f[32], f[33]),
-            sport: u16::from_be_bytes([f[l4], f[l4 + 1]]),
-            dport: u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]),
-            l4,
-            ip_hlen,
+            dst_mac: eth.destination(),
+            src_mac: eth.source(),
+            proto: ip.protocol.0,
+            src: ip.source.into(),
+            dst: ip.destination.into(),
+            sport,
+            dport,
+            l4: eth.header_slice().len() + ip.header_len(),
+            ip_hlen: ip.header_len(),
+            ip,
+            transport,
         }
     }
 }
@@ -166,23 +173,35 @@ impl Parsed {
 pub fn assert_checksums(frame: &[u8], case: &str) {
     let p = Parsed::new(frame);
     assert_eq!(
-        checksum(&frame[14..14 + p.ip_hlen]),
-        0,
+        p.ip.header_checksum,
+        p.ip.calc_header_checksum(),
         "{case}: IPv4 header checksum"
     );
-    match p.proto {
-        ICMP => assert_eq!(checksum(&frame[p.l4..]), 0, "{case}: ICMP checksum"),
-        UDP if frame[p.l4 + 6..p.l4 + 8] == [0, 0] => {}
-        _ => {
-            let stored = u16::from_be_bytes([
-                frame[p.l4 + if p.proto == TCP { 16 } else { 6 }],
-                frame[p.l4 + if p.proto == TCP { 17 } else { 7 }],
-            ]);
-            let mut expect = l4_checksum(frame);
-            if p.proto == UDP && expect == 0 {
-                expect = 0xffff;
-            }
-            assert_eq!(stored, expect, "{case}: L4 checksum");
+    let (src, dst) = (p.ip.source, p.ip.destination);
+    match &p.transport {
+        TransportSlice::Icmpv4(icmp) => {
+            // Summed over the raw bytes 5-8: etherparse's typed port
+            // unreachable drops them, yet the checksum covers them.
+            let raw = Icmpv4Type::Unknown {
+                type_u8: icmp.type_u8(),
+                code_u8: icmp.code_u8(),
+                bytes5to8: icmp.bytes5to8(),
+            };
+            assert_eq!(
+                icmp.checksum(),
+                raw.calc_checksum(icmp.payload()),
+                "{case}: ICMP checksum"
+            );
         }
+        TransportSlice::Udp(udp) if udp.checksum() == 0 => {}
+        TransportSlice::Udp(udp) => {
+            let expect = udp.to_header().calc_checksum_ipv4_raw(src, dst, udp.payload());
+            assert_eq!(udp.checksum(), expect.unwrap(), "{case}: L4 checksum");
+        }
+        TransportSlice::Tcp(tcp) => {
+            let expect = tcp.calc_checksum_ipv4(src, dst);
+            assert_eq!(tcp.checksum(), expect.unwrap(), "{case}: L4 checksum");
+        }
+        other => panic!("{case}: unexpected transport {other:?}"),
     }
 }

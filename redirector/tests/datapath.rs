@@ -73,12 +73,16 @@ impl Harness {
 
     /// Runs one frame; returns the verdict and the frame as the program left it.
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.try_run(frame).expect("BPF_PROG_TEST_RUN")
+        self.try_run(Hook::FromPod, frame).expect("BPF_PROG_TEST_RUN")
     }
 
-    fn try_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+    fn try_run(&self, hook: Hook, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        let program = match hook {
+            Hook::FromPod => self.datapath.program(),
+            Hook::ToPod => self.datapath.to_pod_program(),
+        };
         let mut out = vec![0u8; 512];
-        let result = self.datapath.program().test_run(TestRunOptions {
+        let result = program.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
             ..Default::default()
@@ -92,15 +96,24 @@ impl Harness {
     }
 }
 
+/// Which of the programs a frame meets: on a pod interface's node side,
+/// ingress (the packet leaves the pod) or egress (it enters the pod).
+#[derive(Clone, Copy)]
+enum Hook {
+    FromPod,
+    ToPod,
+}
+
 fn fe(addr: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
     Frontend { addr, port, protocol }
 }
 
 /// What must come out of the program.
 enum Expect {
-    /// Verdict OK, frame unchanged.
+    /// Let through (TC_ACT_UNSPEC), frame unchanged.
     Untouched,
-    /// Verdict OK, addresses/ports rewritten to these, payload kept, checksums valid.
+    /// Let through (TC_ACT_UNSPEC), addresses/ports rewritten to these, payload
+    /// kept, checksums valid.
     Translated {
         src: (Ipv4Addr, u16),
         dst: (Ipv4Addr, u16),
@@ -120,10 +133,14 @@ struct Case {
 }
 
 fn check(h: &Harness, case: Case) {
+    check_on(h, Hook::FromPod, case);
+}
+
+fn check_on(h: &Harness, hook: Hook, case: Case) {
     let before = h.counters();
     let name = case.name;
     let (verdict, out) = h
-        .try_run(&case.frame)
+        .try_run(hook, &case.frame)
         .unwrap_or_else(|e| panic!("{name}: BPF_PROG_TEST_RUN: {e:?}"));
     match case.expect {
         Expect::Untouched => {
@@ -185,6 +202,58 @@ fn check(h: &Harness, case: Case) {
         "{name}: counter {} must count the packet",
         counters::LABELS[case.counter as usize]
     );
+}
+
+/// Replies are translated on their way into the client pod too: there the
+/// reply of an endpoint on another node, of a process on the node, or of a
+/// masqueraded flow is first seen.
+#[test]
+fn translates_replies_on_their_way_into_the_pod() {
+    let h = Harness::new();
+    check(
+        &h,
+        Case {
+            name: "a SYN from the client pod opens a flow",
+            frame: Spec::tcp((CLIENT, 42000), (VIP, 80), SYN).build(),
+            expect: Expect::Translated {
+                src: (CLIENT, 42000),
+                dst: (POD, 8080),
+            },
+            counter: counters::FORWARD_NEW_FLOW,
+        },
+    );
+    let cases = [
+        Case {
+            name: "into the client pod: the endpoint's SYN-ACK comes from the service address",
+            frame: Spec::tcp((POD, 8080), (CLIENT, 42000), SYN | ACK).build(),
+            expect: Expect::Translated {
+                src: (VIP, 80),
+                dst: (CLIENT, 42000),
+            },
+            counter: counters::REPLY_TRANSLATED,
+        },
+        Case {
+            name: "into the client pod: a reply translated on its way out of the endpoint passes as is",
+            frame: Spec::tcp((VIP, 80), (CLIENT, 42000), ACK).build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_TO_POD,
+        },
+        Case {
+            name: "into the endpoint pod: the translated request passes as is",
+            frame: Spec::tcp((CLIENT, 42000), (POD, 8080), ACK).build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_TO_POD,
+        },
+        Case {
+            name: "into a pod: traffic of no translated flow passes as is",
+            frame: Spec::udp((OUTSIDE, 5000), (CLIENT, 53), b"q").build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_TO_POD,
+        },
+    ];
+    for case in cases {
+        check_on(&h, Hook::ToPod, case);
+    }
 }
 
 fn with_options(mut spec: Spec, options: &[u8]) -> Spec {

@@ -235,9 +235,18 @@ impl Datapath {
 
     /// The program that translates traffic leaving pods.
     pub fn program(&self) -> &SchedClassifier {
+        self.classifier(PROGRAM)
+    }
+
+    /// The program that translates replies on their way into pods.
+    pub fn to_pod_program(&self) -> &SchedClassifier {
+        self.classifier(TO_POD_PROGRAM)
+    }
+
+    fn classifier(&self, name: &str) -> &SchedClassifier {
         // Checked to exist and to be a classifier in `load`.
         self.ebpf
-            .program(PROGRAM)
+            .program(name)
             .and_then(|p| <&SchedClassifier>::try_from(p).ok())
             .expect("program checked at load")
     }

@@ -124,3 +124,89 @@ fn vxlan_pod_reaches_a_service_endpoint_on_another_node() {
 fn l3_tunnel_pod_reaches_a_service_endpoint_on_another_node() {
     pod_to_service_on_another_node("l3", PodNetwork::L3Tunnel);
 }
+
+/// default/kubernetes, served by a process on node 0's own address (as
+/// kube-apiserver is on a control-plane node), through a selectorless
+/// Service and its EndpointSlice.
+const KUBERNETES_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: kubernetes
+  namespace: default
+spec:
+  clusterIP: 10.96.0.1
+  ports:
+  - name: https
+    port: 443
+    targetPort: 6443
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kubernetes
+  namespace: default
+  labels:
+    kubernetes.io/service-name: kubernetes
+addressType: IPv4
+ports:
+- name: https
+  port: 6443
+  protocol: TCP
+endpoints:
+- addresses:
+  - 192.0.2.11
+";
+const KUBERNETES: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
+
+/// Pods on both nodes reach the API server on node 0's host network through
+/// the `kubernetes` Service, with flannel's masquerade rule off and on.
+fn kubernetes_service_from_both_nodes(tag: &str, network: PodNetwork) {
+    let mut cluster = Cluster::new(tag, 2, network);
+    let clients = [
+        cluster.add_pod(0, "client-0", pod_address(0, 5)),
+        cluster.add_pod(1, "client-1", pod_address(1, 5)),
+    ];
+    cluster.serve_on_node(0, "apiserver", 6443);
+    cluster.write_manifest("kubernetes.yaml", KUBERNETES_SERVICE);
+    let _agents = cluster.start_agents(agent_binary(), &[]);
+    for masquerade in [false, true] {
+        cluster.set_masquerade(masquerade);
+        for (node, client) in clients.iter().enumerate() {
+            let what =
+                format!("{network:?}, masquerade {masquerade}: kubernetes Service from a pod on node {node}");
+            let answer = eventually(&what, SYNC_TIMEOUT, || {
+                tcp_request(client, KUBERNETES).map_err(|e| e.to_string())
+            });
+            assert_eq!(
+                answer.pod, "apiserver",
+                "{what}: the host-network endpoint answered"
+            );
+            // Node 0's own pod is delivered locally, never masqueraded.
+            let seen_as = if masquerade && node == 1 {
+                cluster.nodes[1].address
+            } else {
+                pod_address(node, 5)
+            };
+            assert_eq!(
+                *answer.client.ip(),
+                seen_as,
+                "{what}: the client address the endpoint saw"
+            );
+        }
+    }
+}
+
+#[test]
+fn routed_kubernetes_service_reaches_the_host_network_endpoint() {
+    kubernetes_service_from_both_nodes("rk", PodNetwork::Routed);
+}
+
+#[test]
+fn vxlan_kubernetes_service_reaches_the_host_network_endpoint() {
+    kubernetes_service_from_both_nodes("vk", PodNetwork::Vxlan);
+}
+
+#[test]
+fn l3_tunnel_kubernetes_service_reaches_the_host_network_endpoint() {
+    kubernetes_service_from_both_nodes("lk", PodNetwork::L3Tunnel);
+}

@@ -367,27 +367,37 @@ impl Cluster {
     }
 
     /// flannel's ip-masq: pod traffic leaving the pod network is masqueraded
-    /// to the node's address (iptables, in every node).
+    /// to the node's address (iptables, in every node). Idempotent.
     pub fn set_masquerade(&self, on: bool) {
-        let action = if on { "-A" } else { "-D" };
+        const RULE: [&str; 10] = [
+            "POSTROUTING",
+            "-s",
+            POD_CIDRS,
+            "!",
+            "-d",
+            POD_CIDRS,
+            "-j",
+            "MASQUERADE",
+            "-w",
+            "5",
+        ];
+        let iptables = |netns: &str, action: &str| {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", netns, "iptables", "-t", "nat", action])
+                .args(RULE);
+            cmd
+        };
         for node in &self.nodes {
-            run(Command::new("ip").args([
-                "netns",
-                "exec",
-                &node.netns,
-                "iptables",
-                "-t",
-                "nat",
-                action,
-                "POSTROUTING",
-                "-s",
-                POD_CIDRS,
-                "!",
-                "-d",
-                POD_CIDRS,
-                "-j",
-                "MASQUERADE",
-            ]));
+            let present = iptables(&node.netns, "-C")
+                .output()
+                .expect("running iptables")
+                .status
+                .success();
+            match (on, present) {
+                (true, false) => run(&mut iptables(&node.netns, "-A")),
+                (false, true) => run(&mut iptables(&node.netns, "-D")),
+                _ => {}
+            }
         }
     }
 

@@ -7,7 +7,7 @@ pub const CONFIG_MAP: &str = "CONFIG_V1";
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Config {
     /// Service CIDR base address, network byte order. Traffic to an address in
-    /// the CIDR that no service uses is refused, as kube-proxy's nftables mode
+    /// the CIDR that no service uses is dropped, as kube-proxy's nftables mode
     /// does, instead of being routed onward. 0/0 (both zero) disables the check.
     pub service_cidr_addr: u32,
     /// Service CIDR netmask, network byte order.

@@ -1,7 +1,9 @@
 //! Per-CPU packet counters: one slot per verdict and drop reason.
 
 /// `PerCpuArray<u64>` with [`COUNT`] slots, indexed by the constants below.
-/// V2: `pass_to_pod` (the reverse-translation program on the way into pods).
+/// V2: `pass_to_pod_untouched` (the reverse-translation program on the way
+/// into pods), kube-proxy's refusals (an undefined port is refused, an
+/// unallocated address dropped) and the refusals' rate limit.
 pub const COUNTER_MAP: &str = "COUNTERS_V2";
 
 macro_rules! counters {
@@ -31,14 +33,15 @@ counters! {
     FORWARD_ESTABLISHED = 5: "forward_established",
     REPLY_TRANSLATED = 6: "reply_translated",
     REFUSED_NO_ENDPOINTS = 7: "refused_no_endpoints",
-    REFUSED_UNALLOCATED_IP = 8: "refused_unallocated_cluster_ip",
-    DROP_UNKNOWN_PORT = 9: "drop_unknown_port",
+    REFUSED_UNKNOWN_PORT = 8: "refused_unknown_port",
+    DROP_UNALLOCATED_IP = 9: "drop_unallocated_cluster_ip",
     DROP_FRAGMENT = 10: "drop_fragment",
     DROP_TRUNCATED = 11: "drop_truncated",
     DROP_BACKEND_MISSING = 12: "drop_backend_missing",
     DROP_CT_FULL = 13: "drop_conntrack_insert_failed",
     DROP_REWRITE_FAILED = 14: "drop_rewrite_failed",
     PASS_TO_POD = 15: "pass_to_pod_untouched",
+    DROP_REFUSAL_RATE_LIMITED = 16: "drop_refusal_rate_limited",
 }
 
 /// `skb->mark` that asks the program to decide without side effects (no

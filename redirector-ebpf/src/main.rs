@@ -215,19 +215,24 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
 
     // Not in the connection table. Most such packets are not for a service
     // at all: one address lookup settles them before any per-port lookup.
+    // As kube-proxy: an unallocated address of the service range is dropped;
+    // a service address on a port it does not define, or a service port
+    // without endpoints, is refused (ICMP port unreachable, rate-limited).
+    // SAFETY: only whether the entry exists is read.
     if unsafe { VIP_V1.get(&pkt.daddr) }.is_none() {
         if in_service_cidr(pkt.daddr) {
-            return refuse::port_unreachable(ctx, &pkt, counters::REFUSED_UNALLOCATED_IP);
+            return Err(Verdict::drop(counters::DROP_UNALLOCATED_IP));
         }
         return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
     }
     let master_key = service_key(&pkt, MASTER_SLOT);
+    // SAFETY: the entry is copied out at once.
     let Some(master) = (unsafe { SVC_V2.get(&master_key) }).copied() else {
-        return Err(Verdict::drop(counters::DROP_UNKNOWN_PORT));
+        return refuse::port_unreachable(ctx, mode, &pkt, counters::REFUSED_UNKNOWN_PORT);
     };
     choice.svc_id = master.svc_id;
     if master.count == 0 {
-        return refuse::port_unreachable(ctx, &pkt, counters::REFUSED_NO_ENDPOINTS);
+        return refuse::port_unreachable(ctx, mode, &pkt, counters::REFUSED_NO_ENDPOINTS);
     }
 
     let slot = pick_slot(master.count);

@@ -1,19 +1,67 @@
 //! Refusal: turn the packet into an ICMP port-unreachable for its sender and
 //! send it back out the interface it came in on, as kube-proxy's `REJECT` does
-//! for services without endpoints. For TCP the client's connect() fails at once
-//! with ECONNREFUSED; for UDP the next send/recv does.
+//! for services without endpoints and for ports a service does not define.
+//! For TCP the client's connect() fails at once with ECONNREFUSED; for UDP the
+//! next send/recv does. Like the kernel's own ICMP errors (`icmp_ratelimit`),
+//! refusals are rate-limited per sender: a burst of [`BURST`], then one per
+//! [`INTERVAL_NS`]; beyond that the packet is dropped.
 
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
+    helpers::{
+        bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_skb_store_bytes,
+    },
+    macros::map,
+    maps::LruHashMap,
     programs::TcContext,
 };
 use redirector_common::{counters, proto};
 
 use crate::{
-    Verdict,
+    Mode, Verdict,
     packet::{ETH_HLEN, IPV4_MIN_HLEN as IP_HLEN, Packet},
 };
+
+/// One refusal per second per sender once the burst is spent: the kernel's
+/// `icmp_ratelimit` default (1000 ms) and its burst factor (6).
+const INTERVAL_NS: u64 = 1_000_000_000;
+const BURST: u64 = 6;
+
+/// Per sender address (network byte order): refusal credit in nanoseconds
+/// and when it was last topped up. Not pinned: a restart forgets it, as a
+/// rate limit may.
+#[map]
+static REFUSALS_V1: LruHashMap<u32, RefusalCredit> = LruHashMap::with_max_entries(16384, 0);
+
+#[derive(Clone, Copy)]
+struct RefusalCredit {
+    credit_ns: u64,
+    updated_ns: u64,
+}
+
+/// Takes one refusal's credit from `saddr`'s bucket, as the kernel's
+/// `inet_peer_xrlim_allow`; false when there is none.
+#[inline(always)]
+fn refusal_allowed(saddr: u32) -> bool {
+    // SAFETY: a BPF helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let full = RefusalCredit {
+        credit_ns: BURST * INTERVAL_NS,
+        updated_ns: now,
+    };
+    // SAFETY: the entry is copied out at once; a racing update from another
+    // CPU only blurs the credit, never lets more than a burst through.
+    let mut bucket = unsafe { REFUSALS_V1.get(&saddr) }.copied().unwrap_or(full);
+    bucket.credit_ns = (bucket.credit_ns + now.saturating_sub(bucket.updated_ns)).min(full.credit_ns);
+    bucket.updated_ns = now;
+    let allowed = bucket.credit_ns >= INTERVAL_NS;
+    if allowed {
+        bucket.credit_ns -= INTERVAL_NS;
+    }
+    let _ = REFUSALS_V1.insert(&saddr, &bucket, 0);
+    allowed
+}
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
@@ -21,8 +69,13 @@ const ICMP_HLEN: usize = 8;
 /// RFC 792: the offending IP header (with options) and 8 bytes of its payload.
 const MAX_QUOTE: usize = 60 + 8;
 
+/// Answers `pkt` with ICMP port unreachable, counted as `counter`; explain
+/// runs take no rate-limit credit.
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, pkt: &Packet, counter: u32) -> Result<Verdict, Verdict> {
+pub fn port_unreachable(ctx: &TcContext, mode: Mode, pkt: &Packet, counter: u32) -> Result<Verdict, Verdict> {
+    if mode == Mode::Live && !refusal_allowed(pkt.saddr) {
+        return Err(Verdict::drop(counters::DROP_REFUSAL_RATE_LIMITED));
+    }
     let failed = Verdict::drop(counters::DROP_REWRITE_FAILED);
     let skb = ctx.skb.skb;
 

@@ -256,6 +256,44 @@ fn translates_replies_on_their_way_into_the_pod() {
     }
 }
 
+/// Refusals are ICMP errors, rate-limited per sender as the kernel limits its
+/// own (a burst of six, then one a second): a seventh at once is dropped, and
+/// another sender still gets its refusal.
+#[test]
+fn refusals_are_rate_limited_per_sender() {
+    let h = Harness::new();
+    let flooder = Ipv4Addr::new(10, 244, 0, 77);
+    for port in 0..6 {
+        check(
+            &h,
+            Case {
+                name: "within the burst: refused",
+                frame: Spec::tcp((flooder, 40000 + port), (VIP_EMPTY, 80), SYN).build(),
+                expect: Expect::Refused { from: VIP_EMPTY },
+                counter: counters::REFUSED_NO_ENDPOINTS,
+            },
+        );
+    }
+    check(
+        &h,
+        Case {
+            name: "beyond the burst: dropped",
+            frame: Spec::tcp((flooder, 40100), (VIP_EMPTY, 80), SYN).build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_REFUSAL_RATE_LIMITED,
+        },
+    );
+    check(
+        &h,
+        Case {
+            name: "another sender keeps its own credit",
+            frame: Spec::tcp((Ipv4Addr::new(10, 244, 0, 78), 40000), (VIP_EMPTY, 80), SYN).build(),
+            expect: Expect::Refused { from: VIP_EMPTY },
+            counter: counters::REFUSED_NO_ENDPOINTS,
+        },
+    );
+}
+
 fn with_options(mut spec: Spec, options: &[u8]) -> Spec {
     spec.ip_options = options.to_vec();
     spec
@@ -435,28 +473,28 @@ fn refuses_and_drops() {
             counter: counters::REFUSED_NO_ENDPOINTS,
         },
         Case {
-            name: "a large UDP datagram to a service without endpoints",
-            frame: Spec::udp((CLIENT, 41000), (UNALLOCATED, 53), &[7u8; 300]).build(),
-            expect: Expect::Refused { from: UNALLOCATED },
-            counter: counters::REFUSED_UNALLOCATED_IP,
+            name: "a large UDP datagram to a port the service does not define",
+            frame: Spec::udp((CLIENT, 41000), (VIP_EMPTY, 80), &[7u8; 300]).build(),
+            expect: Expect::Refused { from: VIP_EMPTY },
+            counter: counters::REFUSED_UNKNOWN_PORT,
         },
         Case {
-            name: "an unused address of the service CIDR is refused",
+            name: "an unused address of the service CIDR is dropped, as kube-proxy does",
             frame: Spec::tcp((CLIENT, 40000), (UNALLOCATED, 80), SYN).build(),
-            expect: Expect::Refused { from: UNALLOCATED },
-            counter: counters::REFUSED_UNALLOCATED_IP,
+            expect: Expect::Dropped,
+            counter: counters::DROP_UNALLOCATED_IP,
         },
         Case {
-            name: "a service address on a port it does not define",
+            name: "a service address on a port it does not define is refused",
             frame: Spec::tcp((CLIENT, 40000), (VIP, 81), SYN).build(),
-            expect: Expect::Dropped,
-            counter: counters::DROP_UNKNOWN_PORT,
+            expect: Expect::Refused { from: VIP },
+            counter: counters::REFUSED_UNKNOWN_PORT,
         },
         Case {
-            name: "the right port with the wrong protocol",
+            name: "the right port with the wrong protocol is refused",
             frame: Spec::udp((CLIENT, 40000), (VIP, 80), b"x").build(),
-            expect: Expect::Dropped,
-            counter: counters::DROP_UNKNOWN_PORT,
+            expect: Expect::Refused { from: VIP },
+            counter: counters::REFUSED_UNKNOWN_PORT,
         },
         Case {
             name: "a fragment to a service address",
@@ -549,8 +587,8 @@ fn new_connection_on_a_reused_tuple_leaves_a_removed_endpoint() {
     );
     let (verdict, _) = h.run(&Spec::tcp((CLIENT, 42000), (VIP_EMPTY, 80), SYN).build());
     assert_eq!(
-        verdict, TC_ACT_REDIRECT,
-        "a deleted service's address is refused like any unused cluster IP"
+        verdict, TC_ACT_SHOT,
+        "a deleted service's address is dropped like any unallocated cluster IP"
     );
 }
 

@@ -230,7 +230,7 @@ fn endpoint_removal_lets_established_connections_finish() {
 }
 
 #[test]
-fn deleted_service_and_service_without_endpoints_are_refused_at_once() {
+fn a_service_without_endpoints_is_refused_at_once_and_a_deleted_one_dropped() {
     let (fx, client) = seed_cluster("refuse");
     let mut agent = fx.start_agent(agent_binary(), &[]);
     agent.wait_for_log("synced ", 1);
@@ -248,11 +248,24 @@ fn deleted_service_and_service_without_endpoints_are_refused_at_once() {
     agent.wait_for_log("synced ", syncs + 1);
     assert_refused(&client, to, "a service without endpoints");
 
-    // Deleted services: their address is refused too, never routed onward.
+    // Deleted services: their address is unallocated in the service range,
+    // dropped as kube-proxy drops it, never routed onward.
     let syncs = agent.syncs();
     fx.remove_manifest("services.yaml");
     agent.wait_for_log("synced ", syncs + 1);
-    assert_refused(&client, to, "a deleted service");
+    let err = tcp_request(&client, to).expect_err("a deleted service must not answer");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::TimedOut,
+        "a deleted service: dropped, so the connect times out; got {err}"
+    );
+    let counters = cli(&fx, &["counters"]);
+    assert!(
+        counters
+            .lines()
+            .any(|l| l.starts_with("drop_unallocated_cluster_ip ") && l != "drop_unallocated_cluster_ip 0"),
+        "the drops are counted:\n{counters}"
+    );
 }
 
 fn assert_refused(client: &str, to: SocketAddrV4, what: &str) {
@@ -553,8 +566,8 @@ LEGACY_BACKEND_PORT_80_TCP_ADDR=10.109.116.176
         cli(&fx, &["explain", "--from", "10.244.0.5", "--to", &format!("{}:81", alloc.ip())]),
         "\
 packet:    10.244.0.5:40000 -> 10.107.81.105:81/tcp (first packet of a new connection)
-verdict:   drop_unknown_port
-why:       dropped: 10.107.81.105 is a service address, but no service defines 81/tcp there (it has 80/tcp, 443/tcp)
+verdict:   refused_unknown_port
+why:       refused: 10.107.81.105 is a service address, but no service defines 81/tcp there (it has 80/tcp, 443/tcp); the client gets ICMP port unreachable
 ",
         "explain for a port the service does not define"
     );

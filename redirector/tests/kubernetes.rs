@@ -82,6 +82,17 @@ impl Cluster {
         );
     }
 
+    /// An address of the service range that no Service of ours holds is
+    /// dropped, as kube-proxy drops it: the connect times out.
+    fn dropped(&self, to: SocketAddrV4) {
+        eventually(&format!("{to} dropped"), SYNC_TIMEOUT, || {
+            match tcp_request(&self.client, to) {
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+    }
+
     fn refused(&self, to: SocketAddrV4) {
         eventually(&format!("{to} refused"), SYNC_TIMEOUT, || {
             match tcp_request(&self.client, to) {
@@ -236,14 +247,14 @@ fn proxy_name_and_headless_labels_program_and_withdraw_a_service() {
         .api
         .apply(both_ports(vec![endpoint(POD_A, true, true, false)]));
     let _agent = cluster.start_agent(&[]);
-    // Another proxy's service: not ours, so its (unused) address is refused.
-    cluster.refused(http(SVC));
+    // Another proxy's service: not ours, so its (unused) address is dropped.
+    cluster.dropped(http(SVC));
     cluster.api.apply(service("web", SVC, json!({})));
     cluster.pods_answering(http(SVC), &["pod-a"]);
     cluster
         .api
         .apply(service("web", SVC, json!({"service.kubernetes.io/headless": ""})));
-    cluster.refused(http(SVC));
+    cluster.dropped(http(SVC));
     cluster.api.apply(service("web", SVC, json!({})));
     cluster.pods_answering(http(SVC), &["pod-a"]);
 }
@@ -263,7 +274,7 @@ fn a_proxy_name_selects_only_its_services() {
     let _agent = cluster.start_agent(&["--service-proxy-name", "redirector"]);
     cluster.pods_answering(http(SVC), &["pod-a"]);
     cluster.api.apply(service("web", SVC, json!({})));
-    cluster.refused(http(SVC));
+    cluster.dropped(http(SVC));
 }
 
 #[test]

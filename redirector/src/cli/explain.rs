@@ -125,12 +125,11 @@ pub fn explain(
              (connection refused)"
                 .to_owned()
         }
-        counters::REFUSED_UNALLOCATED_IP => format!(
-            "refused: {} is in the service CIDR but no service uses it; the client gets ICMP port \
-             unreachable",
+        counters::DROP_UNALLOCATED_IP => format!(
+            "dropped: {} is in the service CIDR but no service uses it (as kube-proxy drops it)",
             to.ip()
         ),
-        counters::DROP_UNKNOWN_PORT => {
+        counters::REFUSED_UNKNOWN_PORT => {
             let defined: Vec<String> = snapshot
                 .ports
                 .iter()
@@ -138,8 +137,8 @@ pub fn explain(
                 .map(|p| format!("{}/{}", p.frontend.port, p.frontend.protocol))
                 .collect();
             format!(
-                "dropped: {} is a service address, but no service defines {}/{protocol} there \
-                 (it has {})",
+                "refused: {} is a service address, but no service defines {}/{protocol} there \
+                 (it has {}); the client gets ICMP port unreachable",
                 to.ip(),
                 to.port(),
                 defined.join(", ")

@@ -107,7 +107,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             .map_err(listen_err(addr, "/metrics"))?;
     }
 
-    let mut links = interfaces::watch()?;
+    let mut links = interfaces::watch().await?;
     let signal_err = |signal| move |source| AgentError::Signal { signal, source };
     let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err("SIGTERM"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(signal_err("SIGINT"))?;

@@ -1,11 +1,14 @@
 //! Which interfaces to attach to: the current ones, then every one that
 //! appears later, learned from rtnetlink link notifications (no polling).
 
-use std::ffi::CStr;
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::collections::BTreeMap;
 
+use futures_util::{StreamExt, TryStreamExt};
 use glob::Pattern;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,10 +24,10 @@ pub enum InterfaceError {
         pattern: String,
         source: glob::PatternError,
     },
-    #[error("opening a rtnetlink socket for link notifications: {source}")]
-    Netlink { source: io::Error },
-    #[error("listing interfaces: {source}")]
-    List { source: io::Error },
+    #[error("opening a rtnetlink socket for link notifications")]
+    Netlink { source: std::io::Error },
+    #[error("listing interfaces")]
+    List { source: rtnetlink::Error },
 }
 
 /// Interface name globs, e.g. `veth*,eth0`.
@@ -51,190 +54,252 @@ impl InterfaceGlobs {
     }
 }
 
-const RTMGRP_LINK: u32 = 1;
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const IFLA_IFNAME: u16 = 3;
-const NLMSG_HDRLEN: usize = 16;
-const IFINFOMSG_LEN: usize = 16;
-
-/// Starts watching links. The receiver first gets `Added` for every existing
-/// interface, then changes as they happen. Subscribing before listing means
-/// no interface created in between is missed (it may be reported twice).
-pub fn watch() -> Result<mpsc::UnboundedReceiver<LinkEvent>, InterfaceError> {
-    let socket = subscribe().map_err(|source| InterfaceError::Netlink { source })?;
+/// Starts watching links on the current tokio runtime. The receiver first
+/// gets `Added` for every existing interface, then changes as they happen.
+/// Subscribing before listing means no interface created in between is
+/// missed (it may be reported twice).
+pub async fn watch() -> Result<mpsc::UnboundedReceiver<LinkEvent>, InterfaceError> {
+    let (connection, handle, mut notifications) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+            .map_err(|source| InterfaceError::Netlink { source })?;
+    tokio::spawn(connection);
+    let mut links = Links::default();
     let (tx, rx) = mpsc::unbounded_channel();
-    for name in current().map_err(|source| InterfaceError::List { source })? {
-        let _ = tx.send(LinkEvent::Added(name));
+    let now = current(&handle)
+        .await
+        .map_err(|source| InterfaceError::List { source })?;
+    for event in links.relist(now) {
+        let _ = tx.send(event);
     }
-    std::thread::Builder::new()
-        .name("rtnetlink".into())
-        .spawn(move || read_events(socket, tx))
-        .map_err(|source| InterfaceError::Netlink { source })?;
+    tokio::spawn(async move {
+        while let Some((message, _)) = notifications.next().await {
+            for event in links.follow(&handle, message).await {
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+        }
+        log::error!("the rtnetlink connection closed; no longer watching interfaces");
+    });
     Ok(rx)
 }
 
-fn subscribe() -> io::Result<OwnedFd> {
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = RTMGRP_LINK;
-    let rc = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&addr as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(socket)
+/// The interfaces that exist now, by index.
+pub async fn current(handle: &Handle) -> Result<BTreeMap<u32, String>, rtnetlink::Error> {
+    handle
+        .link()
+        .get()
+        .execute()
+        .try_filter_map(|link| std::future::ready(Ok(index_and_name(&link))))
+        .try_collect()
+        .await
 }
 
-/// Names of the interfaces that exist now.
-pub fn current() -> io::Result<Vec<String>> {
-    let list = unsafe { libc::if_nameindex() };
-    if list.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    let mut names = Vec::new();
-    let mut entry = list;
-    unsafe {
-        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
-            names.push(CStr::from_ptr((*entry).if_name).to_string_lossy().into_owned());
-            entry = entry.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    Ok(names)
+fn index_and_name(link: &LinkMessage) -> Option<(u32, String)> {
+    link.attributes.iter().find_map(|attribute| match attribute {
+        LinkAttribute::IfName(name) => Some((link.header.index, name.clone())),
+        _ => None,
+    })
 }
 
-fn read_events(socket: OwnedFd, tx: mpsc::UnboundedSender<LinkEvent>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            // ENOBUFS: notifications were lost; re-list so nothing is missed.
-            if err.raw_os_error() == Some(libc::ENOBUFS) {
+/// The name of each interface index seen so far. Notifications are keyed by
+/// index: a deletion names the interface that had the index (even if it was
+/// renamed since), and a rename is told apart from a mere change of state.
+/// A name is only reported removed while no other known index has it: the
+/// initial listing can already hold an interface re-created under the name
+/// of one whose deletion is still queued.
+#[derive(Debug, Default)]
+struct Links {
+    names: BTreeMap<u32, String>,
+}
+
+impl Links {
+    /// Events for one notification; an overrun (notifications were lost)
+    /// re-lists the interfaces so nothing is missed.
+    async fn follow(
+        &mut self,
+        handle: &Handle,
+        message: NetlinkMessage<RouteNetlinkMessage>,
+    ) -> Vec<LinkEvent> {
+        match message.payload {
+            NetlinkPayload::InnerMessage(message) => self.apply(&message),
+            NetlinkPayload::Overrun(_) => {
                 log::warn!("rtnetlink notifications overflowed; re-listing interfaces");
-                for name in current().unwrap_or_default() {
-                    if tx.send(LinkEvent::Added(name)).is_err() {
-                        return;
+                match current(handle).await {
+                    Ok(now) => self.relist(now),
+                    Err(e) => {
+                        log::error!("re-listing interfaces: {e}");
+                        Vec::new()
                     }
                 }
-                continue;
             }
-            log::error!("rtnetlink socket failed, no longer watching interfaces: {err}");
-            return;
+            _ => Vec::new(),
         }
-        for event in parse_messages(&buf[..n as usize]) {
-            if tx.send(event).is_err() {
-                return;
+    }
+
+    /// Events for one rtnetlink message: a new or changed link is `Added`
+    /// (attaching is idempotent), after `Removed` for its old name if it was
+    /// renamed; a deleted link is `Removed` under the name its index had.
+    fn apply(&mut self, message: &RouteNetlinkMessage) -> Vec<LinkEvent> {
+        match message {
+            RouteNetlinkMessage::NewLink(link) => {
+                let Some((index, name)) = index_and_name(link) else {
+                    return Vec::new();
+                };
+                let renamed_from = self.names.insert(index, name.clone()).filter(|old| *old != name);
+                self.removed(renamed_from)
+                    .into_iter()
+                    .chain([LinkEvent::Added(name)])
+                    .collect()
             }
+            RouteNetlinkMessage::DelLink(link) => {
+                let name = self
+                    .names
+                    .remove(&link.header.index)
+                    .or_else(|| index_and_name(link).map(|(_, name)| name));
+                self.removed(name).into_iter().collect()
+            }
+            _ => Vec::new(),
         }
     }
-}
 
-/// Link events in one datagram of netlink messages.
-pub fn parse_messages(mut data: &[u8]) -> Vec<LinkEvent> {
-    let mut events = Vec::new();
-    while data.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
-        let kind = u16::from_ne_bytes(data[4..6].try_into().unwrap());
-        if len < NLMSG_HDRLEN || len > data.len() {
-            break;
-        }
-        let body = &data[NLMSG_HDRLEN..len];
-        if (kind == RTM_NEWLINK || kind == RTM_DELLINK)
-            && let Some(name) = link_name(body)
-        {
-            events.push(if kind == RTM_NEWLINK {
-                LinkEvent::Added(name)
-            } else {
-                LinkEvent::Removed(name)
-            });
-        }
-        data = &data[align4(len).min(data.len())..];
+    /// `Removed` for a name that no known link has any more.
+    fn removed(&self, name: Option<String>) -> Option<LinkEvent> {
+        name.filter(|name| !self.names.values().any(|known| known == name))
+            .map(LinkEvent::Removed)
     }
-    events
-}
 
-fn link_name(body: &[u8]) -> Option<String> {
-    let mut attrs = body.get(IFINFOMSG_LEN..)?;
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
-        if kind == IFLA_IFNAME {
-            let value = &attrs[4..len];
-            let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
-            return Some(String::from_utf8_lossy(&value[..end]).into_owned());
-        }
-        attrs = &attrs[align4(len).min(attrs.len())..];
+    /// Events that bring the known links in line with a fresh listing: links
+    /// gone or renamed meanwhile are `Removed`, every listed one is `Added`
+    /// (so a link re-created under its name meanwhile is attached again).
+    fn relist(&mut self, now: BTreeMap<u32, String>) -> Vec<LinkEvent> {
+        let old = std::mem::replace(&mut self.names, now);
+        let gone = old
+            .into_iter()
+            .filter(|(index, name)| self.names.get(index) != Some(name))
+            .map(|(_, name)| LinkEvent::Removed(name));
+        let listed = self.names.values().cloned().map(LinkEvent::Added);
+        gone.chain(listed).collect()
     }
-    None
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn message(kind: u16, name: &str) -> Vec<u8> {
-        let mut attr = Vec::new();
-        let value_len = name.len() + 1;
-        attr.extend_from_slice(&((4 + value_len) as u16).to_ne_bytes());
-        attr.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
-        attr.extend_from_slice(name.as_bytes());
-        attr.push(0);
-        attr.resize(align4(attr.len()), 0);
-        let len = NLMSG_HDRLEN + IFINFOMSG_LEN + attr.len();
-        let mut m = Vec::new();
-        m.extend_from_slice(&(len as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0u8; 10]);
-        m.extend_from_slice(&[0u8; IFINFOMSG_LEN]);
-        m.extend_from_slice(&attr);
-        m
+    fn link(index: u32, name: &str) -> LinkMessage {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        link
+    }
+
+    fn added(name: &str) -> LinkEvent {
+        LinkEvent::Added(name.to_owned())
+    }
+
+    fn removed(name: &str) -> LinkEvent {
+        LinkEvent::Removed(name.to_owned())
     }
 
     #[test]
-    fn parses_link_notifications() {
-        let mut datagram = message(RTM_NEWLINK, "veth1");
-        datagram.extend(message(RTM_DELLINK, "eth0"));
-        datagram.extend(message(24, "ignored-route"));
+    fn follows_link_notifications_by_index() {
+        let mut links = Links::default();
         assert_eq!(
-            parse_messages(&datagram),
-            vec![
-                LinkEvent::Added("veth1".into()),
-                LinkEvent::Removed("eth0".into())
-            ],
-            "new and deleted links are reported, other messages skipped"
+            links.apply(&RouteNetlinkMessage::NewLink(link(7, "veth1"))),
+            vec![added("veth1")],
+            "a new link is added"
         );
         assert_eq!(
-            parse_messages(&datagram[..10]),
+            links.apply(&RouteNetlinkMessage::NewLink(link(7, "veth1"))),
+            vec![added("veth1")],
+            "a change of state reports the link again (attaching is idempotent)"
+        );
+        assert_eq!(
+            links.apply(&RouteNetlinkMessage::NewLink(link(7, "pod1"))),
+            vec![removed("veth1"), added("pod1")],
+            "a rename removes the old name"
+        );
+        assert_eq!(
+            links.apply(&RouteNetlinkMessage::DelLink(link(7, "ignored"))),
+            vec![removed("pod1")],
+            "a deletion removes the name the index had"
+        );
+        assert_eq!(
+            links.apply(&RouteNetlinkMessage::DelLink(link(3, "eth0"))),
+            vec![removed("eth0")],
+            "a deletion of a link never seen removes the name it carries"
+        );
+        assert_eq!(
+            links.apply(&RouteNetlinkMessage::NewLink(LinkMessage::default())),
             vec![],
-            "a truncated datagram yields nothing"
+            "a link without a name is skipped"
+        );
+        assert_eq!(
+            links.apply(&RouteNetlinkMessage::NewRoute(Default::default())),
+            vec![],
+            "other messages are skipped"
+        );
+    }
+
+    #[test]
+    fn a_link_recreated_under_its_name_is_removed_then_added() {
+        let mut links = Links::default();
+        let mut events = Vec::new();
+        for message in [
+            RouteNetlinkMessage::NewLink(link(4, "vp1")),
+            RouteNetlinkMessage::DelLink(link(4, "vp1")),
+            RouteNetlinkMessage::NewLink(link(9, "vp1")),
+        ] {
+            events.extend(links.apply(&message));
+        }
+        assert_eq!(events, vec![added("vp1"), removed("vp1"), added("vp1")]);
+        assert_eq!(
+            links.apply(&RouteNetlinkMessage::DelLink(link(9, "ignored"))),
+            vec![removed("vp1")],
+            "the new index has the name"
+        );
+    }
+
+    #[test]
+    fn a_queued_deletion_keeps_a_listed_link_of_the_same_name() {
+        let mut links = Links::default();
+        // vp1 was deleted (index 4) and re-created (index 9) between the
+        // subscription and the listing: both notifications are still queued.
+        links.relist(BTreeMap::from([(9, "vp1".to_owned())]));
+        assert_eq!(
+            links.apply(&RouteNetlinkMessage::DelLink(link(4, "vp1"))),
+            vec![],
+            "index 9 still has the name"
+        );
+        assert_eq!(
+            links.apply(&RouteNetlinkMessage::NewLink(link(9, "vp1"))),
+            vec![added("vp1")]
+        );
+    }
+
+    #[test]
+    fn a_relist_removes_what_vanished_and_adds_what_is_listed() {
+        let mut links = Links::default();
+        let listing = |pairs: &[(u32, &str)]| {
+            pairs
+                .iter()
+                .map(|(index, name)| (*index, (*name).to_owned()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            links.relist(listing(&[(1, "lo"), (2, "vp1")])),
+            vec![added("lo"), added("vp1")]
+        );
+        assert_eq!(
+            links.relist(listing(&[(1, "lo"), (2, "vp9"), (5, "vp2")])),
+            vec![removed("vp1"), added("lo"), added("vp9"), added("vp2")],
+            "a link renamed while notifications were lost is removed under its old name"
+        );
+        assert_eq!(
+            links.apply(&RouteNetlinkMessage::DelLink(link(5, "ignored"))),
+            vec![removed("vp2")],
+            "the listing is what later deletions are matched against"
         );
     }
 

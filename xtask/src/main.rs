@@ -184,16 +184,10 @@ fn bench(quick: bool, services: Option<&str>) -> Result<()> {
 }
 
 fn require_root(why: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!("not running as root: {why}. Run it as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).");
     }
     Ok(())
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 /// `cargo` from this toolchain, with the directory bpf-linker is installed in on PATH.

@@ -7,7 +7,6 @@ pub mod record;
 pub mod writer;
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -20,6 +19,8 @@ use redirector_common::{
     conntrack::CT_MAP,
     service::{BACKEND_MAP, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, VIP_MAP},
 };
+use rustix::fs::FsWord;
+use rustix::mount::MountFlags;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -39,7 +40,8 @@ const HOOKS: [(&str, TcAttachType, &str); 2] = [
     (PROGRAM, TcAttachType::Ingress, ""),
     (TO_POD_PROGRAM, TcAttachType::Egress, ":egress"),
 ];
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// `statfs` type of a bpffs (the kernel's BPF_FS_MAGIC, an `__fsword_t`).
+const BPF_FS_MAGIC: FsWord = 0xcafe4a11_u32 as FsWord;
 
 /// Capacities of the maps, fixed when they are first created and pinned.
 #[derive(Clone, Copy, Debug)]
@@ -382,27 +384,10 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), LoadError> {
         return Ok(());
     }
     std::fs::create_dir_all(path).map_err(mount_err)?;
-    let target = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| mount_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(mount_err(io::Error::last_os_error()));
-    }
-    Ok(())
+    rustix::mount::mount("bpf", path, "bpf", MountFlags::empty(), None)
+        .map_err(|errno| mount_err(errno.into()))
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c_path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type == BPF_FS_MAGIC)
 }

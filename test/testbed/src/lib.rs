@@ -17,7 +17,7 @@ pub mod procfs;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,11 +27,13 @@ use std::time::{Duration, Instant};
 
 use std::sync::atomic::AtomicU32;
 
+use rustix::mount::UnmountFlags;
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+
 /// Privileged tests fail loudly, never skip: CI runs them as root.
 pub fn require_root() {
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
+    assert!(
+        rustix::process::geteuid().is_root(),
         "this test loads eBPF programs and creates network namespaces: it must run as root \
          (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run `cargo xtask test` as root"
     );
@@ -68,8 +70,7 @@ impl Bpffs {
 
 impl Drop for Bpffs {
     fn drop(&mut self) {
-        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = rustix::mount::unmount(&self.path, UnmountFlags::DETACH);
         let _ = std::fs::remove_dir(&self.path);
     }
 }
@@ -96,8 +97,8 @@ pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + '
     let path = format!("/run/netns/{netns}");
     std::thread::spawn(move || {
         let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns into {path}: {}", std::io::Error::last_os_error());
+        move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
+            .unwrap_or_else(|e| panic!("setns into {path}: {e}"));
         f()
     })
     .join()

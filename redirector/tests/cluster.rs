@@ -7,7 +7,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use common::{agent_binary, eventually, tcp_request, udp_request};
+use redirector::datapath::{Maps, maps_pin_dir};
 use testbed::cluster::{Cluster, PodNetwork, pod_address};
+use testbed::foreign::ForeignCounter;
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 const SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
@@ -73,7 +75,28 @@ fn cross_node(tag: &str, network: PodNetwork) -> (Cluster, String) {
 
 fn pod_to_service_on_another_node(tag: &str, network: PodNetwork) {
     let (cluster, client) = cross_node(tag, network);
-    let _agents = cluster.start_agents(agent_binary(), &[]);
+    let mut agents = cluster.start_agents(agent_binary(), &[]);
+    // A CNI's program after ours on the client's interface (node 0's only
+    // pod interface): it must see every packet ours lets through.
+    agents[0].wait_for_log("attached to vp0", 1);
+    let foreign = ForeignCounter::attach(&cluster.nodes[0].netns, "vp0");
+    let node0 = Maps::from_pins(&maps_pin_dir(cluster.nodes[0].bpffs.path())).expect("node 0's maps");
+    let ours_now = || -> u64 { node0.counter_totals().expect("counters").iter().sum() };
+    let foreign_now = || {
+        let (ingress, egress) = foreign.counts();
+        ingress + egress
+    };
+    // Counted from a quiet moment: packets from before the foreign program
+    // was attached are ours alone.
+    let (ours_before, foreign_before) = eventually("node 0 quiet", SYNC_TIMEOUT, || {
+        let first = (ours_now(), foreign_now());
+        std::thread::sleep(Duration::from_millis(200));
+        if (ours_now(), foreign_now()) == first {
+            Ok(first)
+        } else {
+            Err("packets still flowing".to_owned())
+        }
+    });
     // Pod to pod across nodes works without the agents' help.
     eventually(
         &format!("{network:?}: pod to pod across nodes"),
@@ -107,6 +130,22 @@ fn pod_to_service_on_another_node(tag: &str, network: PodNetwork) {
         *answer.client.ip(),
         pod_address(0, 5),
         "{network:?}: UDP: the client address is kept"
+    );
+
+    // Every packet either program of ours saw on node 0 has exactly one
+    // counter; none was dropped or redirected here, so the foreign program
+    // after ours must have seen as many since it was attached.
+    eventually(
+        &format!("{network:?}: the foreign program saw every packet"),
+        SYNC_TIMEOUT,
+        || {
+            let (ours, theirs) = (ours_now() - ours_before, foreign_now() - foreign_before);
+            if ours > 0 && ours == theirs {
+                Ok(())
+            } else {
+                Err(format!("ours {ours}, foreign {theirs} since it was attached"))
+            }
+        },
     );
 }
 

@@ -10,6 +10,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod foreign;
 pub mod kubeproxy;
 pub mod lanes;
 pub mod procfs;

@@ -33,11 +33,53 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use serde::Serialize;
 use testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet};
 use testbed::require_root;
 
 use measure::{ConnectBatch, EstablishedResult, RateResult, Rng};
+
+/// The benchmark suite: redirector against bare and kube-proxy lanes (root).
+#[derive(Debug, Parser)]
+#[command(name = "bench")]
+struct Args {
+    /// The release redirector binary to measure.
+    #[arg(long, value_name = "PATH")]
+    agent: PathBuf,
+    /// Where report.md, report.json and connect_latency.png are written.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    out: PathBuf,
+    /// Small N and short batches: for the trends, not for the absolute figures.
+    #[arg(long)]
+    quick: bool,
+    /// The numbers of services to measure at (instead of the run's own).
+    #[arg(long, value_name = "N,N,…", value_delimiter = ',', value_parser = at_least::<1>)]
+    services: Option<Vec<usize>>,
+    /// Measurement rounds per lane and N.
+    #[arg(long, value_name = "R", value_parser = at_least::<1>)]
+    rounds: Option<usize>,
+    /// Endpoints per service (at least 2, so that selection runs).
+    #[arg(long, value_name = "E", value_parser = at_least::<2>)]
+    endpoints: Option<usize>,
+    /// Parts of the run to leave out.
+    #[arg(
+        long,
+        value_name = "PART,…",
+        value_delimiter = ',',
+        value_parser = ["lanes", "b5", "b6", "b6-rulesets"],
+    )]
+    skip: Vec<String>,
+}
+
+/// A count of at least `MIN`.
+fn at_least<const MIN: usize>(text: &str) -> Result<usize, String> {
+    let n: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if n < MIN {
+        return Err(format!("must be at least {MIN}"));
+    }
+    Ok(n)
+}
 
 /// What a run does; `quick` and full differ only in these numbers.
 #[derive(Clone, Debug, Serialize)]
@@ -185,33 +227,15 @@ fn log(line: &str) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let (mut agent, mut out, mut quick) = (None, PathBuf::from("target/bench"), false);
-    let (mut services, mut rounds, mut endpoints, mut skip) = (None, None, None, BTreeSet::new());
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--agent" => agent = args.next().map(PathBuf::from),
-            "--out" => out = PathBuf::from(args.next().context("--out DIR")?),
-            "--quick" => quick = true,
-            "--services" => {
-                let list = args.next().context("--services N,N,…")?;
-                let parsed: Result<Vec<usize>, _> = list.split(',').map(|s| s.trim().parse()).collect();
-                services = Some(parsed.with_context(|| format!("--services {list}"))?);
-            }
-            "--rounds" => rounds = Some(args.next().context("--rounds R")?.parse()?),
-            "--endpoints" => endpoints = Some(args.next().context("--endpoints E")?.parse()?),
-            "--skip" => {
-                skip = args
-                    .next()
-                    .context("--skip lanes,b5,b6,b6-rulesets")?
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect()
-            }
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    let agent = agent.context("--agent PATH (the release redirector binary) is required")?;
+    let Args {
+        agent,
+        out,
+        quick,
+        services,
+        rounds,
+        endpoints,
+        skip,
+    } = Args::parse();
     if !agent.exists() {
         bail!("agent binary {} does not exist", agent.display());
     }
@@ -220,24 +244,15 @@ fn main() -> anyhow::Result<()> {
     if let Some(mut s) = services {
         s.sort_unstable();
         s.dedup();
-        if s.contains(&0) {
-            bail!("--services: every N must be at least 1");
-        }
         config.services = s;
     }
     if let Some(r) = rounds {
-        if r < 1 {
-            bail!("--rounds must be at least 1");
-        }
         config.rounds = r;
     }
     if let Some(e) = endpoints {
-        if e < 2 {
-            bail!("--endpoints must be at least 2 (selection must run)");
-        }
         config.endpoints = e;
     }
-    config.skip = skip;
+    config.skip = skip.into_iter().collect();
     for tool in ["iptables-legacy-restore", "iptables-nft-restore", "nft"] {
         let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
             .iter()
@@ -483,4 +498,56 @@ fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Re
         results.steps.extend(steps);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Args;
+
+    #[test]
+    fn flags_parse_as_xtask_and_the_docs_spell_them() {
+        Args::command().debug_assert();
+        let args = Args::try_parse_from([
+            "bench",
+            "--agent",
+            "target/release/redirector",
+            "--out",
+            "/tmp/out",
+            "--quick",
+            "--services",
+            "1000,100",
+            "--rounds",
+            "3",
+            "--endpoints",
+            "4",
+            "--skip",
+            "lanes,b6-rulesets",
+        ])
+        .expect("valid flags");
+        assert_eq!(args.agent.to_str(), Some("target/release/redirector"));
+        assert_eq!(args.out.to_str(), Some("/tmp/out"));
+        assert!(args.quick);
+        assert_eq!(args.services, Some(vec![1000, 100]));
+        assert_eq!((args.rounds, args.endpoints), (Some(3), Some(4)));
+        assert_eq!(args.skip, ["lanes", "b6-rulesets"]);
+        let defaults = Args::try_parse_from(["bench", "--agent", "a"]).expect("only --agent is required");
+        assert_eq!(defaults.out.to_str(), Some("target/bench"));
+        assert!(!defaults.quick && defaults.services.is_none() && defaults.skip.is_empty());
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        for bad in [
+            &["bench"][..],
+            &["bench", "--agent", "a", "--services", "100,0"],
+            &["bench", "--agent", "a", "--rounds", "0"],
+            &["bench", "--agent", "a", "--endpoints", "1"],
+            &["bench", "--agent", "a", "--skip", "b7"],
+            &["bench", "--agent", "a", "--bogus"],
+        ] {
+            assert!(Args::try_parse_from(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

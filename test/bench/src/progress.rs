@@ -15,7 +15,7 @@ pub struct Progress {
 impl Progress {
     pub fn new() -> Self {
         let style = ProgressStyle::with_template(
-            "{prefix:>5} [{elapsed_precise}] {wide_bar:.cyan/blue} {pos}/{len} {msg}",
+            "{prefix:>5} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {wide_msg}",
         )
         .expect("the progress template is valid")
         .progress_chars("=> ");

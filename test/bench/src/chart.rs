@@ -1,157 +1,97 @@
-//! A small line chart written as PNG without dependencies: RGB pixels,
-//! a 5×7 bitmap font, zlib "stored" blocks, CRC-32 and Adler-32 by hand.
+//! The line chart of the report, drawn with plotters into a PNG. Text uses the
+//! Noto Sans font compiled into the binary, so a machine without fonts draws
+//! the same chart.
 
-use std::io::Write;
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
 
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
 }
 
-const W: usize = 1100;
-const H: usize = 680;
-const LEFT: usize = 110;
-const RIGHT: usize = 30;
-const TOP: usize = 60;
-const BOTTOM: usize = 90;
-const COLORS: [[u8; 3]; 8] = [
-    [0x1f, 0x77, 0xb4],
-    [0x2c, 0xa0, 0x2c],
-    [0xd6, 0x27, 0x28],
-    [0xff, 0x7f, 0x0e],
-    [0x94, 0x67, 0xbd],
-    [0x17, 0x17, 0x17],
-    [0x8c, 0x56, 0x4b],
-    [0xe3, 0x77, 0xc2],
+/// What plotters' bitmap backend fails with (its error type is not exported).
+type DrawError = DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChartError {
+    #[error("the bundled font is not a usable TrueType font")]
+    Font,
+    #[error("drawing {path}")]
+    Draw {
+        path: PathBuf,
+        #[source]
+        source: DrawError,
+    },
+}
+
+const SIZE: (u32, u32) = (1100, 680);
+const FONT: &str = "sans-serif";
+const COLORS: [RGBColor; 8] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x17, 0x17, 0x17),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
 ];
+const INK: RGBColor = RGBColor(0x20, 0x20, 0x20);
+const GRID: RGBColor = RGBColor(0xdd, 0xdd, 0xdd);
 
-struct Canvas {
-    px: Vec<u8>,
+/// plotters looks fonts up by family name; ours is registered once per process.
+fn register_bundled_font() -> Result<(), ChartError> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok =
+        *REGISTERED.get_or_init(|| register_font(FONT, FontStyle::Normal, ttf_noto_sans::REGULAR).is_ok());
+    ok.then_some(()).ok_or(ChartError::Font)
 }
 
-impl Canvas {
-    fn new() -> Self {
-        Self {
-            px: vec![0xff; W * H * 3],
-        }
-    }
-
-    fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
-        if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
-            let i = (y as usize * W + x as usize) * 3;
-            self.px[i..i + 3].copy_from_slice(&c);
-        }
-    }
-
-    fn rect(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: [u8; 3]) {
-        for y in y0..=y1 {
-            for x in x0..=x1 {
-                self.set(x, y, c);
-            }
-        }
-    }
-
-    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: [u8; 3], width: i64) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        let half = width / 2;
-        for _ in 0..100_000 {
-            self.rect(x - half, y - half, x - half + width - 1, y - half + width - 1, c);
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
-    }
-
-    /// Text (upper-cased) at `scale`; returns its width in pixels.
-    fn text(&mut self, x: i64, y: i64, text: &str, scale: i64, c: [u8; 3]) -> i64 {
-        let mut cx = x;
-        for ch in text.chars() {
-            let rows = glyph(ch);
-            for (r, bits) in rows.iter().enumerate() {
-                for col in 0..5 {
-                    if bits & (0x10 >> col) != 0 {
-                        self.rect(
-                            cx + col * scale,
-                            y + r as i64 * scale,
-                            cx + col * scale + scale - 1,
-                            y + r as i64 * scale + scale - 1,
-                            c,
-                        );
-                    }
-                }
-            }
-            cx += 6 * scale;
-        }
-        cx - x
-    }
+/// An axis whose grid lines and labels sit exactly at `ticks`, linear or
+/// logarithmic, with `margin` (a fraction of the length) kept clear at each
+/// end so the first and last points do not sit on the frame.
+#[derive(Clone)]
+struct Axis {
+    range: Range<f64>,
+    log: bool,
+    margin: f64,
+    ticks: Vec<f64>,
 }
 
-fn text_width(text: &str, scale: i64) -> i64 {
-    text.chars().count() as i64 * 6 * scale
-}
+impl Ranged for Axis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
 
-fn glyph(ch: char) -> [u8; 7] {
-    match ch.to_ascii_uppercase() {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x11, 0x1F, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' | 'Μ' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
-        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
-        '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
-        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
-        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
-        '×' | '*' => [0, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0],
-        _ => [0; 7],
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        let Range { start, end } = self.range;
+        let t = if end <= start {
+            0.5
+        } else if self.log {
+            (value.ln() - start.ln()) / (end.ln() - start.ln())
+        } else {
+            (value - start) / (end - start)
+        };
+        let t = self.margin + t * (1.0 - 2.0 * self.margin);
+        limit.0 + (t * f64::from(limit.1 - limit.0)).round() as i32
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        // Only bold grid lines: the light ones would repeat them.
+        if hint.weight().allow_light_points() {
+            Vec::new()
+        } else {
+            self.ticks.clone()
+        }
+    }
+
+    fn range(&self) -> Range<f64> {
+        self.range.clone()
     }
 }
 
@@ -182,6 +122,45 @@ fn label(v: f64) -> String {
     }
 }
 
+fn plottable(p: &(f64, f64)) -> bool {
+    p.0.is_finite() && p.1.is_finite() && p.0 > 0.0
+}
+
+/// The x axis: a tick at every x of the data, on a log scale when the data
+/// spans ≥ 10×.
+fn x_axis(points: &[(f64, f64)]) -> Axis {
+    let mut ticks: Vec<f64> = points.iter().map(|p| p.0).collect();
+    ticks.sort_by(f64::total_cmp);
+    ticks.dedup();
+    let (lo, hi) = match (ticks.first(), ticks.last()) {
+        (Some(&lo), Some(&hi)) => (lo, hi),
+        _ => (1.0, 1.0),
+    };
+    Axis {
+        range: lo..hi,
+        log: hi / lo >= 10.0,
+        margin: 0.04,
+        ticks,
+    }
+}
+
+/// The y axis: from 0 to a round value above the data, about six ticks.
+fn y_axis(points: &[(f64, f64)]) -> Axis {
+    let top = points.iter().fold(0.0f64, |m, p| m.max(p.1));
+    let step = nice_step(top.max(1.0), 6.0);
+    let max = (top / step).ceil().max(1.0) * step;
+    let ticks = (0..)
+        .map(|k| f64::from(k) * step)
+        .take_while(|y| *y <= max + step / 2.0)
+        .collect();
+    Axis {
+        range: 0.0..max,
+        log: false,
+        margin: 0.0,
+        ticks,
+    }
+}
+
 /// Draws the series (x on a log scale when it spans ≥ 10×) and writes a PNG.
 pub fn line_chart(
     path: &Path,
@@ -189,173 +168,143 @@ pub fn line_chart(
     x_label: &str,
     y_label: &str,
     series: &[Series],
-) -> std::io::Result<()> {
-    let mut c = Canvas::new();
-    let black = [0x20, 0x20, 0x20];
-    let grey = [0xdd, 0xdd, 0xdd];
+) -> Result<(), ChartError> {
+    register_bundled_font()?;
+    draw(path, title, x_label, y_label, series).map_err(|source| ChartError::Draw {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn draw(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<(), DrawError> {
     let points: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
-        .filter(|p| p.0.is_finite() && p.1.is_finite() && p.0 > 0.0)
+        .filter(plottable)
         .collect();
-    let (x_min, x_max) = points
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let y_top = points.iter().fold(0.0f64, |m, p| m.max(p.1));
-    let log_x = x_max / x_min.max(f64::MIN_POSITIVE) >= 10.0;
-    let step = nice_step(y_top.max(1.0), 6.0);
-    let y_max = (y_top / step).ceil().max(1.0) * step;
-    let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
-    let fx = |x: f64| -> i64 {
-        let t = if x_max <= x_min {
-            0.5
-        } else if log_x {
-            (x.ln() - x_min.ln()) / (x_max.ln() - x_min.ln())
-        } else {
-            (x - x_min) / (x_max - x_min)
-        };
-        LEFT as i64 + (0.04 * pw + t * 0.92 * pw) as i64
-    };
-    let fy = |y: f64| -> i64 { (TOP as f64 + ph - (y / y_max) * ph) as i64 };
-    // Grid and axes.
-    let mut y = 0.0;
-    for _ in 0..50 {
-        if y > y_max + step / 2.0 {
-            break;
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 32).into_font().color(&INK))
+        .margin(20)
+        .margin_right(30)
+        .x_label_area_size(70)
+        .y_label_area_size(90)
+        .build_cartesian_2d(x_axis(&points), y_axis(&points))?;
+    let tick_label = |v: &f64| label(*v);
+    chart
+        .configure_mesh()
+        .bold_line_style(GRID)
+        .axis_style(INK.stroke_width(2))
+        .label_style((FONT, 22).into_font().color(&INK))
+        .axis_desc_style((FONT, 22).into_font().color(&INK))
+        .x_label_formatter(&tick_label)
+        .y_label_formatter(&tick_label)
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()?;
+    for (s, color) in series.iter().zip(COLORS.iter().cycle()) {
+        let line: Vec<(f64, f64)> = s.points.iter().copied().filter(plottable).collect();
+        chart
+            .draw_series(LineSeries::new(line.clone(), color.stroke_width(3)))?
+            .label(s.name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 20, y + 6)], color.filled()));
+        chart.draw_series(
+            line.into_iter()
+                .map(|p| EmptyElement::at(p) + Rectangle::new([(-4, -4), (4, 4)], color.filled())),
+        )?;
+    }
+    if !series.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .margin(15)
+            .background_style(WHITE)
+            .border_style(GRID)
+            .label_font((FONT, 22).into_font().color(&INK))
+            .draw()?;
+    }
+    root.present()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The PNG's width and height, from its signature and IHDR chunk.
+    fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
+        let signature = b"\x89PNG\r\n\x1a\n";
+        if bytes.len() < 24 || &bytes[..8] != signature || &bytes[12..16] != b"IHDR" {
+            return None;
         }
-        let py = fy(y);
-        c.line((LEFT as i64, py), ((W - RIGHT) as i64, py), grey, 1);
-        let text = label(y);
-        c.text(LEFT as i64 - 12 - text_width(&text, 2), py - 7, &text, 2, black);
-        y += step;
+        let be = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+        Some((be(16), be(20)))
     }
-    let mut xs: Vec<f64> = points.iter().map(|p| p.0).collect();
-    xs.sort_by(f64::total_cmp);
-    xs.dedup();
-    for x in &xs {
-        let px = fx(*x);
-        c.line((px, TOP as i64), (px, (H - BOTTOM) as i64), grey, 1);
-        let text = label(*x);
-        c.text(
-            px - text_width(&text, 2) / 2,
-            (H - BOTTOM) as i64 + 12,
-            &text,
-            2,
-            black,
-        );
+
+    fn render(name: &str, series: &[Series]) -> Vec<u8> {
+        let path = std::env::temp_dir().join(format!("bench-chart-{}-{name}.png", std::process::id()));
+        line_chart(
+            &path,
+            "connect latency p50, target service last",
+            "number of services",
+            "microseconds",
+            series,
+        )
+        .expect("the chart renders");
+        let bytes = std::fs::read(&path).expect("the chart was written");
+        std::fs::remove_file(&path).expect("removing the chart");
+        bytes
     }
-    c.line(
-        (LEFT as i64, TOP as i64),
-        (LEFT as i64, (H - BOTTOM) as i64),
-        black,
-        2,
-    );
-    c.line(
-        (LEFT as i64, (H - BOTTOM) as i64),
-        ((W - RIGHT) as i64, (H - BOTTOM) as i64),
-        black,
-        2,
-    );
-    c.text((W as i64 - text_width(title, 3)) / 2, 15, title, 3, black);
-    c.text(
-        (LEFT as i64 + (W - RIGHT) as i64 - text_width(x_label, 2)) / 2,
-        (H - BOTTOM) as i64 + 50,
-        x_label,
-        2,
-        black,
-    );
-    c.text(10, TOP as i64 - 30, y_label, 2, black);
-    // Series, then the legend on a white box over them.
-    for (k, s) in series.iter().enumerate() {
-        let color = COLORS[k % COLORS.len()];
-        let pts: Vec<(i64, i64)> = s
-            .points
+
+    #[test]
+    fn renders_a_compressed_png_of_the_chart_size() {
+        let series: Vec<Series> = ["bare", "iptables-nft", "redirector"]
             .iter()
-            .filter(|p| p.0.is_finite() && p.1.is_finite() && p.0 > 0.0)
-            .map(|p| (fx(p.0), fy(p.1)))
+            .enumerate()
+            .map(|(k, name)| Series {
+                name: (*name).to_owned(),
+                points: [1_000.0, 10_000.0, 30_000.0, 100_000.0]
+                    .iter()
+                    .map(|&n| (n, 25.0 + k as f64 * n / 1_000.0))
+                    .collect(),
+            })
             .collect();
-        for pair in pts.windows(2) {
-            c.line(pair[0], pair[1], color, 3);
-        }
-        for p in &pts {
-            c.rect(p.0 - 4, p.1 - 4, p.0 + 4, p.1 + 4, color);
-        }
+        let png = render("lanes", &series);
+        assert_eq!(png_size(&png), Some(SIZE));
+        // Text and lines make it well above a blank page; raw pixels would be
+        // 1100 × 680 × 3 = 2.2 MB.
+        assert!((10_000..300_000).contains(&png.len()), "{} bytes", png.len());
     }
-    let widest = series.iter().map(|s| text_width(&s.name, 2)).max().unwrap_or(0);
-    let (lx, ly0) = (LEFT as i64 + 20, TOP as i64 + 10);
-    c.rect(
-        lx - 8,
-        ly0 - 8,
-        lx + 38 + widest,
-        ly0 + series.len() as i64 * 24,
-        [0xff; 3],
-    );
-    for (k, s) in series.iter().enumerate() {
-        let ly = ly0 + k as i64 * 24;
-        c.rect(lx, ly, lx + 20, ly + 12, COLORS[k % COLORS.len()]);
-        c.text(lx + 30, ly - 1, &s.name, 2, black);
-    }
-    write_png(path, &c.px)
-}
 
-fn crc32(data: &[u8], mut crc: u32) -> u32 {
-    crc = !crc;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
+    #[test]
+    fn renders_without_data() {
+        // A run that skips the lanes still writes the (empty) chart.
+        let png = render("empty", &[]);
+        assert_eq!(png_size(&png), Some(SIZE));
     }
-    !crc
-}
 
-fn adler32(data: &[u8]) -> u32 {
-    let (mut a, mut b) = (1u32, 0u32);
-    for chunk in data.chunks(5552) {
-        for &x in chunk {
-            a += u32::from(x);
-            b += a;
-        }
-        a %= 65521;
-        b %= 65521;
+    #[test]
+    fn x_is_logarithmic_from_ten_times_with_a_tick_per_n() {
+        let wide = x_axis(&[(1_000.0, 1.0), (100_000.0, 2.0), (10_000.0, 3.0), (1_000.0, 4.0)]);
+        assert!(wide.log);
+        assert_eq!(wide.ticks, [1_000.0, 10_000.0, 100_000.0]);
+        // Midway in log space: 10K sits in the middle of the plot.
+        assert_eq!(wide.map(&10_000.0, (0, 1000)), 500);
+        assert_eq!(wide.map(&1_000.0, (0, 1000)), 40);
+        assert!(!x_axis(&[(100.0, 1.0), (900.0, 1.0)]).log);
     }
-    (b << 16) | a
-}
 
-fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let crc = crc32(data, crc32(kind, 0));
-    out.extend_from_slice(&crc.to_be_bytes());
-}
+    #[test]
+    fn y_runs_from_zero_to_a_round_value_above_the_data() {
+        let y = y_axis(&[(1.0, 447.0)]);
+        assert_eq!(y.range, 0.0..500.0);
+        assert_eq!(y.ticks, [0.0, 100.0, 200.0, 300.0, 400.0, 500.0]);
+    }
 
-fn write_png(path: &Path, rgb: &[u8]) -> std::io::Result<()> {
-    let mut raw = Vec::with_capacity(H * (W * 3 + 1));
-    for row in rgb.chunks(W * 3) {
-        raw.push(0); // filter: none
-        raw.extend_from_slice(row);
+    #[test]
+    fn labels_thousands_with_k() {
+        assert_eq!(label(30_000.0), "30K");
+        assert_eq!(label(400.0), "400");
+        assert_eq!(label(2.5), "2.5");
     }
-    let mut z = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
-    for (i, block) in blocks.iter().enumerate() {
-        z.push(u8::from(i + 1 == blocks.len()));
-        z.extend_from_slice(&(block.len() as u16).to_le_bytes());
-        z.extend_from_slice(&(!(block.len() as u16)).to_le_bytes());
-        z.extend_from_slice(block);
-    }
-    z.extend_from_slice(&adler32(&raw).to_be_bytes());
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&(W as u32).to_be_bytes());
-    ihdr.extend_from_slice(&(H as u32).to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(&mut png, b"IHDR", &ihdr);
-    chunk(&mut png, b"IDAT", &z);
-    chunk(&mut png, b"IEND", &[]);
-    std::fs::File::create(path)?.write_all(&png)
 }

@@ -25,6 +25,7 @@
 mod chart;
 mod measure;
 mod programming;
+mod progress;
 mod progrun;
 mod report;
 
@@ -33,11 +34,54 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use serde::Serialize;
 use testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet};
 use testbed::require_root;
 
 use measure::{ConnectBatch, EstablishedResult, RateResult, Rng};
+use progress::Progress;
+
+/// The benchmark suite: redirector against bare and kube-proxy lanes (root).
+#[derive(Debug, Parser)]
+#[command(name = "bench")]
+struct Args {
+    /// The release redirector binary to measure.
+    #[arg(long, value_name = "PATH")]
+    agent: PathBuf,
+    /// Where report.md, report.json and connect_latency.png are written.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    out: PathBuf,
+    /// Small N and short batches: for the trends, not for the absolute figures.
+    #[arg(long)]
+    quick: bool,
+    /// The numbers of services to measure at (instead of the run's own).
+    #[arg(long, value_name = "N,N,…", value_delimiter = ',', value_parser = at_least::<1>)]
+    services: Option<Vec<usize>>,
+    /// Measurement rounds per lane and N.
+    #[arg(long, value_name = "R", value_parser = at_least::<1>)]
+    rounds: Option<usize>,
+    /// Endpoints per service (at least 2, so that selection runs).
+    #[arg(long, value_name = "E", value_parser = at_least::<2>)]
+    endpoints: Option<usize>,
+    /// Parts of the run to leave out.
+    #[arg(
+        long,
+        value_name = "PART,…",
+        value_delimiter = ',',
+        value_parser = ["lanes", "b5", "b6", "b6-rulesets"],
+    )]
+    skip: Vec<String>,
+}
+
+/// A count of at least `MIN`.
+fn at_least<const MIN: usize>(text: &str) -> Result<usize, String> {
+    let n: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if n < MIN {
+        return Err(format!("must be at least {MIN}"));
+    }
+    Ok(n)
+}
 
 /// What a run does; `quick` and full differ only in these numbers.
 #[derive(Clone, Debug, Serialize)]
@@ -180,38 +224,16 @@ pub struct Results {
     pub notes: Vec<String>,
 }
 
-fn log(line: &str) {
-    eprintln!("[bench] {line}");
-}
-
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let (mut agent, mut out, mut quick) = (None, PathBuf::from("target/bench"), false);
-    let (mut services, mut rounds, mut endpoints, mut skip) = (None, None, None, BTreeSet::new());
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--agent" => agent = args.next().map(PathBuf::from),
-            "--out" => out = PathBuf::from(args.next().context("--out DIR")?),
-            "--quick" => quick = true,
-            "--services" => {
-                let list = args.next().context("--services N,N,…")?;
-                let parsed: Result<Vec<usize>, _> = list.split(',').map(|s| s.trim().parse()).collect();
-                services = Some(parsed.with_context(|| format!("--services {list}"))?);
-            }
-            "--rounds" => rounds = Some(args.next().context("--rounds R")?.parse()?),
-            "--endpoints" => endpoints = Some(args.next().context("--endpoints E")?.parse()?),
-            "--skip" => {
-                skip = args
-                    .next()
-                    .context("--skip lanes,b5,b6,b6-rulesets")?
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect()
-            }
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    let agent = agent.context("--agent PATH (the release redirector binary) is required")?;
+    let Args {
+        agent,
+        out,
+        quick,
+        services,
+        rounds,
+        endpoints,
+        skip,
+    } = Args::parse();
     if !agent.exists() {
         bail!("agent binary {} does not exist", agent.display());
     }
@@ -220,24 +242,15 @@ fn main() -> anyhow::Result<()> {
     if let Some(mut s) = services {
         s.sort_unstable();
         s.dedup();
-        if s.contains(&0) {
-            bail!("--services: every N must be at least 1");
-        }
         config.services = s;
     }
     if let Some(r) = rounds {
-        if r < 1 {
-            bail!("--rounds must be at least 1");
-        }
         config.rounds = r;
     }
     if let Some(e) = endpoints {
-        if e < 2 {
-            bail!("--endpoints must be at least 2 (selection must run)");
-        }
         config.endpoints = e;
     }
-    config.skip = skip;
+    config.skip = skip.into_iter().collect();
     for tool in ["iptables-legacy-restore", "iptables-nft-restore", "nft"] {
         let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
             .iter()
@@ -271,7 +284,8 @@ fn main() -> anyhow::Result<()> {
                 |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
             ),
     };
-    log(&format!(
+    let progress = Progress::new();
+    progress.log(&format!(
         "{} run: N = {:?}, {} endpoints, {} rounds, {} connections per batch",
         if quick { "quick" } else { "full" },
         config.services,
@@ -288,23 +302,26 @@ fn main() -> anyhow::Result<()> {
         notes: Vec::new(),
     };
     if !config.skip.contains("lanes") {
-        run_lanes(&config, &agent, &mut results)?;
+        run_lanes(&config, &agent, &mut results, &progress)?;
     }
     if !config.skip.contains("b5") {
-        log("B5: BPF_PROG_TEST_RUN");
-        results.b5 = Some(progrun::run(&config.b5, &log));
+        progress.log("B5: BPF_PROG_TEST_RUN");
+        results.b5 = Some(progrun::run(&config.b5, &progress));
     }
     if !config.skip.contains("b6") {
         let rulesets = !config.skip.contains("b6-rulesets");
-        results.b6 = Some(programming::run(&agent, &config.b6, rulesets, &log));
+        results.b6 = Some(programming::run(&agent, &config.b6, rulesets, &progress));
     }
     results.meta.seconds = started.elapsed().as_secs_f64();
     let json = serde_json::to_string_pretty(&results)?;
     std::fs::write(out.join("report.json"), json)?;
     let markdown = report::markdown(&results);
     std::fs::write(out.join("report.md"), &markdown)?;
-    report::chart(&results, &out.join("connect_latency.png"))?;
-    log(&format!(
+    // The figures are in the reports already: a chart that fails costs only itself.
+    if let Err(e) = report::chart(&results, &out.join("connect_latency.png")) {
+        progress.log(&format!("no chart: {:#}", anyhow::Error::new(e)));
+    }
+    progress.log(&format!(
         "done in {:.0}s: {}/report.md, report.json, connect_latency.png",
         results.meta.seconds,
         out.display()
@@ -320,28 +337,41 @@ fn tool_version(tool: &str, arg: &str) -> String {
         .unwrap_or_default()
 }
 
-fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Result<()> {
+fn run_lanes(
+    config: &Config,
+    agent: &Path,
+    results: &mut Results,
+    progress: &Progress,
+) -> anyhow::Result<()> {
     let max = config.services.iter().copied().max().unwrap_or(1);
     let options = LaneOptions {
         agent: Some(agent.to_owned()),
         max_services: max,
         endpoints: config.endpoints,
     };
-    log("building the six lanes");
+    // Steps: building each lane; at each N, programming each lane, its three
+    // measurements per round (connections, rate, established), the cross-check.
+    let built = LaneKind::ALL.len() as u64;
+    let per_n = built * (1 + 3 * config.rounds as u64) + 1;
+    progress.stage("lanes", built + per_n * config.services.len() as u64);
+    progress.log("building the six lanes");
     let mut lanes = Vec::new();
     for kind in LaneKind::ALL {
+        progress.doing(format!("building {}", kind.name()));
         let lane =
             Lane::new(kind, &options).map_err(|e| anyhow::anyhow!("building lane {}: {e}", kind.name()))?;
         lanes.push(lane);
+        progress.advance(1);
     }
     let set = ServiceSet::new(max, config.endpoints);
     let cap = Duration::from_secs_f64(config.load_cap_seconds);
     // A lane that failed to load at some N is not tried at larger N.
     let mut dead: Vec<Option<String>> = vec![None; lanes.len()];
-    for &n in &config.services {
-        log(&format!("N = {n}: programming the lanes"));
+    for (done_n, &n) in (1..).zip(&config.services) {
+        progress.log(&format!("N = {n}: programming the lanes"));
         let mut steps: Vec<LaneStep> = Vec::new();
         for (k, lane) in lanes.iter_mut().enumerate() {
+            progress.doing(format!("N = {n}: programming {}", lane.kind.name()));
             let mut step = LaneStep {
                 lane: LaneKindName(lane.kind.name()),
                 services: n,
@@ -363,14 +393,14 @@ fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Re
                     Ok(p) => {
                         step.load_seconds = Some(p.took.as_secs_f64());
                         step.load_how = Some(p.how);
-                        log(&format!(
+                        progress.log(&format!(
                             "  {}: {n} services loaded in {:.2}s",
                             lane.kind.name(),
                             p.took.as_secs_f64()
                         ));
                     }
                     Err(e) => {
-                        log(&format!(
+                        progress.log(&format!(
                             "  {}: loading {n} services failed: {e}",
                             lane.kind.name()
                         ));
@@ -384,7 +414,7 @@ fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Re
                 let random = Rng::new(n as u64 ^ 0x5eed).below(n);
                 step.checked = true;
                 if let Err(e) = lane.check(n, random) {
-                    log(&format!("  {}: correctness check FAILED: {e}", lane.kind.name()));
+                    progress.log(&format!("  {}: correctness check FAILED: {e}", lane.kind.name()));
                     step.check_error = Some(e);
                 }
             }
@@ -395,11 +425,12 @@ fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Re
                 });
             }
             steps.push(step);
+            progress.advance(1);
         }
         let active: Vec<usize> = (0..lanes.len())
             .filter(|&k| steps[k].skipped.is_none() && steps[k].check_error.is_none())
             .collect();
-        log(&format!(
+        progress.log(&format!(
             "N = {n}: {} rounds over {} lanes ({})",
             config.rounds,
             active.len(),
@@ -411,36 +442,50 @@ fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Re
         ));
         let batch_cap = Duration::from_secs(30);
         for round in 0..config.rounds {
+            let doing = |what: &str, lane: &Lane| {
+                progress.doing(format!(
+                    "N = {n}, round {}/{}: {what}, {}",
+                    round + 1,
+                    config.rounds,
+                    lane.kind.name()
+                ));
+            };
             // The same random positions for every lane in a round.
             let mut rng = Rng::new((n as u64) << 8 | round as u64);
             let positions: Vec<usize> = (0..config.samples).map(|_| rng.below(n)).collect();
             let mut this_round: Vec<Round> = vec![Round::default(); lanes.len()];
             for &k in &active {
                 let lane = &lanes[k];
+                doing("new connections", lane);
                 let last = vec![lane.target(n - 1); config.samples];
                 this_round[k].last = measure::connect_batch(&lane.client, last, batch_cap);
                 let random = positions.iter().map(|&i| lane.target(i)).collect();
                 this_round[k].random = measure::connect_batch(&lane.client, random, batch_cap);
                 let pod = vec![lane.pod_target(); config.samples];
                 this_round[k].pod = measure::connect_batch(&lane.client, pod, batch_cap);
+                progress.advance(1);
             }
             for &k in &active {
                 let lane = &lanes[k];
+                doing("connection rate", lane);
                 this_round[k].rate = measure::saturate(
                     &lane.client,
                     lane.target(n - 1),
                     config.rate_threads,
                     Duration::from_secs_f64(config.rate_seconds),
                 );
+                progress.advance(1);
             }
             for &k in &active {
                 let lane = &lanes[k];
+                doing("established connection", lane);
                 this_round[k].established = measure::established(
                     &lane.client,
                     lane.target(n - 1),
                     config.round_trips,
                     config.stream_bytes,
                 );
+                progress.advance(1);
             }
             for &k in &active {
                 steps[k].rounds.push(this_round[k].clone());
@@ -449,7 +494,7 @@ fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Re
                 .iter()
                 .map(|&k| format!("{} {:.1}", lanes[k].kind.name(), this_round[k].last.connect.p50))
                 .collect();
-            log(&format!(
+            progress.log(&format!(
                 "  round {}: connect p50 µs (target last): {}",
                 round + 1,
                 summary.join(", ")
@@ -462,6 +507,7 @@ fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Re
             .find(|&k| lanes[k].kind == LaneKind::Redirector)
         {
             let lane = &lanes[k];
+            progress.doing(format!("N = {n}: cross-checking the program's cost"));
             match lane.agent_pid() {
                 Some(pid) => {
                     let (client, target) = (lane.client.clone(), lane.target(n - 1));
@@ -478,6 +524,60 @@ fn run_lanes(config: &Config, agent: &Path, results: &mut Results) -> anyhow::Re
             }
         }
         results.steps.extend(steps);
+        // Lanes not measured at this N skip their steps.
+        progress.reach(built + per_n * done_n);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Args;
+
+    #[test]
+    fn flags_parse_as_xtask_and_the_docs_spell_them() {
+        Args::command().debug_assert();
+        let args = Args::try_parse_from([
+            "bench",
+            "--agent",
+            "target/release/redirector",
+            "--out",
+            "/tmp/out",
+            "--quick",
+            "--services",
+            "1000,100",
+            "--rounds",
+            "3",
+            "--endpoints",
+            "4",
+            "--skip",
+            "lanes,b6-rulesets",
+        ])
+        .expect("valid flags");
+        assert_eq!(args.agent.to_str(), Some("target/release/redirector"));
+        assert_eq!(args.out.to_str(), Some("/tmp/out"));
+        assert!(args.quick);
+        assert_eq!(args.services, Some(vec![1000, 100]));
+        assert_eq!((args.rounds, args.endpoints), (Some(3), Some(4)));
+        assert_eq!(args.skip, ["lanes", "b6-rulesets"]);
+        let defaults = Args::try_parse_from(["bench", "--agent", "a"]).expect("only --agent is required");
+        assert_eq!(defaults.out.to_str(), Some("target/bench"));
+        assert!(!defaults.quick && defaults.services.is_none() && defaults.skip.is_empty());
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        for bad in [
+            &["bench"][..],
+            &["bench", "--agent", "a", "--services", "100,0"],
+            &["bench", "--agent", "a", "--rounds", "0"],
+            &["bench", "--agent", "a", "--endpoints", "1"],
+            &["bench", "--agent", "a", "--skip", "b7"],
+            &["bench", "--agent", "a", "--bogus"],
+        ] {
+            assert!(Args::try_parse_from(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

@@ -24,6 +24,7 @@ use testbed::procfs::{fdinfo_field, status_kib};
 use testbed::{Fixture, in_netns};
 
 use crate::measure::Summary;
+use crate::progress::Progress;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
@@ -64,24 +65,38 @@ pub struct B6 {
 }
 
 /// `rulesets`: also load kube-proxy's rulesets for comparison (slow at 10k).
-pub fn run(agent: &Path, config: &Config, rulesets: bool, log: &dyn Fn(&str)) -> B6 {
+pub fn run(agent: &Path, config: &Config, rulesets: bool, progress: &Progress) -> B6 {
     let mut out = B6 {
         config: Some(config.clone()),
         ..Default::default()
     };
-    let set = ServiceSet::new(config.services, config.endpoints);
-    let (backend, footprint) = agent_backend(agent, config, &set, log);
-    out.backends.push(backend);
-    out.footprint = footprint;
-    if !rulesets {
-        return out;
-    }
-    for kind in [
+    let kube_proxy = [
         LaneKind::IptablesLegacy,
         LaneKind::IptablesNft,
         LaneKind::Nftables,
-    ] {
-        out.backends.push(kube_proxy_backend(kind, config, &set, log));
+    ];
+    // Steps per backend: the full load, each single change, the burst.
+    let agent_steps = 2 * config.changes as u64 + 2;
+    let kube_proxy_steps = 2 * config.kube_proxy_changes as u64 + 2;
+    let rulesets_steps = if rulesets {
+        kube_proxy.len() as u64 * kube_proxy_steps
+    } else {
+        0
+    };
+    progress.stage("B6", agent_steps + rulesets_steps);
+    let set = ServiceSet::new(config.services, config.endpoints);
+    let (backend, footprint) = agent_backend(agent, config, &set, progress);
+    out.backends.push(backend);
+    out.footprint = footprint;
+    // A backend that failed part-way skips its remaining steps.
+    progress.reach(agent_steps);
+    if !rulesets {
+        return out;
+    }
+    for (done, kind) in (1..).zip(kube_proxy) {
+        out.backends
+            .push(kube_proxy_backend(kind, config, &set, progress));
+        progress.reach(agent_steps + kube_proxy_steps * done);
     }
     out
 }
@@ -133,7 +148,7 @@ fn agent_backend(
     agent: &Path,
     config: &Config,
     set: &ServiceSet,
-    log: &dyn Fn(&str),
+    progress: &Progress,
 ) -> (Backend, Option<Footprint>) {
     let mut b = Backend {
         name: "redirector (agent, API watch)".into(),
@@ -144,7 +159,8 @@ fn agent_backend(
         max_services: config.services + config.changes + 16,
         endpoints: config.endpoints,
     };
-    log(&format!(
+    progress.doing("the agent".into());
+    progress.log(&format!(
         "B6: agent cold start with {} services x {} endpoints",
         config.services, config.endpoints
     ));
@@ -181,6 +197,7 @@ fn agent_backend(
             "{unreachable} services did not answer after the cold start"
         ));
     }
+    progress.advance(1);
     let footprint = lane
         .agent_pid()
         .map(|pid| footprint(pid, lane.fixture.bpffs.path(), config.services, config.endpoints));
@@ -199,7 +216,7 @@ fn agent_backend(
     // Single endpoint changes.
     let mut change_times = Vec::new();
     let mut agent_ms = Vec::new();
-    log(&format!(
+    progress.log(&format!(
         "B6: {} single endpoint changes on the agent",
         config.changes
     ));
@@ -224,12 +241,13 @@ fn agent_backend(
         if let Some(us) = wait_agent_latency(&lane, syncs) {
             agent_ms.push(Duration::from_micros(us));
         }
+        progress.advance(1);
     }
     b.endpoint_change_ms = ms(&change_times);
     b.agent_reported_ms = ms(&agent_ms);
     // New services.
     let mut new_times = Vec::new();
-    log(&format!("B6: {} new services on the agent", config.changes));
+    progress.log(&format!("B6: {} new services on the agent", config.changes));
     for k in 0..config.changes {
         let i = set.len() + k;
         let fe = service_frontend(i);
@@ -246,10 +264,11 @@ fn agent_backend(
             }
         }
         let _ = wait_agent_latency(&lane, syncs);
+        progress.advance(1);
     }
     b.new_service_ms = ms(&new_times);
     // A burst of endpoint changes on distinct services.
-    log(&format!(
+    progress.log(&format!(
         "B6: burst of {} endpoint changes on the agent",
         config.burst
     ));
@@ -305,7 +324,7 @@ fn wait_agent_latency(lane: &Lane, syncs: usize) -> Option<u64> {
     digits.parse().ok()
 }
 
-fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, log: &dyn Fn(&str)) -> Backend {
+fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, progress: &Progress) -> Backend {
     let mut b = Backend {
         name: kind.name().into(),
         ..Default::default()
@@ -327,7 +346,8 @@ fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, log: &d
             netns_exec(&fx.node, restore, &[], Some(text), cap)
         }
     };
-    log(&format!(
+    progress.doing(kind.name().into());
+    progress.log(&format!(
         "B6: {} full load of {} services x {} endpoints (cap {:?})",
         kind.name(),
         list.len(),
@@ -346,6 +366,7 @@ fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, log: &d
             return b;
         }
     }
+    progress.advance(1);
     drop(full);
     let cap = Duration::from_secs(120);
     let mut fresh = 1_000_000usize;
@@ -376,6 +397,7 @@ fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, log: &d
                 break;
             }
         }
+        progress.advance(1);
     }
     b.endpoint_change_ms = ms(&times);
     // New services.
@@ -404,6 +426,7 @@ fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, log: &d
                 break;
             }
         }
+        progress.advance(1);
     }
     b.new_service_ms = ms(&times);
     // A burst: kube-proxy coalesces it into one partial sync.
@@ -432,7 +455,7 @@ fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, log: &d
     } else {
         kubeproxy::iptables_partial_restore(&list, &node, &indexes, &removed_chains)
     };
-    log(&format!("B6: {} burst of {} changes", kind.name(), indexes.len()));
+    progress.log(&format!("B6: {} burst of {} changes", kind.name(), indexes.len()));
     match apply(&text, true, config.load_cap) {
         Ok(d) => b.burst_seconds = Some(d.as_secs_f64()),
         Err(e) => b.error = Some(format!("burst: {e}")),

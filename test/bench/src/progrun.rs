@@ -16,6 +16,7 @@ use testbed::lanes::{ServiceSet, agent_map_sizes, service_endpoints, service_fro
 use testbed::procfs::{enable_run_time_stats, prog_stats};
 
 use crate::measure::{Figure, Rng, Summary};
+use crate::progress::Progress;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -249,18 +250,20 @@ pub struct B5 {
     pub error: Option<String>,
 }
 
-pub fn run(config: &Config, log: &dyn Fn(&str)) -> B5 {
+pub fn run(config: &Config, progress: &Progress) -> B5 {
     let mut result = B5 {
         config: Some(config.clone()),
         ..Default::default()
     };
-    if let Err(e) = run_inner(config, &mut result, log) {
+    // Steps: programming each N, then its rounds.
+    progress.stage("B5", (config.services.len() * (1 + config.rounds)) as u64);
+    if let Err(e) = run_inner(config, &mut result, progress) {
         result.error = Some(e);
     }
     result
 }
 
-fn run_inner(config: &Config, result: &mut B5, log: &dyn Fn(&str)) -> Result<(), String> {
+fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<(), String> {
     let max = config.services.iter().copied().max().unwrap_or(1);
     let bpffs = Bpffs::new("rdbench-b5");
     let mut sizes = agent_map_sizes(max, config.endpoints);
@@ -288,6 +291,7 @@ fn run_inner(config: &Config, result: &mut B5, log: &dyn Fn(&str)) -> Result<(),
     let mut explain_ctx = [0u8; 192];
     explain_ctx[8..12].copy_from_slice(&redirector_common::counters::EXPLAIN_MARK.to_ne_bytes());
     for &n in &config.services {
+        progress.doing(format!("N = {n}: programming"));
         let started = Instant::now();
         let desired = all.list[..n].iter().cloned().collect();
         let report = writer.sync(&desired);
@@ -299,12 +303,14 @@ fn run_inner(config: &Config, result: &mut B5, log: &dyn Fn(&str)) -> Result<(),
             sync_seconds: started.elapsed().as_secs_f64(),
             ..Default::default()
         };
-        log(&format!(
+        progress.advance(1);
+        progress.log(&format!(
             "B5: {n} services programmed in {:.2}s; {} rounds x {} flows",
             step.sync_seconds, config.rounds, config.flows_per_round
         ));
         let mut rng = Rng::new(n as u64);
-        for _round in 0..config.rounds {
+        for round in 1..=config.rounds {
+            progress.doing(format!("N = {n}, round {round}/{}", config.rounds));
             // Distinct new flows to random services, and their endpoints.
             let flows: Vec<((Ipv4Addr, u16), usize)> = (0..config.flows_per_round)
                 .map(|_| {
@@ -392,6 +398,7 @@ fn run_inner(config: &Config, result: &mut B5, log: &dyn Fn(&str)) -> Result<(),
             let (_, d) =
                 test_run(empty, &misses[0], &mut out, config.repeat, None).map_err(|e| e.to_string())?;
             step.empty_repeat.push(f64::from(d));
+            progress.advance(1);
         }
         result.steps.push(step);
     }

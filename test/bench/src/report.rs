@@ -600,7 +600,7 @@ fn method_section(out: &mut String, r: &Results) {
     }
 }
 
-pub fn chart(r: &Results, path: &Path) -> std::io::Result<()> {
+pub fn chart(r: &Results, path: &Path) -> Result<(), chart::ChartError> {
     let series: Vec<chart::Series> = lanes()
         .into_iter()
         .map(|lane| chart::Series {

@@ -11,10 +11,39 @@ use std::net::{SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use clap::Parser;
 use testbed::in_netns;
 use testbed::lanes::{Lane, LaneKind, LaneOptions, ServiceSet, set_linger_zero};
 use testbed::procfs::{enable_run_time_stats, prog_stats};
+
+/// Where the redirector's connect overhead goes (root): bare vs redirector
+/// lane, same, random and random-of-ten services.
+#[derive(Debug, Parser)]
+#[command(name = "connect_probe")]
+struct Args {
+    /// The release redirector binary.
+    #[arg(long, value_name = "PATH")]
+    agent: PathBuf,
+    /// Services on each lane (at least 10: one pattern picks among ten).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = at_least::<10>)]
+    services: usize,
+    /// Rounds of the three patterns.
+    #[arg(long, value_name = "R", default_value_t = 4)]
+    rounds: usize,
+    /// New connections per pattern and lane.
+    #[arg(long, value_name = "C", default_value_t = 400, value_parser = at_least::<1>)]
+    connections: usize,
+}
+
+/// A count of at least `MIN`.
+fn at_least<const MIN: usize>(text: &str) -> Result<usize, String> {
+    let n: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if n < MIN {
+        return Err(format!("must be at least {MIN}"));
+    }
+    Ok(n)
+}
 
 /// Connect p50 in µs over `targets`, each connection closed with RST.
 fn connect_p50(client: &str, targets: Vec<SocketAddrV4>) -> anyhow::Result<f64> {
@@ -33,22 +62,14 @@ fn connect_p50(client: &str, targets: Vec<SocketAddrV4>) -> anyhow::Result<f64> 
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let (mut agent, mut services, mut rounds, mut connections) = (None, 1000usize, 4usize, 400usize);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--agent" => agent = args.next().map(PathBuf::from),
-            "--services" => services = args.next().context("--services N")?.parse()?,
-            "--rounds" => rounds = args.next().context("--rounds R")?.parse()?,
-            "--connections" => connections = args.next().context("--connections C")?.parse()?,
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    if services < 10 || connections == 0 {
-        bail!("--services must be at least 10 and --connections at least 1");
-    }
+    let Args {
+        agent,
+        services,
+        rounds,
+        connections,
+    } = Args::parse();
     let options = LaneOptions {
-        agent: Some(agent.context("--agent PATH (the release redirector binary) is required")?),
+        agent: Some(agent),
         max_services: services,
         endpoints: 2,
     };

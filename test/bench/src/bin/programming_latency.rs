@@ -8,32 +8,45 @@
 //! `programming_latency --agent PATH [--services N] [--endpoints E] [--changes N]`
 
 use std::net::{Ipv4Addr, TcpListener};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::Parser;
+use clap::builder::RangedU64ValueParser;
 use redirector::datapath::{Maps, maps_pin_dir};
 use serde_json::json;
 use testbed::apiserver::FakeApiServer;
 use testbed::procfs::status_kib;
 use testbed::{Fixture, in_netns};
 
+/// Network programming latency with the Kubernetes source (root).
+#[derive(Debug, Parser)]
+#[command(name = "programming_latency")]
+struct Args {
+    /// The release redirector binary.
+    #[arg(long, value_name = "PATH")]
+    agent: PathBuf,
+    // Addresses are 10.(128+n).x.y with x < 250, and changes use 10.200/16:
+    // hence the limits on --services and --endpoints.
+    /// Services on the API server.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = RangedU64ValueParser::<usize>::new().range(..=62_500))]
+    services: usize,
+    /// Endpoints per service.
+    #[arg(long, value_name = "E", default_value_t = 2, value_parser = RangedU64ValueParser::<usize>::new().range(1..=64))]
+    endpoints: usize,
+    /// Single endpoint changes timed, one at a time.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    changes: usize,
+}
+
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let (mut agent, mut services, mut endpoints, mut changes) = (None, 1000usize, 2usize, 100usize);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--agent" => agent = args.next(),
-            "--services" => services = args.next().context("--services N")?.parse()?,
-            "--endpoints" => endpoints = args.next().context("--endpoints E")?.parse()?,
-            "--changes" => changes = args.next().context("--changes N")?.parse()?,
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    let agent = std::path::PathBuf::from(agent.context("--agent PATH is required")?);
-    // Addresses are 10.(128+n).x.y with x < 250, and changes use 10.200/16.
-    if !(1..=64).contains(&endpoints) || services > 62_500 {
-        bail!("--endpoints must be 1..=64 and --services at most 62500");
-    }
+    let Args {
+        agent,
+        services,
+        endpoints,
+        changes,
+    } = Args::parse();
 
     let fx = Fixture::new("lat");
     let listener = in_netns(&fx.node, || TcpListener::bind("127.0.0.1:0"))?;

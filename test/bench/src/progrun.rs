@@ -21,7 +21,9 @@ use crate::progress::Progress;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-const TC_ACT_OK: u32 = 0;
+/// What redirector's programs return for every packet they let through (go
+/// on down the TC chain).
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 
 #[repr(C)]
 #[derive(Default)]
@@ -67,7 +69,7 @@ fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> std::io::Resu
     Ok(rc)
 }
 
-/// A SCHED_CLS program that returns TC_ACT_OK at once: the baseline.
+/// A SCHED_CLS program that returns TC_ACT_OK (0) at once: the baseline.
 pub fn load_empty_program() -> std::io::Result<OwnedFd> {
     // mov64 r0, 0 ; exit
     let insns: [u64; 2] = [0xb7, 0x95];
@@ -362,15 +364,18 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
                     }
                     Ok::<Summary, String>(Summary::of(&ns))
                 };
-            let any = |_: usize, verdict: u32, _: &[u8]| -> Result<(), String> {
-                (verdict == TC_ACT_OK)
-                    .then_some(())
-                    .ok_or(format!("verdict {verdict}"))
+            let verdict_is = |want: u32| {
+                move |_: usize, verdict: u32, _: &[u8]| -> Result<(), String> {
+                    (verdict == want)
+                        .then_some(())
+                        .ok_or(format!("verdict {verdict}"))
+                }
             };
+            let (empty_returns, passed) = (verdict_is(0), verdict_is(TC_ACT_UNSPEC));
             let translated = |k: usize, verdict: u32, frame: &[u8]| -> Result<(), String> {
                 let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
                 let eps = service_endpoints(flows[k].1, config.endpoints);
-                if verdict != TC_ACT_OK || !eps.iter().any(|e| e.addr == dst) {
+                if verdict != TC_ACT_UNSPEC || !eps.iter().any(|e| e.addr == dst) {
                     return Err(format!(
                         "flow {k} to service {}: verdict {verdict}, destination {dst} not one of {eps:?}",
                         flows[k].1
@@ -378,13 +383,13 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
                 }
                 Ok(())
             };
-            let empty_s = time(empty, &syns, None, &any, &mut step)?;
+            let empty_s = time(empty, &syns, None, &empty_returns, &mut step)?;
             let hit = time(prog, &syns, None, &translated, &mut step)?;
-            let explain = time(prog, &explained, Some(&explain_ctx), &any, &mut step)?;
+            let explain = time(prog, &explained, Some(&explain_ctx), &passed, &mut step)?;
             let est = time(prog, &acks, None, &translated, &mut step)?;
-            let miss = time(prog, &misses, None, &any, &mut step)?;
+            let miss = time(prog, &misses, None, &passed, &mut step)?;
             let arp_frames = vec![arp.clone(); frames_for_arp(config.flows_per_round)];
-            let arp_s = time(prog, &arp_frames, None, &any, &mut step)?;
+            let arp_s = time(prog, &arp_frames, None, &passed, &mut step)?;
             step.empty.push(empty_s.p50);
             step.hit.push(hit.p50);
             step.explain.push(explain.p50);

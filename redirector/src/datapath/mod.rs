@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId};
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
@@ -33,13 +33,48 @@ pub const TO_POD_PROGRAM: &str = "redirector_tc_to_pod";
 
 /// The programs and where each hangs off a pod interface's node side:
 /// ingress there is traffic leaving the pod, egress traffic entering it.
-/// The second element names the link pin: an interface name cannot contain
-/// ':', so the egress pin never collides with an interface's ingress pin
-/// (named as the interface, as before the egress program existed).
-const HOOKS: [(&str, TcAttachType, &str); 2] = [
-    (PROGRAM, TcAttachType::Ingress, ""),
-    (TO_POD_PROGRAM, TcAttachType::Egress, ":egress"),
+///
+/// Position among other programs on the hook (a CNI's) follows where
+/// kube-proxy's netfilter rules act: requests are translated after TC
+/// ingress (in PREROUTING), so our ingress program goes after those already
+/// there and a CNI's program still sees the service address; replies reach
+/// the pod already translated, so our egress program goes first.
+///
+/// The pin suffix names the link pin: an interface name cannot contain ':',
+/// so the egress pin never collides with an interface's ingress pin (named
+/// as the interface, as before the egress program existed).
+const HOOKS: [Hook; 2] = [
+    Hook {
+        program: PROGRAM,
+        attach_type: TcAttachType::Ingress,
+        first: false,
+        pin_suffix: "",
+    },
+    Hook {
+        program: TO_POD_PROGRAM,
+        attach_type: TcAttachType::Egress,
+        first: true,
+        pin_suffix: ":egress",
+    },
 ];
+
+struct Hook {
+    program: &'static str,
+    attach_type: TcAttachType,
+    /// Before the programs already on the hook, or after them.
+    first: bool,
+    pin_suffix: &'static str,
+}
+
+impl Hook {
+    fn tcx_order(&self) -> TcAttachOptions {
+        TcAttachOptions::TcxOrder(if self.first {
+            LinkOrder::first()
+        } else {
+            LinkOrder::last()
+        })
+    }
+}
 /// `statfs` type of a bpffs (the kernel's BPF_FS_MAGIC, an `__fsword_t`).
 const BPF_FS_MAGIC: FsWord = 0xcafe4a11_u32 as FsWord;
 
@@ -190,7 +225,7 @@ impl Datapath {
                 pin_dir,
                 source: Box::new(source),
             })?;
-        for (name, _, _) in HOOKS {
+        for Hook { program: name, .. } in HOOKS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(LoadError::MissingProgram(name))?
@@ -262,9 +297,9 @@ impl Datapath {
             return Ok(false);
         }
         let mut attachments = Vec::with_capacity(HOOKS.len());
-        for (program, hook, pin_suffix) in HOOKS {
-            let pin = self.links_dir.join(format!("{interface}{pin_suffix}"));
-            match self.attach_one(program, interface, hook, pin) {
+        for hook in &HOOKS {
+            let pin = self.links_dir.join(format!("{interface}{}", hook.pin_suffix));
+            match self.attach_one(hook, interface, pin) {
                 Ok(attachment) => attachments.push(attachment),
                 Err(e) => {
                     // All hooks or none: half a datapath would translate
@@ -280,17 +315,12 @@ impl Datapath {
         Ok(true)
     }
 
-    fn attach_one(
-        &mut self,
-        name: &'static str,
-        interface: &str,
-        hook: TcAttachType,
-        pin: PathBuf,
-    ) -> Result<Attachment, AttachError> {
+    fn attach_one(&mut self, hook: &Hook, interface: &str, pin: PathBuf) -> Result<Attachment, AttachError> {
+        let name = hook.program;
         let attach_err = |source| AttachError::Attach {
             program: name,
             interface: interface.to_owned(),
-            hook,
+            hook: hook.attach_type,
             source: Box::new(source),
         };
         let program = classifier_mut(&mut self.ebpf, name);
@@ -298,7 +328,7 @@ impl Datapath {
             // Before tcx (Linux 6.6) TC programs hang off a clsact qdisc;
             // an existing one is fine.
             let _ = aya::programs::tc::qdisc_add_clsact(interface);
-            let link = program.attach(interface, hook).map_err(attach_err)?;
+            let link = program.attach(interface, hook.attach_type).map_err(attach_err)?;
             return Ok(Attachment::Owned(name, link));
         }
         if pin.exists() {
@@ -321,7 +351,9 @@ impl Datapath {
                 }
             }
         }
-        let id = program.attach(interface, hook).map_err(attach_err)?;
+        let id = program
+            .attach_with_options(interface, hook.attach_type, hook.tcx_order())
+            .map_err(attach_err)?;
         let link = program.take_link(id).map_err(attach_err)?;
         let pinned = FdLink::try_from(link)
             .map_err(|e| attach_err(ProgramError::IOError(io::Error::other(e))))?

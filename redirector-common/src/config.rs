@@ -16,4 +16,5 @@ pub struct Config {
 const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
 unsafe impl aya::Pod for Config {}

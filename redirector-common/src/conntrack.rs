@@ -50,6 +50,8 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::CtEntry {}
 }

@@ -109,9 +109,13 @@ const _: () = assert!(core::mem::size_of::<VipEntry>() == 4);
 
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::ServiceEntry {}
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::VipEntry {}
 }
 
@@ -149,6 +153,8 @@ const _: () = assert!(core::mem::size_of::<ServiceMeta>() == 512);
 
 #[cfg(feature = "user")]
 mod user_meta {
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::ServiceStats {}
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::ServiceMeta {}
 }

@@ -196,6 +196,7 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
     }
 
     let tuple = pkt.tuple();
+    // SAFETY: the entry is copied out at once.
     if let Some(entry) = unsafe { CT_V1.get(&tuple) }.copied() {
         if entry.kind == CT_REPLY {
             packet::rewrite_source(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
@@ -254,7 +255,7 @@ fn count_forward(ctx: &TcContext, mode: Mode, svc_id: u32, new_flow: bool) {
         return;
     }
     if let Some(stats) = SVCSTATS_V1.get_ptr_mut(svc_id) {
-        // Per-CPU slot: no other writer.
+        // SAFETY: a per-CPU slot: no other writer while the program runs.
         unsafe {
             (*stats).packets += 1;
             (*stats).bytes += u64::from(ctx.len());
@@ -319,11 +320,13 @@ fn remember_flow(pkt: &Packet, tuple: &CtKey, slot: &ServiceEntry, svc_id: u32) 
 
 #[inline(always)]
 fn backend_gone(backend_id: u32) -> bool {
+    // SAFETY: only whether the entry exists is read.
     unsafe { BACKEND_V1.get(&backend_id) }.is_none()
 }
 
 #[inline(always)]
 fn is_service_address(addr: u32) -> bool {
+    // SAFETY: only whether the entry exists is read.
     unsafe { VIP_V1.get(&addr) }.is_some() || in_service_cidr(addr)
 }
 

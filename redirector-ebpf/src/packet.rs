@@ -79,7 +79,7 @@ fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
     if start + offset + N > ctx.data_end() {
         return None;
     }
-    // Bounds checked above against data_end, as the verifier requires.
+    // SAFETY: bounds checked above against data_end, as the verifier requires.
     Some(unsafe { *((start + offset) as *const [u8; N]) })
 }
 
@@ -91,7 +91,7 @@ fn write_at<T: Copy>(ctx: &TcContext, offset: usize, value: T) -> Option<()> {
     if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
         return None;
     }
-    // Bounds checked above against data_end, as the verifier requires; the
+    // SAFETY: bounds checked above against data_end, as the verifier requires; the
     // field may be unaligned within the frame.
     unsafe { core::ptr::write_unaligned((start + offset) as *mut T, value) };
     Some(())
@@ -207,7 +207,10 @@ pub fn rewrite_source(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Re
 /// Replaces one address and one port, fixing the IPv4 and L4 checksums
 /// incrementally (the address is part of the L4 pseudo-header).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "both rewrites share one helper: what to replace, where"
+)]
 fn rewrite(
     ctx: &TcContext,
     pkt: &Packet,

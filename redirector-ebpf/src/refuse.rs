@@ -83,13 +83,16 @@ pub fn port_unreachable(ctx: &TcContext, mode: Mode, pkt: &Packet, counter: u32)
     // Read back opaquely so the compiler cannot drop the mask: the verifier
     // needs it to prove the length fits the buffer (8..=68, a multiple of 4).
     let ip_hlen = pkt.ip_hlen as u32;
+    // SAFETY: a read of a local.
     let quote_len = (unsafe { core::ptr::read_volatile(&ip_hlen) } & 0x3c) + 8;
     let macs: [u8; 12] = ctx.load(0).map_err(|_| failed)?;
+    // SAFETY: the buffer holds MAX_QUOTE >= quote_len bytes.
     if unsafe { bpf_skb_load_bytes(skb.cast(), ETH_HLEN as u32, quote.as_mut_ptr().cast(), quote_len) } != 0 {
         return Err(failed);
     }
 
     let total = ETH_HLEN + IP_HLEN + ICMP_HLEN + quote_len as usize;
+    // SAFETY: the skb of this program run.
     if unsafe { bpf_skb_change_tail(skb, total as u32, 0) } != 0 {
         return Err(failed);
     }
@@ -113,6 +116,7 @@ pub fn port_unreachable(ctx: &TcContext, mode: Mode, pkt: &Packet, counter: u32)
 
     hdr[IP_HLEN] = ICMP_DEST_UNREACH;
     hdr[IP_HLEN + 1] = ICMP_PORT_UNREACH;
+    // SAFETY: the buffer holds MAX_QUOTE >= quote_len bytes.
     let quote_sum =
         unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, quote.as_mut_ptr().cast(), quote_len, 0) };
     if quote_sum < 0 {
@@ -123,6 +127,7 @@ pub fn port_unreachable(ctx: &TcContext, mode: Mode, pkt: &Packet, counter: u32)
 
     ctx.store(0, &eth, 0).map_err(|_| failed)?;
     ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| failed)?;
+    // SAFETY: the buffer holds MAX_QUOTE >= quote_len bytes.
     if unsafe {
         bpf_skb_store_bytes(
             skb.cast(),
@@ -136,7 +141,9 @@ pub fn port_unreachable(ctx: &TcContext, mode: Mode, pkt: &Packet, counter: u32)
         return Err(failed);
     }
 
+    // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: a BPF helper taking plain values.
     unsafe { bpf_redirect(ifindex, 0) };
     Ok(Verdict {
         action: TC_ACT_REDIRECT as i32,

@@ -468,7 +468,10 @@ impl MapWriter {
     }
 
     /// Backends, then changed slots, then the master entry.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one service port's parts, written in the order the datapath needs"
+    )]
     fn write_service(
         &mut self,
         fe: Frontend,

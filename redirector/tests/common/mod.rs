@@ -1,6 +1,9 @@
 //! Shared test support: packets for the datapath tests; the netns test bed
 //! is the `testbed` crate (test/testbed), shared with the demo and the benchmark.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses its own part of the shared support"
+)]
 
 pub mod packet;
 

@@ -198,6 +198,7 @@ pub fn cpu_times() -> CpuTimes {
 }
 
 pub fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf(3) with a constant name has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 

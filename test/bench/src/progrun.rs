@@ -61,7 +61,13 @@ struct ProgLoadAttr {
     rest: [u64; 8],
 }
 
-fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> std::io::Result<i64> {
+/// bpf(2).
+///
+/// # Safety
+/// `attr` points to `size` bytes laid out as `cmd`'s attribute, and every
+/// buffer address in it is valid for what the kernel reads or writes there.
+unsafe fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> std::io::Result<i64> {
+    // SAFETY: as the caller promises.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
@@ -89,11 +95,16 @@ pub fn load_empty_program() -> std::io::Result<OwnedFd> {
         prog_name: name,
         rest: [0; 8],
     };
-    let fd = bpf(
-        BPF_PROG_LOAD,
-        (&mut attr as *mut ProgLoadAttr).cast(),
-        std::mem::size_of::<ProgLoadAttr>(),
-    )?;
+    // SAFETY: a whole BPF_PROG_LOAD attribute; the instructions, license and
+    // name it points to outlive the call.
+    let fd = unsafe {
+        bpf(
+            BPF_PROG_LOAD,
+            (&mut attr as *mut ProgLoadAttr).cast(),
+            std::mem::size_of::<ProgLoadAttr>(),
+        )
+    }?;
+    // SAFETY: a new program fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
@@ -117,11 +128,15 @@ fn test_run(
         ctx_in: ctx.map_or(0, |c| c.as_ptr() as u64),
         ..Default::default()
     };
-    bpf(
-        BPF_PROG_TEST_RUN,
-        (&mut attr as *mut TestRunAttr).cast(),
-        std::mem::size_of::<TestRunAttr>(),
-    )?;
+    // SAFETY: a whole BPF_PROG_TEST_RUN attribute; the frame, output and
+    // context buffers it names outlive the call, with their sizes.
+    unsafe {
+        bpf(
+            BPF_PROG_TEST_RUN,
+            (&mut attr as *mut TestRunAttr).cast(),
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    }?;
     Ok((attr.retval, attr.duration))
 }
 

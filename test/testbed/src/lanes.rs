@@ -210,6 +210,7 @@ pub fn set_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
+    // SAFETY: the option value outlives the call and its size is passed.
     let rc = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
@@ -900,6 +901,7 @@ impl Drop for EchoServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Wakes every thread blocked in accept() (EINVAL from then on).
+        // SAFETY: shutdown(2) on a socket this server owns and keeps open.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -339,6 +339,7 @@ impl Agent {
     }
 
     fn terminate(&mut self) -> bool {
+        // SAFETY: kill(2) on the agent's own pid (a child we have not reaped).
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -101,7 +101,7 @@ impl Verdict {
     }
     const fn drop(counter: u32) -> Self {
         Self {
-            action: TC_ACT_SHOT as i32,
+            action: TC_ACT_SHOT,
             counter,
         }
     }
@@ -159,7 +159,7 @@ fn try_translate_reply(ctx: &TcContext) -> Result<Verdict, Verdict> {
         return Ok(Verdict::pass(counters::PASS_UNPARSABLE));
     }
     // SAFETY: the entry is copied out at once.
-    if let Some(entry) = unsafe { CT_V1.get(&pkt.tuple()) }.copied()
+    if let Some(entry) = unsafe { CT_V1.get(pkt.tuple()) }.copied()
         && entry.kind == CT_REPLY
     {
         packet::rewrite_source(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
@@ -197,7 +197,7 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
 
     let tuple = pkt.tuple();
     // SAFETY: the entry is copied out at once.
-    if let Some(entry) = unsafe { CT_V1.get(&tuple) }.copied() {
+    if let Some(entry) = unsafe { CT_V1.get(tuple) }.copied() {
         if entry.kind == CT_REPLY {
             packet::rewrite_source(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
             return Ok(Verdict::pass(counters::REPLY_TRANSLATED));
@@ -220,7 +220,7 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
     // a service address on a port it does not define, or a service port
     // without endpoints, is refused (ICMP port unreachable, rate-limited).
     // SAFETY: only whether the entry exists is read.
-    if unsafe { VIP_V1.get(&pkt.daddr) }.is_none() {
+    if unsafe { VIP_V1.get(pkt.daddr) }.is_none() {
         if in_service_cidr(pkt.daddr) {
             return Err(Verdict::drop(counters::DROP_UNALLOCATED_IP));
         }
@@ -228,7 +228,7 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
     }
     let master_key = service_key(&pkt, MASTER_SLOT);
     // SAFETY: the entry is copied out at once.
-    let Some(master) = (unsafe { SVC_V2.get(&master_key) }).copied() else {
+    let Some(master) = (unsafe { SVC_V2.get(master_key) }).copied() else {
         return refuse::port_unreachable(ctx, mode, &pkt, counters::REFUSED_UNKNOWN_PORT);
     };
     choice.svc_id = master.svc_id;
@@ -278,7 +278,7 @@ fn pick_slot(count: u16) -> u16 {
 fn slot_entry(pkt: &Packet, slot: u16) -> Result<ServiceEntry, Verdict> {
     let missing = Verdict::drop(counters::DROP_BACKEND_MISSING);
     // SAFETY: the entry is copied out at once.
-    let entry = unsafe { SVC_V2.get(&service_key(pkt, slot)) }
+    let entry = unsafe { SVC_V2.get(service_key(pkt, slot)) }
         .copied()
         .ok_or(missing)?;
     if entry.backend_id == 0 {
@@ -314,20 +314,20 @@ fn remember_flow(pkt: &Packet, tuple: &CtKey, slot: &ServiceEntry, svc_id: u32) 
         ..reply
     };
     let full = Verdict::drop(counters::DROP_CT_FULL);
-    CT_V1.insert(&reply_key, &reply, 0).map_err(|_| full)?;
-    CT_V1.insert(tuple, &forward, 0).map_err(|_| full)
+    CT_V1.insert(reply_key, reply, 0).map_err(|_| full)?;
+    CT_V1.insert(tuple, forward, 0).map_err(|_| full)
 }
 
 #[inline(always)]
 fn backend_gone(backend_id: u32) -> bool {
     // SAFETY: only whether the entry exists is read.
-    unsafe { BACKEND_V1.get(&backend_id) }.is_none()
+    unsafe { BACKEND_V1.get(backend_id) }.is_none()
 }
 
 #[inline(always)]
 fn is_service_address(addr: u32) -> bool {
     // SAFETY: only whether the entry exists is read.
-    unsafe { VIP_V1.get(&addr) }.is_some() || in_service_cidr(addr)
+    unsafe { VIP_V1.get(addr) }.is_some() || in_service_cidr(addr)
 }
 
 #[inline(always)]

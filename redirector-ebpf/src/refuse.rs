@@ -52,14 +52,14 @@ fn refusal_allowed(saddr: u32) -> bool {
     };
     // SAFETY: the entry is copied out at once; a racing update from another
     // CPU only blurs the credit, never lets more than a burst through.
-    let mut bucket = unsafe { REFUSALS_V1.get(&saddr) }.copied().unwrap_or(full);
+    let mut bucket = unsafe { REFUSALS_V1.get(saddr) }.copied().unwrap_or(full);
     bucket.credit_ns = (bucket.credit_ns + now.saturating_sub(bucket.updated_ns)).min(full.credit_ns);
     bucket.updated_ns = now;
     let allowed = bucket.credit_ns >= INTERVAL_NS;
     if allowed {
         bucket.credit_ns -= INTERVAL_NS;
     }
-    let _ = REFUSALS_V1.insert(&saddr, &bucket, 0);
+    let _ = REFUSALS_V1.insert(saddr, bucket, 0);
     allowed
 }
 
@@ -146,7 +146,7 @@ pub fn port_unreachable(ctx: &TcContext, mode: Mode, pkt: &Packet, counter: u32)
     // SAFETY: a BPF helper taking plain values.
     unsafe { bpf_redirect(ifindex, 0) };
     Ok(Verdict {
-        action: TC_ACT_REDIRECT as i32,
+        action: TC_ACT_REDIRECT,
         counter,
     })
 }

@@ -10,6 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::datapath::writer::{MapWriter, SyncReport};
 use crate::datapath::{self, Datapath, MapSizes, Maps};
+use crate::error::Chain;
 use crate::interfaces::{self, InterfaceGlobs, LinkEvent};
 use crate::metrics::{self, Metrics};
 use crate::model::{Frontend, Ipv4Cidr};
@@ -50,16 +51,16 @@ pub enum AgentError {
     Sync(#[from] datapath::writer::SyncError),
     #[error(transparent)]
     Interfaces(#[from] interfaces::InterfaceError),
-    #[error("installing the {signal} handler: {source}")]
+    #[error("installing the {signal} handler")]
     Signal {
         signal: &'static str,
         source: std::io::Error,
     },
-    #[error("manifest directory {path}: {source}")]
+    #[error("manifest directory {path}")]
     ManifestDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Kube(#[from] kube_source::KubeSourceError),
-    #[error("listening on {addr} for {what}: {source}")]
+    #[error("listening on {addr} for {what}")]
     Listen {
         addr: SocketAddr,
         what: &'static str,
@@ -264,7 +265,7 @@ fn on_link_event(datapath: &mut Datapath, globs: &InterfaceGlobs, event: LinkEve
         LinkEvent::Added(name) if globs.matches(&name) => match datapath.attach(&name) {
             Ok(true) => log::info!("attached to {name}"),
             Ok(false) => {}
-            Err(e) => log::error!("{e}"),
+            Err(e) => log::error!("{}", Chain(&e)),
         },
         LinkEvent::Removed(name) if globs.matches(&name) => {
             datapath.forget(&name);
@@ -290,7 +291,7 @@ pub fn log_sync(
         report.errors.len(),
     );
     for error in &report.errors {
-        log::error!("{error}");
+        log::error!("{}", Chain(error));
     }
     const SHOWN: usize = 8;
     let mut changed: Vec<String> = report

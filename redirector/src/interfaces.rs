@@ -1,6 +1,7 @@
 //! Which interfaces to attach to: the current ones, then every one that
 //! appears later, learned from rtnetlink link notifications (no polling).
 
+use crate::error::Chain;
 use std::collections::BTreeMap;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -128,7 +129,7 @@ impl Links {
                 match current(handle).await {
                     Ok(now) => self.relist(now),
                     Err(e) => {
-                        log::error!("re-listing interfaces: {e}");
+                        log::error!("re-listing interfaces: {}", Chain(&e));
                         Vec::new()
                     }
                 }

@@ -6,6 +6,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 pub mod agent;
 pub mod datapath;
+pub mod error;
 pub mod interfaces;
 pub mod metrics;
 pub mod model;

@@ -85,6 +85,21 @@ fn test() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
     println!("xtask test: cargo clippy -D warnings (user-space crates)");
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    println!("xtask test: cargo clippy -D warnings (eBPF crates, for the BPF target)");
+    run(nightly_cargo().args([
+        "clippy",
+        "--package",
+        "redirector-ebpf",
+        "--package",
+        "foreign-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     println!("xtask test: unit, datapath (BPF_PROG_TEST_RUN) and netns end-to-end tests");
     let (passed, failed) = run_counting_tests(cargo().args(["test", "--no-fail-fast"]))?;
     // One closing line for the whole suite (cargo prints one per test binary).
@@ -191,6 +206,18 @@ fn require_root(why: &str) -> Result<()> {
 }
 
 /// `cargo` from this toolchain, with the directory bpf-linker is installed in on PATH.
+/// rustup's `cargo +nightly`, without the variables of the stable cargo
+/// running xtask, which would pin the toolchain back to stable.
+fn nightly_cargo() -> Command {
+    let mut cmd = Command::new(cargo_home().join("bin").join("cargo"));
+    cmd.env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .arg("+nightly")
+        .current_dir(workspace_root());
+    cmd
+}
+
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     let path = std::env::var_os("PATH").unwrap_or_default();

@@ -67,7 +67,7 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("batch update stopped after {written} entries: {source}")]
+#[error("batch update stopped after {written} entries")]
 pub struct BatchError {
     pub written: usize,
     pub source: io::Error,

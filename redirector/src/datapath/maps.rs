@@ -21,11 +21,11 @@ use redirector_common::{
 pub enum MapsError {
     #[error("map {name} is missing from the eBPF object")]
     Missing { name: &'static str },
-    #[error("opening pinned map {path}: {source}")]
+    #[error("opening pinned map {path}")]
     Pin { path: PathBuf, source: MapError },
-    #[error("map {name} has an unexpected type or layout: {source}")]
+    #[error("map {name} has an unexpected type or layout")]
     Layout { name: &'static str, source: MapError },
-    #[error("reading map {name}: {source}")]
+    #[error("reading map {name}")]
     Read { name: &'static str, source: MapError },
 }
 

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::error::Chain;
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
@@ -107,18 +108,18 @@ impl Default for MapSizes {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path} is not a bpffs and mounting one there failed: {source}")]
+    #[error("{path} is not a bpffs and mounting one there failed")]
     Mount { path: PathBuf, source: io::Error },
-    #[error("creating {path}: {source}")]
+    #[error("creating {path}")]
     CreateDir { path: PathBuf, source: io::Error },
-    #[error("loading the eBPF object (pins under {pin_dir}): {source}")]
+    #[error("loading the eBPF object (pins under {pin_dir})")]
     Object {
         pin_dir: PathBuf,
         source: Box<aya::EbpfError>,
     },
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
-    #[error("loading program {program} into the kernel: {source}")]
+    #[error("loading program {program} into the kernel")]
     Program {
         program: &'static str,
         source: ProgramError,
@@ -129,7 +130,7 @@ pub enum LoadError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("attaching {program} to {interface} (tc {hook:?}): {source}")]
+    #[error("attaching {program} to {interface} (tc {hook:?})")]
     Attach {
         program: &'static str,
         interface: String,
@@ -250,7 +251,7 @@ impl Datapath {
             })?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let logs = aya_log::EbpfLogger::init(&mut ebpf)
-            .inspect_err(|e| log::warn!("the datapath's log records will not be shown: {e}"))
+            .inspect_err(|e| log::warn!("the datapath's log records will not be shown: {}", Chain(e)))
             .ok();
         let use_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         Ok((

@@ -134,7 +134,7 @@ pub struct Snapshot {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("no redirector state under {bpffs}: is the agent running with --bpffs {bpffs}? ({source})")]
+    #[error("no redirector state under {bpffs}: is the agent running with --bpffs {bpffs}?")]
     NoState { bpffs: String, source: Box<MapsError> },
     #[error(transparent)]
     Maps(Box<MapsError>),

@@ -38,7 +38,7 @@ pub enum SyncError {
         frontend: Frontend,
         map: &'static str,
     },
-    #[error("service port {service} ({frontend}): writing map {map}: {source}")]
+    #[error("service port {service} ({frontend}): writing map {map}")]
     Write {
         service: ServicePortName,
         frontend: Frontend,
@@ -54,11 +54,11 @@ pub enum SyncError {
         frontend: Frontend,
         count: usize,
     },
-    #[error("service address {addr}: writing map {VIP_MAP}: {source}")]
+    #[error("service address {addr}: writing map {VIP_MAP}")]
     Address { addr: Ipv4Addr, source: Box<MapError> },
-    #[error("writing map {CONFIG_MAP}: {source}")]
+    #[error("writing map {CONFIG_MAP}")]
     Config { source: Box<MapError> },
-    #[error("reading the maps to resume from their pinned state: {source}")]
+    #[error("reading the maps to resume from their pinned state")]
     Restore { source: Box<MapsError> },
 }
 

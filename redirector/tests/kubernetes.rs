@@ -368,7 +368,7 @@ fn a_forced_relist_removes_a_service_deleted_meanwhile() {
     state.compact();
     let listener = in_netns(&node, move || TcpListener::bind(addr).expect("rebind API server"));
     cluster.api = FakeApiServer::start_with_state(listener, state);
-    cluster.refused(http(SVC2));
+    cluster.dropped(http(SVC2));
     cluster.pods_answering(http(SVC), &["pod-a"]);
     agent.wait_for_log("synced ", syncs + 1);
     assert!(

@@ -84,7 +84,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         Ok(loaded) => loaded?,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     };
-    log::info!(
+    tracing::info!(
         "datapath loaded; maps pinned under {}",
         datapath::maps_pin_dir(&config.bpffs).display()
     );
@@ -115,15 +115,15 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { log::info!("SIGTERM: exiting"); break; }
-            _ = sigint.recv() => { log::info!("SIGINT: exiting"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: exiting"); break; }
             Some(event) = links.recv() => on_link_event(&mut datapath, &config.interfaces, event),
             () = feed.changed() => feed.sync(&mut writer, config.service_cidr, &metrics),
         }
     }
     // Links and maps stay pinned: traffic keeps flowing while the agent is
     // away, and a restarted agent resumes services and open flows.
-    log::info!(
+    tracing::info!(
         "the datapath stays attached; `redirector cleanup --bpffs {}` removes it",
         config.bpffs.display()
     );
@@ -160,7 +160,7 @@ impl Feed {
                 service_proxy_name,
             } => {
                 let client = kube_source::client(connection).await?;
-                log::info!(
+                tracing::info!(
                     "watching Services and EndpointSlices; nothing is programmed until both are listed"
                 );
                 Feed::Kubernetes {
@@ -191,7 +191,7 @@ impl Feed {
                 if !*ready {
                     source.wait_until_ready().await;
                     *ready = true;
-                    log::info!("initial lists complete");
+                    tracing::info!("initial lists complete");
                     *woke_by = Some((Instant::now(), Change::Relisted));
                     return;
                 }
@@ -205,11 +205,14 @@ impl Feed {
     }
 
     fn sync(&mut self, writer: &mut MapWriter, service_cidr: Ipv4Cidr, metrics: &Metrics) {
+        // One span per sync: every event it logs (errors, warnings, the
+        // summary) carries it.
+        let _sync = tracing::info_span!("sync").entered();
         let started = Instant::now();
         match self {
             Feed::Manifests { dir, store, .. } => {
                 for error in store.reload(dir) {
-                    log::error!("{error} (keeping its last good state)");
+                    tracing::error!("{error} (keeping its last good state)");
                 }
                 let (desired, warnings) = store.desired(service_cidr);
                 warn_all(warnings);
@@ -256,20 +259,20 @@ fn write_delta(writer: &mut MapWriter, delta: kube_source::Delta) -> SyncReport 
 
 fn warn_all(warnings: Vec<String>) {
     for warning in warnings {
-        log::warn!("{warning}");
+        tracing::warn!("{warning}");
     }
 }
 
 fn on_link_event(datapath: &mut Datapath, globs: &InterfaceGlobs, event: LinkEvent) {
     match event {
         LinkEvent::Added(name) if globs.matches(&name) => match datapath.attach(&name) {
-            Ok(true) => log::info!("attached to {name}"),
+            Ok(true) => tracing::info!("attached to {name}"),
             Ok(false) => {}
-            Err(e) => log::error!("{}", Chain(&e)),
+            Err(e) => tracing::error!("{}", Chain(&e)),
         },
         LinkEvent::Removed(name) if globs.matches(&name) => {
             datapath.forget(&name);
-            log::info!("interface {name} is gone");
+            tracing::info!("interface {name} is gone");
         }
         _ => {}
     }
@@ -291,7 +294,7 @@ pub fn log_sync(
         report.errors.len(),
     );
     for error in &report.errors {
-        log::error!("{}", Chain(error));
+        tracing::error!("{}", Chain(error));
     }
     const SHOWN: usize = 8;
     let mut changed: Vec<String> = report
@@ -303,7 +306,7 @@ pub fn log_sync(
     if report.changed.len() > SHOWN {
         changed.push(format!("+{} more", report.changed.len() - SHOWN));
     }
-    log::info!(
+    tracing::info!(
         "synced {} service ports: {} map writes, {} deletes, {} errors in {:?}; programming latency {}us; \
          changed: [{}]",
         service_ports,

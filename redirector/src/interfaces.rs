@@ -80,7 +80,7 @@ pub async fn watch() -> Result<mpsc::UnboundedReceiver<LinkEvent>, InterfaceErro
                 }
             }
         }
-        log::error!("the rtnetlink connection closed; no longer watching interfaces");
+        tracing::error!("the rtnetlink connection closed; no longer watching interfaces");
     });
     Ok(rx)
 }
@@ -125,11 +125,11 @@ impl Links {
         match message.payload {
             NetlinkPayload::InnerMessage(message) => self.apply(&message),
             NetlinkPayload::Overrun(_) => {
-                log::warn!("rtnetlink notifications overflowed; re-listing interfaces");
+                tracing::warn!("rtnetlink notifications overflowed; re-listing interfaces");
                 match current(handle).await {
                     Ok(now) => self.relist(now),
                     Err(e) => {
-                        log::error!("re-listing interfaces: {}", Chain(&e));
+                        tracing::error!("re-listing interfaces: {}", Chain(&e));
                         Vec::new()
                     }
                 }

@@ -747,3 +747,30 @@ fn datapath_anomalies_reach_the_agent_log() {
         agent.log()
     );
 }
+
+/// `--log-format json`: every line the agent logs is one JSON object, and a
+/// sync's events carry the `sync` span.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let (fx, _client) = seed_cluster("jsonlog");
+    let mut agent = fx.start_agent(agent_binary(), &["--log-format", "json"]);
+    agent.wait_for_log("synced ", 1);
+    let log = agent.log();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let synced = events
+        .iter()
+        .find(|e| {
+            e["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("synced "))
+        })
+        .unwrap_or_else(|| panic!("no sync event:\n{log}"));
+    assert_eq!(synced["level"], "INFO", "the sync summary's level: {synced}");
+    assert_eq!(
+        synced["span"]["name"], "sync",
+        "the sync summary is in the sync span: {synced}"
+    );
+}

@@ -7,6 +7,7 @@ mod describe;
 mod env;
 mod explain;
 mod get;
+pub mod logging;
 mod run;
 mod views;
 
@@ -23,6 +24,9 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr (the level is set with RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t)]
+    pub log_format: logging::LogFormat,
 }
 
 #[derive(Subcommand)]

@@ -251,7 +251,7 @@ impl Datapath {
             })?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let logs = aya_log::EbpfLogger::init(&mut ebpf)
-            .inspect_err(|e| log::warn!("the datapath's log records will not be shown: {}", Chain(e)))
+            .inspect_err(|e| tracing::warn!("the datapath's log records will not be shown: {}", Chain(e)))
             .ok();
         let use_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         Ok((
@@ -397,7 +397,7 @@ pub async fn forward_logs(logs: ProgramLogs) {
     let mut logs = match unsafe { AsyncFd::register_with_interest(logs, Interest::READABLE) } {
         Ok(logs) => logs,
         Err(e) => {
-            log::warn!("the datapath's log records will not be shown: {e}");
+            tracing::warn!("the datapath's log records will not be shown: {e}");
             return;
         }
     };

@@ -41,6 +41,7 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     pub service_cidr: Ipv4Cidr,
     pub map_sizes: MapSizes,
+    pub attach_mode: datapath::AttachMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         "datapath loaded; maps pinned under {}",
         datapath::maps_pin_dir(&config.bpffs).display()
     );
+    datapath.set_attach_mode(config.attach_mode);
     if let Some(logs) = datapath.take_logs() {
         tokio::spawn(datapath::forward_logs(logs));
     }

@@ -322,8 +322,20 @@ fn service_yaml_proto(name: &str, cluster_ip: &str, target: &str, protocol: &str
 
 #[test]
 fn the_datapath_keeps_working_while_the_agent_restarts_and_cleanup_removes_it() {
-    let (mut fx, client) = seed_cluster("restart");
-    let mut agent = fx.start_agent(agent_binary(), &[]);
+    restart_keeps_the_datapath("restart", &[]);
+}
+
+/// Kernels without tcx: netlink TC filters at a fixed priority and handle,
+/// which the agent leaves in place on exit and a restarted agent takes over.
+#[test]
+fn netlink_tc_filters_keep_working_while_the_agent_restarts_and_cleanup_removes_them() {
+    restart_keeps_the_datapath("nlrestart", &["--tc-attach", "netlink"]);
+}
+
+fn restart_keeps_the_datapath(tag: &str, mode: &[&str]) {
+    let netlink = mode.contains(&"netlink");
+    let (mut fx, client) = seed_cluster(tag);
+    let mut agent = fx.start_agent(agent_binary(), mode);
     agent.wait_for_log("synced ", 1);
     let to = service_address(&fx, "jordy-svc-alloc-port", "http");
     let mut open = eventually("service answers", SYNC_TIMEOUT, || {
@@ -331,8 +343,14 @@ fn the_datapath_keeps_working_while_the_agent_restarts_and_cleanup_removes_it() 
     });
     let first = open.ask().expect("first answer");
     assert!(agent.stop(), "the agent exits cleanly");
+    assert_eq!(
+        tc_filters(&fx, "vp0").is_empty(),
+        !netlink,
+        "netlink TC filters are left in place (and only in netlink mode)"
+    );
 
-    // No agent: links and maps are pinned, so both old and new connections work.
+    // No agent: links (or filters) and maps stay, so both old and new
+    // connections work.
     assert_eq!(
         open.ask()
             .expect("established connection while the agent is down")
@@ -344,7 +362,7 @@ fn the_datapath_keeps_working_while_the_agent_restarts_and_cleanup_removes_it() 
 
     // An interface created while the agent is away is attached when it returns.
     let late = fx.add_host("late", Ipv4Addr::new(10, 244, 9, 9));
-    let mut agent = fx.start_agent(agent_binary(), &[]);
+    let mut agent = fx.start_agent(agent_binary(), mode);
     agent.wait_for_log("synced ", 1);
     let log = agent.log();
     let sync = log.lines().find(|l| l.contains("synced ")).expect("a sync line");
@@ -365,9 +383,29 @@ fn the_datapath_keeps_working_while_the_agent_restarts_and_cleanup_removes_it() 
         Ipv4Addr::new(10, 244, 9, 9),
         "the late pod's own address"
     );
+    if netlink {
+        assert_eq!(
+            tc_filters(&fx, "vp0").matches("handle 0x7264 ").count(),
+            2,
+            "the restarted agent replaced its filters in place (one per direction), not beside them: {}",
+            tc_filters(&fx, "vp0")
+        );
+    }
     assert!(agent.stop(), "the agent exits cleanly");
 
-    cli(&fx, &["cleanup"]);
+    // In the node's network namespace, where the agent ran.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &fx.node])
+        .arg(agent_binary())
+        .args(["cleanup", "--bpffs"])
+        .arg(fx.bpffs.path())
+        .output()
+        .expect("running redirector cleanup");
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Links are released asynchronously once their last pin goes.
     let err = eventually(
         "no translation after cleanup",
@@ -386,6 +424,23 @@ fn the_datapath_keeps_working_while_the_agent_restarts_and_cleanup_removes_it() 
         .unwrap()
         .collect();
     assert!(left.is_empty(), "no link pins left: {left:?}");
+    assert_eq!(tc_filters(&fx, "vp0"), "", "no TC filters left");
+}
+
+/// `tc filter show` for both directions of `interface` in the node.
+fn tc_filters(fx: &Fixture, interface: &str) -> String {
+    ["ingress", "egress"]
+        .iter()
+        .map(|direction| {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &fx.node, "tc", "filter", "show", "dev", interface, direction,
+                ])
+                .output()
+                .expect("running tc");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
 }
 
 /// Runs the agent binary as a CLI (`redirector ARGS --bpffs <fixture>`).

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use redirector::agent::{self, AgentConfig, Source};
-use redirector::datapath::MapSizes;
+use redirector::datapath::{AttachMode, MapSizes};
 use redirector::interfaces::InterfaceGlobs;
 use redirector::model::Ipv4Cidr;
 use redirector::source::kube::Connection;
@@ -20,6 +20,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         interfaces: args.interfaces,
         bpffs: args.bpffs,
         service_cidr: args.service_cidr,
+        attach_mode: args.tc_attach,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -71,6 +72,11 @@ pub struct RunArgs {
     /// Service port capacity (per-port statistics and records; IDs stay below it).
     #[arg(long, default_value_t = MapSizes::default().service_ports)]
     pub max_service_ports: u32,
+    /// How the programs are attached: tcx links (Linux >= 6.6), netlink TC
+    /// filters at a fixed priority and handle (older kernels), or auto.
+    /// Either way they stay attached when the agent exits.
+    #[arg(long, default_value = "auto")]
+    pub tc_attach: AttachMode,
     /// Connection table capacity (two entries per flow; oldest evicted).
     #[arg(long, default_value_t = MapSizes::default().flows)]
     pub max_flow_entries: u32,

@@ -11,8 +11,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::Chain;
+use aya::programs::Link as _;
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
@@ -50,14 +51,46 @@ const HOOKS: [Hook; 2] = [
         attach_type: TcAttachType::Ingress,
         first: false,
         pin_suffix: "",
+        netlink_priority: 0xfff0,
     },
     Hook {
         program: TO_POD_PROGRAM,
         attach_type: TcAttachType::Egress,
         first: true,
         pin_suffix: ":egress",
+        netlink_priority: 1,
     },
 ];
+
+/// The handle of our netlink TC filters (kernels without tcx), at each hook's
+/// fixed priority: a restarted agent finds its predecessor's filter there and
+/// swaps its program in; `cleanup` removes what is there.
+const NETLINK_HANDLE: u32 = 0x7264; // "rd"
+
+/// How the programs hang off interfaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// tcx where the kernel has it (Linux 6.6), netlink TC filters elsewhere.
+    #[default]
+    Auto,
+    /// tcx links, pinned under `<bpffs>/redirector/links/`.
+    Tcx,
+    /// netlink TC filters on a clsact qdisc at a fixed priority and handle.
+    Netlink,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tcx" => Ok(Self::Tcx),
+            "netlink" => Ok(Self::Netlink),
+            other => Err(format!("{other:?}: expected auto, tcx or netlink")),
+        }
+    }
+}
 
 struct Hook {
     program: &'static str,
@@ -65,6 +98,8 @@ struct Hook {
     /// Before the programs already on the hook, or after them.
     first: bool,
     pin_suffix: &'static str,
+    /// Lower runs first (netlink TC filters).
+    netlink_priority: u16,
 }
 
 impl Hook {
@@ -75,7 +110,27 @@ impl Hook {
             LinkOrder::last()
         })
     }
+
+    fn netlink_options(&self) -> TcAttachOptions {
+        TcAttachOptions::Netlink(NlOptions {
+            priority: self.netlink_priority,
+            handle: TcHandle::from(NETLINK_HANDLE),
+            ..NlOptions::default()
+        })
+    }
+
+    /// Our filter on `interface` at this hook, whether it exists or not.
+    fn netlink_link(&self, interface: &str) -> io::Result<SchedClassifierLink> {
+        SchedClassifierLink::attached(
+            interface,
+            self.attach_type,
+            self.netlink_priority,
+            TcHandle::from(NETLINK_HANDLE),
+            None,
+        )
+    }
 }
+
 /// `statfs` type of a bpffs (the kernel's BPF_FS_MAGIC, an `__fsword_t`).
 const BPF_FS_MAGIC: FsWord = 0xcafe4a11_u32 as FsWord;
 
@@ -144,8 +199,9 @@ enum Attachment {
     /// A tcx link pinned under `<bpffs>/redirector/links/`: it outlives the
     /// agent, so traffic keeps being translated across restarts and upgrades.
     Pinned(PathBuf),
-    /// A netlink tc filter (kernels before 6.6), owned by this process.
-    Owned(&'static str, SchedClassifierLinkId),
+    /// A netlink TC filter at the hook's fixed priority and handle: also left
+    /// in place when the agent exits.
+    Netlink(String, &'static Hook),
 }
 
 /// The reader of the program's log records (anomalies only).
@@ -176,11 +232,29 @@ pub fn links_pin_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("redirector").join("links")
 }
 
-/// Removes every pin an agent left under `bpffs`: the program detaches from
-/// every interface and the maps are freed (as `kube-proxy --cleanup`).
-/// Returns how many pins were removed.
+fn tcx_available() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Removes every pin an agent left under `bpffs`, and its netlink TC filters
+/// from the interfaces of this network namespace: the programs detach and
+/// the maps are freed (as `kube-proxy --cleanup`). Returns how many pins and
+/// filters were removed.
 pub fn cleanup(bpffs: &Path) -> io::Result<usize> {
     let mut removed = 0;
+    for entry in std::fs::read_dir("/sys/class/net")? {
+        let interface = entry?.file_name();
+        let Some(interface) = interface.to_str() else {
+            continue;
+        };
+        for hook in &HOOKS {
+            if let Ok(link) = hook.netlink_link(interface)
+                && link.detach().is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
     match std::fs::remove_file(program_pin_path(bpffs)) {
         Ok(()) => removed += 1,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -253,7 +327,7 @@ impl Datapath {
         let logs = aya_log::EbpfLogger::init(&mut ebpf)
             .inspect_err(|e| tracing::warn!("the datapath's log records will not be shown: {}", Chain(e)))
             .ok();
-        let use_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let use_tcx = tcx_available();
         Ok((
             Self {
                 ebpf,
@@ -269,6 +343,16 @@ impl Datapath {
     /// The program's log records, once: [`forward_logs`] passes them on.
     pub fn take_logs(&mut self) -> Option<ProgramLogs> {
         self.logs.take()
+    }
+
+    /// Chooses tcx links or netlink TC filters for the interfaces attached
+    /// from now on.
+    pub fn set_attach_mode(&mut self, mode: AttachMode) {
+        self.use_tcx = match mode {
+            AttachMode::Auto => tcx_available(),
+            AttachMode::Tcx => true,
+            AttachMode::Netlink => false,
+        };
     }
 
     /// The program that translates traffic leaving pods.
@@ -316,7 +400,12 @@ impl Datapath {
         Ok(true)
     }
 
-    fn attach_one(&mut self, hook: &Hook, interface: &str, pin: PathBuf) -> Result<Attachment, AttachError> {
+    fn attach_one(
+        &mut self,
+        hook: &'static Hook,
+        interface: &str,
+        pin: PathBuf,
+    ) -> Result<Attachment, AttachError> {
         let name = hook.program;
         let attach_err = |source| AttachError::Attach {
             program: name,
@@ -326,11 +415,23 @@ impl Datapath {
         };
         let program = classifier_mut(&mut self.ebpf, name);
         if !self.use_tcx {
-            // Before tcx (Linux 6.6) TC programs hang off a clsact qdisc;
-            // an existing one is fine.
+            // TC filters hang off a clsact qdisc; an existing one is fine.
             let _ = aya::programs::tc::qdisc_add_clsact(interface);
-            let link = program.attach(interface, hook.attach_type).map_err(attach_err)?;
-            return Ok(Attachment::Owned(name, link));
+            // An earlier agent's filter: this program is swapped in in place.
+            let replaced = hook
+                .netlink_link(interface)
+                .ok()
+                .map(|link| program.attach_to_link(link));
+            let id = match replaced {
+                Some(Ok(id)) => id,
+                _ => program
+                    .attach_with_options(interface, hook.attach_type, hook.netlink_options())
+                    .map_err(attach_err)?,
+            };
+            // Dropping the link would remove the filter: like a pinned tcx
+            // link, it stays when the agent exits, until `cleanup`.
+            std::mem::forget(program.take_link(id).map_err(attach_err)?);
+            return Ok(Attachment::Netlink(interface.to_owned(), hook));
         }
         if pin.exists() {
             let reused = PinnedLink::from_pin(&pin)
@@ -373,8 +474,10 @@ impl Datapath {
 
     fn detach(&mut self, attachment: Attachment) {
         match attachment {
-            Attachment::Owned(name, link) => {
-                let _ = classifier_mut(&mut self.ebpf, name).detach(link);
+            Attachment::Netlink(interface, hook) => {
+                if let Ok(link) = hook.netlink_link(&interface) {
+                    let _ = link.detach();
+                }
             }
             Attachment::Pinned(pin) => {
                 let _ = std::fs::remove_file(pin);

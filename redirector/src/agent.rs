@@ -98,14 +98,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let metrics = Metrics::default();
     let listen_err = |addr, what| move |source| AgentError::Listen { addr, what, source };
     if let Some(addr) = config.healthz_bind_address {
-        metrics::serve_health(addr, metrics.clone(), metrics::Limits::default())
+        metrics::serve_health(addr, metrics.clone())
             .await
             .map_err(listen_err(addr, "/healthz"))?;
     }
     if let Some(addr) = config.metrics_bind_address {
         // A second handle on the pinned maps, read per scrape.
         let maps = Maps::from_pins(&datapath::maps_pin_dir(&config.bpffs)).ok();
-        metrics::serve_metrics(addr, metrics.clone(), maps, metrics::Limits::default())
+        metrics::serve_metrics(addr, metrics.clone(), maps)
             .await
             .map_err(listen_err(addr, "/metrics"))?;
     }

@@ -1,9 +1,10 @@
 //! `cargo xtask demo`: the example manifests, served through the eBPF datapath
-//! in a netns test bed, with a report of who answered.
+//! on a cluster of network-namespace nodes, with a report of who answered.
 //!
-//! Every endpoint address in the manifests becomes a host (named after its
-//! Pod when there is one) serving the endpoint ports; a client pod then
-//! connects to every service port a few times.
+//! Every pod address in the manifests (10.244.N.x) becomes a pod on node N,
+//! and every other endpoint address a host outside the cluster on the
+//! underlay; each serves its endpoint ports. One agent runs per node, and a
+//! client pod on node 0 connects to every service port a few times.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -15,10 +16,17 @@ use redirector::datapath::{Maps, maps_pin_dir};
 use redirector::model::{Ipv4Cidr, Protocol};
 use redirector::source::manifests::ManifestStore;
 use serde::Deserialize;
-use testbed::{Answer, Fixture, eventually, tcp_request, udp_request};
+use testbed::cluster::{Cluster, PodNetwork};
+use testbed::{Answer, eventually, tcp_request, udp_request};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const REQUESTS_PER_PORT: usize = 8;
+
+/// The node a pod address belongs to (10.244.N.0/24 is node N's CIDR).
+fn pod_node(addr: Ipv4Addr) -> Option<usize> {
+    let [a, b, n, _] = addr.octets();
+    (a == 10 && b == 244).then_some(usize::from(n))
+}
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -45,49 +53,72 @@ fn main() -> anyhow::Result<()> {
     let (desired, _) = store.desired(cidr);
     let pod_names = pod_names(&manifests)?;
 
-    println!(
-        "redirector demo: {} service ports from {}",
-        desired.len(),
-        manifests.display()
-    );
-    let mut fx = Fixture::new("demo");
-    let client = fx.add_host("client", CLIENT);
     let mut hosts: BTreeMap<Ipv4Addr, Vec<u16>> = BTreeMap::new();
     for ep in desired.values().flat_map(|sp| &sp.endpoints) {
         hosts.entry(ep.addr).or_default().push(ep.port);
     }
+    let nodes = hosts
+        .keys()
+        .filter_map(|&addr| pod_node(addr))
+        .max()
+        .unwrap_or(0)
+        .max(1)
+        + 1;
+    if nodes > 8 {
+        bail!(
+            "the demo builds at most 8 nodes; a pod address needs node {}",
+            nodes - 1
+        );
+    }
+    println!(
+        "redirector demo: {} service ports from {}, on {nodes} nodes (pod network: routed)",
+        desired.len(),
+        manifests.display()
+    );
+    let mut cluster = Cluster::new("demo", nodes, PodNetwork::Routed);
+    let client = cluster.add_pod(0, "client", CLIENT);
+    println!("  client pod          {CLIENT:<15} on node-0");
     let mut names = BTreeMap::new();
     for (addr, mut ports) in hosts {
-        let name = pod_names
-            .get(&addr)
-            .cloned()
-            .unwrap_or_else(|| format!("host-{addr}"));
-        let netns = fx.add_host(&name, addr);
+        let pod = pod_names.get(&addr);
+        let (name, netns, place) = match (pod, pod_node(addr)) {
+            (Some(pod), Some(node)) => (
+                pod.clone(),
+                cluster.add_pod(node, pod, addr),
+                format!("node-{node}"),
+            ),
+            _ => {
+                let name = format!("host-{addr}");
+                let netns = cluster.add_external_host(&name, addr);
+                (name, netns, "outside the cluster".to_owned())
+            }
+        };
         ports.sort();
         ports.dedup();
         for port in &ports {
-            fx.serve(&netns, &name, *port);
+            cluster.serve(&netns, &format!("{name}@{place}"), *port);
         }
-        println!("  host {name:<20} {addr:<15} serving {ports:?}");
+        println!("  {name:<19} {addr:<15} on {place}, serving {ports:?}");
         names.insert(addr, name);
     }
-    println!("  client pod   {CLIENT}");
     for entry in std::fs::read_dir(&manifests)? {
         let path = entry?.path();
         if let Some(file) = path.file_name().and_then(|f| f.to_str()) {
-            fx.write_manifest(file, &std::fs::read_to_string(&path)?);
+            cluster.write_manifest(file, &std::fs::read_to_string(&path)?);
         }
     }
 
-    let mut agent = fx.start_agent(&agent_bin, &[]);
-    agent.wait_for_log("synced ", 1);
+    let mut agents = cluster.start_agents(&agent_bin, &[]);
+    for agent in &mut agents {
+        agent.wait_for_log("synced ", 1);
+    }
     println!(
-        "\nagent running in the node netns; {} connections per service port:\n",
+        "\none agent per node; {} connections per service port from the client pod on node-0:\n",
         REQUESTS_PER_PORT
     );
     println!(
-        "{:<42} {:<22} {:<44} POD SAW CLIENT AS",
-        "SERVICE PORT", "ADDRESS", "ANSWERED BY"
+        "{:<42} {:<22} {:<62} POD SAW CLIENT AS",
+        "SERVICE PORT", "ADDRESS", "ANSWERED BY (WHERE)"
     );
     for (fe, sp) in &desired {
         let to = SocketAddrV4::new(fe.addr, fe.port);
@@ -132,7 +163,7 @@ fn main() -> anyhow::Result<()> {
             .into_iter()
             .collect();
         println!(
-            "{:<42} {:<22} {:<44} {}",
+            "{:<42} {:<22} {:<62} {}",
             sp.name.to_string(),
             fe.to_string(),
             by,
@@ -140,18 +171,24 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
-    let maps = Maps::from_pins(&maps_pin_dir(fx.bpffs.path()))?;
-    let totals = maps.counter_totals()?;
-    println!("\ndatapath counters (redirector counters):");
-    for (label, value) in redirector_common::counters::LABELS.iter().zip(totals) {
-        if value > 0 {
-            println!("  {label:<32} {value}");
-        }
+    println!("\ndatapath counters per node (redirector counters):");
+    for (index, node) in cluster.nodes.iter().enumerate() {
+        let maps = Maps::from_pins(&maps_pin_dir(node.bpffs.path()))?;
+        let totals = maps.counter_totals()?;
+        let shown: Vec<String> = redirector_common::counters::LABELS
+            .iter()
+            .zip(totals)
+            .filter(|(_, value)| *value > 0)
+            .map(|(label, value)| format!("{label} {value}"))
+            .collect();
+        println!("  node-{index}: {}", shown.join(", "));
     }
-    let clean = agent.stop();
+    // Every agent is stopped, whatever the others' exits.
+    let exits: Vec<bool> = agents.into_iter().map(|agent| agent.stop()).collect();
+    let clean = exits.iter().all(|&ok| ok);
     println!(
-        "\nagent stopped ({}); test bed removed.",
-        if clean { "clean exit" } else { "killed" }
+        "\nagents stopped ({}); test bed removed.",
+        if clean { "clean exits" } else { "some killed" }
     );
     Ok(())
 }

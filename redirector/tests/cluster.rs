@@ -147,6 +147,24 @@ fn pod_to_service_on_another_node(tag: &str, network: PodNetwork) {
             }
         },
     );
+
+    // kube-proxy's refusals: a port the Service does not define is refused
+    // at once; an unallocated address of the service range is dropped, with
+    // no ICMP, so the connect times out.
+    let undefined = SocketAddrV4::new(*SERVICE.ip(), 81);
+    let err = tcp_request(&client, undefined).expect_err("an undefined port must not answer");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{network:?}: an undefined port is refused: {err}"
+    );
+    let unallocated = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 99), 80);
+    let err = tcp_request(&client, unallocated).expect_err("an unallocated address must not answer");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::TimedOut,
+        "{network:?}: an unallocated address is dropped: {err}"
+    );
 }
 
 #[test]

@@ -86,6 +86,8 @@ pub struct Cluster {
     pub manifests: PathBuf,
     servers: Vec<Server>,
     relay: Option<TunnelRelay>,
+    /// Hosts added with [`Cluster::add_external_host`], for their port names.
+    externals: u32,
 }
 
 impl Cluster {
@@ -111,6 +113,7 @@ impl Cluster {
             manifests,
             servers: Vec::new(),
             relay: None,
+            externals: 0,
             prefix,
         };
         cluster.plug_into_underlay(&cluster.external.clone(), "uext", EXTERNAL_CLIENT);
@@ -352,6 +355,64 @@ impl Cluster {
             "dev",
             &node_iface,
         ]);
+        netns
+    }
+
+    /// A host outside the pod network at `addr` on the underlay (a legacy
+    /// server a selectorless Service points at): the nodes reach it on the
+    /// link, and it reaches each pod CIDR through that pod's node. Returns
+    /// its netns name.
+    pub fn add_external_host(&mut self, name: &str, addr: Ipv4Addr) -> String {
+        let netns = format!("{}-{name}", self.prefix);
+        let port = format!("x{}", self.externals);
+        self.externals += 1;
+        new_netns(&netns);
+        ip(&[
+            "-n",
+            &self.underlay,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            &netns,
+        ]);
+        ip(&["-n", &self.underlay, "link", "set", &port, "master", "br0", "up"]);
+        ip(&["-n", &netns, "addr", "add", &format!("{addr}/32"), "dev", "ul0"]);
+        ip(&["-n", &netns, "link", "set", "ul0", "up"]);
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            &format!("192.0.2.0/{UNDERLAY_PREFIX}"),
+            "dev",
+            "ul0",
+        ]);
+        for (index, node) in self.nodes.iter().enumerate() {
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                &pod_cidr(index),
+                "via",
+                &node.address.to_string(),
+            ]);
+            ip(&[
+                "-n",
+                &node.netns,
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                "ul0",
+            ]);
+        }
         netns
     }
 

@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             _ => {
                 let name = format!("host-{addr}");
                 let netns = cluster.add_external_host(&name, addr);
-                (name, netns, "outside the cluster".to_owned())
+                (name, netns, "outside".to_owned())
             }
         };
         ports.sort();
@@ -98,7 +98,13 @@ fn main() -> anyhow::Result<()> {
         for port in &ports {
             cluster.serve(&netns, &format!("{name}@{place}"), *port);
         }
-        println!("  {name:<19} {addr:<15} on {place}, serving {ports:?}");
+        // The answer names the pod and where it runs, in one word.
+        let shown = if place == "outside" {
+            "outside the cluster".to_owned()
+        } else {
+            format!("on {place}")
+        };
+        println!("  {name:<19} {addr:<15} {shown}, serving {ports:?}");
         names.insert(addr, name);
     }
     for entry in std::fs::read_dir(&manifests)? {

@@ -381,11 +381,11 @@ mod tests {
     }
 
     fn service(yaml: &str) -> Service {
-        serde_yaml::from_str(yaml).expect("test Service parses")
+        yaml_serde::from_str(yaml).expect("test Service parses")
     }
 
     fn slices(yaml: &str) -> Vec<EndpointSlice> {
-        serde_yaml::Deserializer::from_str(yaml)
+        yaml_serde::Deserializer::from_str(yaml)
             .map(|doc| serde::Deserialize::deserialize(doc).expect("test EndpointSlice parses"))
             .collect()
     }

@@ -60,7 +60,7 @@ pub enum ManifestError {
     Syntax {
         path: PathBuf,
         document: usize,
-        error: serde_yaml::Error,
+        error: yaml_serde::Error,
     },
     #[error("{}: document {document}: expected a Kubernetes object (a mapping with apiVersion and kind)", path.display())]
     NotAnObject { path: PathBuf, document: usize },
@@ -70,7 +70,7 @@ pub enum ManifestError {
     Decode {
         path: PathBuf,
         object: ObjectId,
-        error: serde_yaml::Error,
+        error: yaml_serde::Error,
     },
     /// Fits the schema but Kubernetes would reject it.
     #[error("{}: {object}: {field}: {reason}", path.display())]
@@ -366,14 +366,14 @@ fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, Vec<ManifestError>
     let mut errors = Vec::new();
     // The same text twice: generic values to learn kind and name, typed
     // decoding straight from the text so errors carry field path and line.
-    let typed_docs = serde_yaml::Deserializer::from_str(text);
-    for (i, (generic, typed)) in serde_yaml::Deserializer::from_str(text)
+    let typed_docs = yaml_serde::Deserializer::from_str(text);
+    for (i, (generic, typed)) in yaml_serde::Deserializer::from_str(text)
         .zip(typed_docs)
         .enumerate()
     {
         let document = i + 1;
         let path = path.to_owned();
-        let value = match serde_yaml::Value::deserialize(generic) {
+        let value = match yaml_serde::Value::deserialize(generic) {
             Ok(value) => value,
             Err(error) => {
                 // The parser cannot find the next document after a syntax error.
@@ -393,7 +393,7 @@ fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, Vec<ManifestError>
             continue;
         }
         let text_at =
-            |v: &serde_yaml::Value, key: &str| v.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+            |v: &yaml_serde::Value, key: &str| v.get(key).and_then(|v| v.as_str()).map(str::to_owned);
         let metadata = value.get("metadata").cloned().unwrap_or_default();
         let mut object = ObjectId {
             kind: text_at(&value, "kind"),
@@ -471,7 +471,7 @@ fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, Vec<ManifestError>
     }
 }
 
-fn decode<'de, T: Deserialize<'de>>(doc: serde_yaml::Deserializer<'de>) -> Result<T, serde_yaml::Error> {
+fn decode<'de, T: Deserialize<'de>>(doc: yaml_serde::Deserializer<'de>) -> Result<T, yaml_serde::Error> {
     T::deserialize(doc)
 }
 

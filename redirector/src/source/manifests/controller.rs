@@ -13,31 +13,27 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::read::Object;
-use crate::model::{Desired, Endpoint, Ipv4Cidr, fnv1a};
+use crate::model::{Desired, Endpoint, Ipv4Cidr, NamespacedName, fnv1a};
 use crate::source::endpoints::{
-    self as rules, Candidate, ClusterIp, Conditions, ProgrammablePort, SERVICE_NAME_LABEL, namespace_of,
+    self as rules, Candidate, ClusterIp, Conditions, MANAGED_BY_LABEL, ProgrammablePort, SERVICE_NAME_LABEL,
+    SLICE_CONTROLLER, namespace_of,
 };
-
-/// The label the EndpointSlice controller puts on the slices it owns (and
-/// rewrites from Pods, so hand-written copies of them do not count).
-const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
-const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
+use crate::source::{ObjectKind, SourceObject, Warning};
 
 /// What the datapath should hold for `files`, and warnings about what will not
 /// do what it seems to.
 pub(super) fn desired(
     files: &BTreeMap<PathBuf, Vec<Object>>,
     service_cidr: Ipv4Cidr,
-) -> (Desired, Vec<String>) {
+) -> (Desired, Vec<Warning>) {
     let mut warnings = Vec::new();
     let index = Index::build(files, &mut warnings);
     let cluster_ips = assign_cluster_ips(&index.services, service_cidr);
     let mut desired = Desired::new();
 
-    for (key, found) in &index.services {
+    for (name, found) in &index.services {
         let service = found.object;
-        let who = found.describe("Service", key);
-        let service_name = format!("Service {}/{}", key.0, key.1);
+        let who = found.source_object(ObjectKind::Service, name);
         let spec = service.spec.as_ref();
         let selector = spec.and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty());
         let service_ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
@@ -46,12 +42,12 @@ pub(super) fn desired(
             .map(|p| port_id(&p.name, &p.protocol))
             .collect();
 
-        let manual = index.endpoints.get(key);
+        let manual = index.endpoints.get(name);
         if let (Some(_), Some(ep)) = (selector, manual) {
-            warnings.push(format!(
-                    "{}: ignored, because {service_name} has a selector and Kubernetes would overwrite it from the Pods",
-                    ep.describe("Endpoints", key)
-                ));
+            warnings.push(Warning::EndpointsOfSelectorService {
+                endpoints: ep.source_object(ObjectKind::Endpoints, name),
+                service: name.clone(),
+            });
         }
         let manual = manual.filter(|_| selector.is_none());
         if let Some(ep) = manual {
@@ -59,13 +55,13 @@ pub(super) fn desired(
             let ports = subsets
                 .flat_map(|s| s.ports.iter().flatten())
                 .map(|p| port_id(&p.name, &p.protocol));
-            let subject = ep.describe("Endpoints", key);
-            warn_unmatched(ports, &port_ids, &subject, &service_name, &mut warnings);
+            let object = ep.source_object(ObjectKind::Endpoints, name);
+            warn_unmatched(ports, &port_ids, &object, name, &mut warnings);
         }
 
         let mut slices = Vec::new();
-        for (slice_key, slice) in &index.slices {
-            if !rules::slice_belongs_to(slice.object, &key.0, &key.1) {
+        for (slice_name, slice) in &index.slices {
+            if !rules::slice_belongs_to(slice.object, &name.namespace, &name.name) {
                 continue;
             }
             let labels = slice.object.metadata.labels.as_ref();
@@ -73,10 +69,10 @@ pub(super) fn desired(
                 .and_then(|l| l.get(MANAGED_BY_LABEL))
                 .is_some_and(|m| m == SLICE_CONTROLLER);
             if selector.is_some() && controller_owned {
-                warnings.push(format!(
-                        "{}: ignored, because it is managed by {SLICE_CONTROLLER}, which would rewrite it from the Pods of {service_name}",
-                        slice.describe("EndpointSlice", slice_key)
-                    ));
+                warnings.push(Warning::ControllerSliceOfSelectorService {
+                    slice: slice.source_object(ObjectKind::EndpointSlice, slice_name),
+                    service: name.clone(),
+                });
                 continue;
             }
             let ports = slice
@@ -85,8 +81,8 @@ pub(super) fn desired(
                 .iter()
                 .flatten()
                 .map(|p| port_id(&p.name, &p.protocol));
-            let subject = slice.describe("EndpointSlice", slice_key);
-            warn_unmatched(ports, &port_ids, &subject, &service_name, &mut warnings);
+            let object = slice.source_object(ObjectKind::EndpointSlice, slice_name);
+            warn_unmatched(ports, &port_ids, &object, name, &mut warnings);
             slices.push(slice.object);
         }
 
@@ -95,23 +91,28 @@ pub(super) fn desired(
                 log::debug!("{who}: headless or ExternalName; nothing to program");
                 continue;
             }
-            ClusterIp::V6(ip) => {
-                warnings.push(format!(
-                    "{who}: IPv6 clusterIP {ip} is not supported; not programmed"
-                ));
+            ClusterIp::V6(cluster_ip) => {
+                warnings.push(Warning::Ipv6ClusterIp {
+                    service: who,
+                    cluster_ip,
+                });
                 continue;
             }
-            ClusterIp::Invalid(ip) => {
+            ClusterIp::Invalid(cluster_ip) => {
                 // Rejected when the file was read; kept for completeness.
-                warnings.push(format!("{who}: invalid clusterIP {ip:?}; not programmed"));
+                warnings.push(Warning::InvalidClusterIp {
+                    service: who,
+                    cluster_ip,
+                });
                 continue;
             }
-            ClusterIp::V4(_) | ClusterIp::Unset => match cluster_ips.get(key) {
+            ClusterIp::V4(_) | ClusterIp::Unset => match cluster_ips.get(name) {
                 Some(&ip) => ip,
                 None => {
-                    warnings.push(format!(
-                        "{who}: no free address left in service CIDR {service_cidr}; not programmed"
-                    ));
+                    warnings.push(Warning::ServiceCidrFull {
+                        service: who,
+                        service_cidr,
+                    });
                     continue;
                 }
             },
@@ -120,16 +121,16 @@ pub(super) fn desired(
             .iter()
             .filter(|p| p.protocol.as_deref() == Some("SCTP"))
         {
-            warnings.push(format!(
-                "{who}: port {}/SCTP is not supported; not programmed",
-                port.port
-            ));
+            warnings.push(Warning::SctpPort {
+                service: who.clone(),
+                port: port.port,
+            });
         }
 
         let pods: Vec<&Pod> = index
             .pods
             .iter()
-            .filter(|((ns, _), _)| *ns == key.0)
+            .filter(|(pod, _)| pod.namespace == name.namespace)
             .map(|(_, p)| p.object)
             .collect();
         let publish_not_ready = spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false);
@@ -146,10 +147,11 @@ pub(super) fn desired(
         });
         for (frontend, service_port) in entries {
             match desired.get(&frontend) {
-                Some(taken) => warnings.push(format!(
-                    "{who}: {frontend} is already used by {}; ignored",
-                    taken.name
-                )),
+                Some(taken) => warnings.push(Warning::FrontendTaken {
+                    service: who.clone(),
+                    frontend,
+                    holder: taken.name.service(),
+                }),
                 None => {
                     desired.insert(frontend, service_port);
                 }
@@ -157,30 +159,30 @@ pub(super) fn desired(
         }
     }
 
-    for (key, ep) in &index.endpoints {
-        if !index.services.contains_key(key) {
-            warnings.push(format!(
-                "{}: no Service {}/{} in its namespace; ignored",
-                ep.describe("Endpoints", key),
-                key.0,
-                key.1
-            ));
+    for (name, ep) in &index.endpoints {
+        if !index.services.contains_key(name) {
+            warnings.push(Warning::NoSuchService {
+                object: ep.source_object(ObjectKind::Endpoints, name),
+                service: name.clone(),
+            });
         }
     }
-    for (key, slice) in &index.slices {
+    for (name, slice) in &index.slices {
         let labels = slice.object.metadata.labels.as_ref();
-        match labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-            None => warnings.push(format!(
-                "{}: no {SERVICE_NAME_LABEL} label; ignored",
-                slice.describe("EndpointSlice", key)
-            )),
-            Some(service) if !index.services.contains_key(&(key.0.clone(), service.clone())) => warnings
-                .push(format!(
-                    "{}: no Service {}/{service} in its namespace; ignored",
-                    slice.describe("EndpointSlice", key),
-                    key.0
-                )),
-            Some(_) => {}
+        let object = || slice.source_object(ObjectKind::EndpointSlice, name);
+        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            warnings.push(Warning::NoServiceNameLabel { slice: object() });
+            continue;
+        };
+        let service = NamespacedName {
+            namespace: name.namespace.clone(),
+            name: service.clone(),
+        };
+        if !index.services.contains_key(&service) {
+            warnings.push(Warning::NoSuchService {
+                object: object(),
+                service,
+            });
         }
     }
     (desired, warnings)
@@ -197,23 +199,24 @@ fn port_id<'a>(name: &'a Option<String>, protocol: &'a Option<String>) -> PortId
     )
 }
 
-/// Warns once per endpoint port of `subject` that no service port takes.
+/// Warns once per endpoint port of `object` that no port of `service` takes.
 fn warn_unmatched<'a>(
     ports: impl Iterator<Item = PortId<'a>>,
     service_ports: &BTreeSet<PortId<'_>>,
-    subject: &str,
-    service: &str,
-    warnings: &mut Vec<String>,
+    object: &SourceObject,
+    service: &NamespacedName,
+    warnings: &mut Vec<Warning>,
 ) {
     let unmatched: BTreeSet<PortId> = ports.filter(|p| !service_ports.contains(p)).collect();
-    for (name, protocol) in unmatched {
-        warnings.push(format!(
-            "{subject}: port name {name:?} ({protocol}) matches no port of {service}; ignored"
-        ));
+    for (port_name, protocol) in unmatched {
+        warnings.push(Warning::UnmatchedPort {
+            object: object.clone(),
+            port_name: port_name.to_owned(),
+            protocol: protocol.to_owned(),
+            service: service.clone(),
+        });
     }
 }
-/// (namespace, name)
-type Key = (String, String);
 
 /// An object and the file it came from.
 struct Found<'a, T> {
@@ -222,22 +225,27 @@ struct Found<'a, T> {
 }
 
 impl<T> Found<'_, T> {
-    fn describe(&self, kind: &str, key: &Key) -> String {
-        format!("{kind} {}/{} ({})", key.0, key.1, self.path.display())
+    /// How warnings name it.
+    fn source_object(&self, kind: ObjectKind, name: &NamespacedName) -> SourceObject {
+        SourceObject {
+            kind,
+            name: name.clone(),
+            file: Some(self.path.to_owned()),
+        }
     }
 }
 
 /// Every object by kind and namespace/name; a later definition (by file
 /// name, then position) replaces an earlier one, as with `kubectl apply`.
 struct Index<'a> {
-    services: BTreeMap<Key, Found<'a, Service>>,
-    pods: BTreeMap<Key, Found<'a, Pod>>,
-    endpoints: BTreeMap<Key, Found<'a, Endpoints>>,
-    slices: BTreeMap<Key, Found<'a, EndpointSlice>>,
+    services: BTreeMap<NamespacedName, Found<'a, Service>>,
+    pods: BTreeMap<NamespacedName, Found<'a, Pod>>,
+    endpoints: BTreeMap<NamespacedName, Found<'a, Endpoints>>,
+    slices: BTreeMap<NamespacedName, Found<'a, EndpointSlice>>,
 }
 
 impl<'a> Index<'a> {
-    fn build(files: &'a BTreeMap<PathBuf, Vec<Object>>, warnings: &mut Vec<String>) -> Self {
+    fn build(files: &'a BTreeMap<PathBuf, Vec<Object>>, warnings: &mut Vec<Warning>) -> Self {
         let mut index = Index {
             services: BTreeMap::new(),
             pods: BTreeMap::new(),
@@ -246,15 +254,28 @@ impl<'a> Index<'a> {
         };
         for (path, objects) in files {
             for object in objects {
+                let meta = object.metadata();
                 match object {
-                    Object::Service(o) => add(&mut index.services, "Service", path, o, &o.metadata, warnings),
-                    Object::Pod(o) => add(&mut index.pods, "Pod", path, o, &o.metadata, warnings),
-                    Object::Endpoints(o) => {
-                        add(&mut index.endpoints, "Endpoints", path, o, &o.metadata, warnings)
+                    Object::Service(o) => {
+                        add(&mut index.services, ObjectKind::Service, path, o, meta, warnings)
                     }
-                    Object::EndpointSlice(o) => {
-                        add(&mut index.slices, "EndpointSlice", path, o, &o.metadata, warnings)
-                    }
+                    Object::Pod(o) => add(&mut index.pods, ObjectKind::Pod, path, o, meta, warnings),
+                    Object::Endpoints(o) => add(
+                        &mut index.endpoints,
+                        ObjectKind::Endpoints,
+                        path,
+                        o,
+                        meta,
+                        warnings,
+                    ),
+                    Object::EndpointSlice(o) => add(
+                        &mut index.slices,
+                        ObjectKind::EndpointSlice,
+                        path,
+                        o,
+                        meta,
+                        warnings,
+                    ),
                 }
             }
         }
@@ -263,56 +284,55 @@ impl<'a> Index<'a> {
 }
 
 fn add<'a, T>(
-    map: &mut BTreeMap<Key, Found<'a, T>>,
-    kind: &str,
+    map: &mut BTreeMap<NamespacedName, Found<'a, T>>,
+    kind: ObjectKind,
     path: &'a Path,
     object: &'a T,
     meta: &ObjectMeta,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) {
-    let key = (
-        namespace_of(meta).to_owned(),
-        meta.name.clone().unwrap_or_default(),
-    );
+    let name = NamespacedName {
+        namespace: namespace_of(meta).to_owned(),
+        name: meta.name.clone().unwrap_or_default(),
+    };
     let found = Found { path, object };
-    if let Some(earlier) = map.get(&key) {
-        warnings.push(format!(
-            "{}: also defined in {}; using the later definition",
-            found.describe(kind, &key),
-            earlier.path.display()
-        ));
+    if let Some(earlier) = map.get(&name) {
+        warnings.push(Warning::DefinedTwice {
+            object: found.source_object(kind, &name),
+            earlier: earlier.path.to_owned(),
+        });
     }
-    map.insert(key, found);
+    map.insert(name, found);
 }
 
 /// Cluster IPs for every Service that has or needs one. Explicit addresses
 /// are reserved first; the rest start at a hash of their name and probe
 /// upwards, in name order, so the result depends only on the set of Services.
 fn assign_cluster_ips(
-    services: &BTreeMap<Key, Found<'_, Service>>,
+    services: &BTreeMap<NamespacedName, Found<'_, Service>>,
     cidr: Ipv4Cidr,
-) -> BTreeMap<Key, Ipv4Addr> {
+) -> BTreeMap<NamespacedName, Ipv4Addr> {
     let mut assigned = BTreeMap::new();
     let mut taken = HashSet::new();
-    for (key, found) in services {
+    for (name, found) in services {
         if let ClusterIp::V4(ip) = rules::cluster_ip(found.object) {
             taken.insert(ip);
-            assigned.insert(key.clone(), ip);
+            assigned.insert(name.clone(), ip);
         }
     }
     // Neither the network address nor the last one, as Kubernetes' allocator.
     let usable = cidr.size().saturating_sub(2);
-    for (key, found) in services {
+    for (name, found) in services {
         if usable == 0 || rules::cluster_ip(found.object) != ClusterIp::Unset {
             continue;
         }
-        let start = fnv1a(format!("{}/{}", key.0, key.1).as_bytes()) % usable;
+        let start = fnv1a(name.to_string().as_bytes()) % usable;
         let free = (0..usable)
             .filter_map(|step| cidr.nth(1 + (start + step) % usable))
             .find(|ip| !taken.contains(ip));
         if let Some(ip) = free {
             taken.insert(ip);
-            assigned.insert(key.clone(), ip);
+            assigned.insert(name.clone(), ip);
         }
     }
     assigned

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 pub use read::{ManifestError, ObjectId};
 use read::{Object, manifest_files, parse_file};
 
+use super::{Update, Warning};
 use crate::model::{Desired, Ipv4Cidr};
 
 /// The objects of a manifest directory, per file, as last read successfully.
@@ -65,10 +66,22 @@ impl ManifestStore {
         }
         errors
     }
-    /// What the datapath should hold, and warnings (each naming the object)
-    /// about manifests that are valid but will not do what they seem to.
-    /// Services without a clusterIP get one from `service_cidr`.
-    pub fn desired(&self, service_cidr: Ipv4Cidr) -> (Desired, Vec<String>) {
+    /// What the datapath should hold, and warnings about manifests that are
+    /// valid but will not do what they seem to. Services without a clusterIP
+    /// get one from `service_cidr`.
+    pub fn desired(&self, service_cidr: Ipv4Cidr) -> (Desired, Vec<Warning>) {
         controller::desired(&self.files, service_cidr)
+    }
+
+    /// [`Self::desired`] as an update: every service port of the directory.
+    /// The directory is the whole truth, so whatever else the datapath holds
+    /// is to go once this is written.
+    pub fn update(&self, service_cidr: Ipv4Cidr) -> Update {
+        let (desired, warnings) = self.desired(service_cidr);
+        Update {
+            upserts: desired.into_iter().collect(),
+            removals: Vec::new(),
+            warnings,
+        }
     }
 }

@@ -86,6 +86,7 @@ impl Object {
         }
     }
 }
+
 /// `*.yaml`, `*.yml` and `*.json` files directly in `dir`, sorted. Hidden
 /// files are left out: editors and atomic writers use them as scratch space.
 pub(super) fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -201,7 +202,7 @@ pub(super) fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, Vec<Man
         errors.extend(
             problems
                 .into_iter()
-                .map(|(field, reason)| invalid(&object, &field, &reason)),
+                .map(|problem| invalid(&object, &problem.field, &problem.reason)),
         );
     }
     if errors.is_empty() {

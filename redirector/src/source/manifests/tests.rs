@@ -3,14 +3,20 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use super::{ManifestError, ManifestStore};
-use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, Protocol, ServicePortName};
+use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, NamespacedName, Protocol, ServicePortName};
+use crate::source::{ObjectKind, SourceObject, Warning};
 
 /// A scratch manifest directory, removed afterwards.
 struct Dir(PathBuf);
 
+/// Where the scratch directory of `test` is.
+fn scratch_path(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("redirector-manifests-{}-{test}", std::process::id()))
+}
+
 impl Dir {
     fn new(test: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("redirector-manifests-{}-{test}", std::process::id()));
+        let path = scratch_path(test);
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("creating scratch dir");
         Dir(path)
@@ -47,8 +53,25 @@ fn load(test: &str, files: &[(&str, &str)]) -> ManifestStore {
     store
 }
 
-fn desired(test: &str, files: &[(&str, &str)]) -> (Desired, Vec<String>) {
+fn desired(test: &str, files: &[(&str, &str)]) -> (Desired, Vec<Warning>) {
     load(test, files).desired(cidr())
+}
+
+fn name(namespace: &str, name: &str) -> NamespacedName {
+    NamespacedName {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+/// How warnings name object `namespace/name` of file `file` of `test`'s
+/// scratch directory.
+fn object(kind: ObjectKind, namespace: &str, object: &str, test: &str, file: &str) -> SourceObject {
+    SourceObject {
+        kind,
+        name: name(namespace, object),
+        file: Some(scratch_path(test).join(file)),
+    }
 }
 
 fn ep(ip: &str, port: u16) -> Endpoint {
@@ -422,33 +445,54 @@ addressType: IPv4
 ports: [{name: sql, port: 5432, protocol: UDP}]
 endpoints: [{addresses: [192.168.1.5]}]
 "#;
+    let extra = |kind, object_name| object(kind, "shop", object_name, "warnings", "extra.yaml");
     let cases = [
         (
             "Endpoints without Service",
             orphan,
+            Warning::NoSuchService {
+                object: extra(ObjectKind::Endpoints, "ghost"),
+                service: name("shop", "ghost"),
+            },
             "Endpoints shop/ghost (",
             "no Service shop/ghost",
         ),
         (
             "Endpoints of a selector Service",
             shadowed,
+            Warning::EndpointsOfSelectorService {
+                endpoints: extra(ObjectKind::Endpoints, "web"),
+                service: name("shop", "web"),
+            },
             "Endpoints shop/web (",
             "has a selector",
         ),
         (
             "Endpoints port name unknown",
             bad_port_endpoints,
+            Warning::UnmatchedPort {
+                object: extra(ObjectKind::Endpoints, "db"),
+                port_name: "mysql".into(),
+                protocol: "TCP".into(),
+                service: name("shop", "db"),
+            },
             "Endpoints shop/db (",
             "\"mysql\" (TCP) matches no port",
         ),
         (
             "EndpointSlice port unknown",
             bad_port_slice,
+            Warning::UnmatchedPort {
+                object: extra(ObjectKind::EndpointSlice, "db-x"),
+                port_name: "sql".into(),
+                protocol: "UDP".into(),
+                service: name("shop", "db"),
+            },
             "EndpointSlice shop/db-x (",
             "\"sql\" (UDP) matches no port",
         ),
     ];
-    for (what, extra, object, message) in cases {
+    for (what, extra, want, named, field) in cases {
         let (desired, warnings) = desired(
             "warnings",
             &[
@@ -456,22 +500,15 @@ endpoints: [{addresses: [192.168.1.5]}]
                 ("extra.yaml", extra),
             ],
         );
-        assert_eq!(warnings.len(), 1, "{what}: exactly one warning, got {warnings:?}");
-        assert!(
-            warnings[0].contains(object),
-            "{what}: warning {:?} should name {object:?}",
-            warnings[0]
-        );
-        assert!(
-            warnings[0].contains("extra.yaml"),
-            "{what}: warning {:?} should name the file",
-            warnings[0]
-        );
-        assert!(
-            warnings[0].contains(message),
-            "{what}: warning {:?} should say {message:?}",
-            warnings[0]
-        );
+        assert_eq!(warnings, [want], "{what}: exactly this warning");
+        // What the log shows names the object, its file and the field at fault.
+        let text = warnings[0].to_string();
+        for needle in [named, "extra.yaml", field] {
+            assert!(
+                text.contains(needle),
+                "{what}: warning {text:?} should say {needle:?}"
+            );
+        }
         assert_eq!(
             endpoints_at(&desired, "10.96.0.10", 80, Protocol::Tcp),
             Some(vec![]),
@@ -546,21 +583,23 @@ fn cluster_ip_allocation_runs_out() {
     let ips: BTreeSet<Ipv4Addr> = desired.keys().map(|f| f.addr).collect();
     let want: BTreeSet<Ipv4Addr> = [Ipv4Addr::new(10, 96, 7, 1), Ipv4Addr::new(10, 96, 7, 2)].into();
     assert_eq!(ips, want, "the two usable addresses of a /30 are used");
-    assert_eq!(
-        warnings.len(),
-        1,
-        "one Service left without an address: {warnings:?}"
-    );
     assert!(
-        warnings[0].contains("Service apps/"),
-        "warning names the Service: {:?}",
-        warnings[0]
+        matches!(
+            warnings.as_slice(),
+            [Warning::ServiceCidrFull { service, service_cidr }]
+                if service.kind == ObjectKind::Service && service.name.namespace == "apps" && *service_cidr == cidr
+        ),
+        "one Service left without an address: {warnings:?}"
     );
 }
 
 #[test]
 fn what_is_programmed() {
-    let cases: &[(&str, String, Vec<Frontend>, &str)] = &[
+    let sctp = Warning::SctpPort {
+        service: object(ObjectKind::Service, "apps", "m", "programmed", "s.yaml"),
+        port: 36412,
+    };
+    let cases: &[(&str, String, Vec<Frontend>, Option<Warning>)] = &[
         (
             "headless",
             service(
@@ -568,7 +607,7 @@ fn what_is_programmed() {
                 "  clusterIP: None\n  selector: {app: x}\n  ports: [{port: 80}]\n",
             ),
             vec![],
-            "",
+            None,
         ),
         (
             "ExternalName",
@@ -577,7 +616,7 @@ fn what_is_programmed() {
                 "  type: ExternalName\n  externalName: db.example.com\n  ports: [{port: 80}]\n",
             ),
             vec![],
-            "",
+            None,
         ),
         (
             "TCP and UDP, not SCTP",
@@ -589,13 +628,13 @@ fn what_is_programmed() {
                 frontend("10.96.0.30", 53, Protocol::Tcp),
                 frontend("10.96.0.30", 53, Protocol::Udp),
             ],
-            "Service apps/m (",
+            Some(sctp),
         ),
         (
             "explicit clusterIP outside the CIDR",
             service("o", "  clusterIP: 172.16.0.1\n  ports: [{port: 80}]\n"),
             vec![frontend("172.16.0.1", 80, Protocol::Tcp)],
-            "",
+            None,
         ),
         (
             "NodePort has a cluster IP too",
@@ -604,7 +643,7 @@ fn what_is_programmed() {
                 "  type: NodePort\n  clusterIP: 10.96.0.31\n  ports: [{port: 80, nodePort: 30080}]\n",
             ),
             vec![frontend("10.96.0.31", 80, Protocol::Tcp)],
-            "",
+            None,
         ),
     ];
     for (what, yaml, want, warning) in cases {
@@ -615,23 +654,11 @@ fn what_is_programmed() {
             desired.values().all(|sp| sp.endpoints.is_empty()),
             "{what}: no endpoints, yet still programmed (to refuse)"
         );
-        if warning.is_empty() {
-            assert!(
-                warnings.is_empty(),
-                "{what}: no warnings expected, got {warnings:?}"
-            );
-        } else {
-            assert_eq!(
-                warnings.len(),
-                1,
-                "{what}: one warning expected, got {warnings:?}"
-            );
-            assert!(
-                warnings[0].contains(warning),
-                "{what}: {:?} names {warning:?}",
-                warnings[0]
-            );
-        }
+        assert_eq!(
+            warnings,
+            warning.iter().cloned().collect::<Vec<_>>(),
+            "{what}: warnings"
+        );
     }
 }
 
@@ -865,18 +892,26 @@ fn last_good_state_is_kept_and_vanished_files_dropped() {
 fn duplicate_definitions_and_frontends_warn() {
     let copy = WEB_SERVICE.replace("targetPort: web", "targetPort: 8080");
     let clash = WEB_SERVICE.replace("name: web\n", "name: web2\n");
+    let file = |file| scratch_path("duplicates").join(file);
     let cases = [
         (
             "same Service in two files: the later file wins",
             copy.as_str(),
-            "a.yaml; using the later definition",
+            Warning::DefinedTwice {
+                object: object(ObjectKind::Service, "shop", "web", "duplicates", "b.yaml"),
+                earlier: file("a.yaml"),
+            },
             1,
             8080,
         ),
         (
             "two Services on one frontend: the first keeps it",
             clash.as_str(),
-            "already used by shop/web",
+            Warning::FrontendTaken {
+                service: object(ObjectKind::Service, "shop", "web2", "duplicates", "b.yaml"),
+                frontend: frontend("10.96.0.10", 80, Protocol::Tcp),
+                holder: name("shop", "web"),
+            },
             3,
             9000,
         ),
@@ -889,8 +924,8 @@ fn duplicate_definitions_and_frontends_warn() {
         );
         assert_eq!(warnings.len(), count, "{what}: warnings {warnings:?}");
         assert!(
-            warnings.iter().any(|w| w.contains(warning)),
-            "{what}: {warnings:?} should say {warning:?}"
+            warnings.contains(&warning),
+            "{what}: {warnings:?} should hold {warning:?}"
         );
         let want = vec![ep("10.1.0.1", port)];
         assert_eq!(

@@ -10,9 +10,16 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::read::Object;
 
-/// What Kubernetes would reject in `object`: (field path, reason) pairs, none
-/// when it is valid.
-pub(super) fn problems(object: &Object) -> Vec<(String, String)> {
+/// One thing Kubernetes would reject.
+#[derive(Debug)]
+pub(super) struct Problem {
+    /// The field's path, such as `spec.ports[0].port`.
+    pub field: String,
+    pub reason: String,
+}
+
+/// What Kubernetes would reject in `object`; none when it is valid.
+pub(super) fn problems(object: &Object) -> Vec<Problem> {
     let mut problems = Problems::default();
     if object.metadata().name.as_deref().is_none_or(str::is_empty) {
         problems.push("metadata.name", "is required".to_owned());
@@ -26,13 +33,16 @@ pub(super) fn problems(object: &Object) -> Vec<(String, String)> {
     problems.0
 }
 
-/// Validation failures of one object: (field path, reason).
+/// Validation failures of one object.
 #[derive(Default)]
-struct Problems(Vec<(String, String)>);
+struct Problems(Vec<Problem>);
 
 impl Problems {
     fn push(&mut self, field: impl Into<String>, reason: String) {
-        self.0.push((field.into(), reason));
+        self.0.push(Problem {
+            field: field.into(),
+            reason,
+        });
     }
 
     fn port(&mut self, field: String, port: i32) {

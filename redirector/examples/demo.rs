@@ -204,8 +204,8 @@ fn pod_names(dir: &std::path::Path) -> anyhow::Result<BTreeMap<Ipv4Addr, String>
     let mut names = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
         let text = std::fs::read_to_string(entry?.path())?;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let Ok(value) = serde_yaml::Value::deserialize(doc) else {
+        for doc in yaml_serde::Deserializer::from_str(&text) {
+            let Ok(value) = yaml_serde::Value::deserialize(doc) else {
                 continue;
             };
             if value["kind"].as_str() != Some("Pod") {

@@ -2,6 +2,7 @@
 //! they come and go, and keep the maps in line with the source of services
 //! (manifest files, or the Kubernetes API).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -14,6 +15,7 @@ use crate::error::Chain;
 use crate::interfaces::{self, InterfaceGlobs, LinkEvent};
 use crate::metrics::{self, Metrics};
 use crate::model::{Frontend, Ipv4Cidr};
+use crate::source::Update;
 use crate::source::kube::{self as kube_source, Change, KubeSource};
 use crate::source::manifests::ManifestStore;
 
@@ -206,20 +208,25 @@ impl Feed {
         }
     }
 
+    /// Writes what changed. A source that recomputed everything (a manifest
+    /// reload, a relist) is followed by the removal of what it no longer
+    /// holds, including what a previous run left pinned.
     fn sync(&mut self, writer: &mut MapWriter, service_cidr: Ipv4Cidr, metrics: &Metrics) {
         // One span per sync: every event it logs (errors, warnings, the
         // summary) carries it.
         let _sync = tracing::info_span!("sync").entered();
         let started = Instant::now();
-        match self {
+        let mut report = SyncReport::default();
+        let observed = match self {
             Feed::Manifests { dir, store, .. } => {
                 for error in store.reload(dir) {
                     tracing::error!("{error} (keeping its last good state)");
                 }
-                let (desired, warnings) = store.desired(service_cidr);
-                warn_all(warnings);
-                let report = writer.sync(&desired);
-                log_sync(&report, desired.len(), started, started, metrics);
+                let update = store.update(service_cidr);
+                let held: HashSet<Frontend> = update.upserts.iter().map(|(fe, _)| *fe).collect();
+                report.absorb(write_update(writer, update));
+                report.absorb(remove_unheld(writer, |fe| held.contains(fe)));
+                started
             }
             Feed::Kubernetes { source, woke_by, .. } => {
                 // Everything observed so far is covered by this sync.
@@ -230,39 +237,40 @@ impl Feed {
                     observed = observed.min(at);
                     changes.push(change);
                 }
-                let report = if changes.contains(&Change::Relisted) {
-                    let mut report = SyncReport::default();
+                if changes.contains(&Change::Relisted) {
                     for part in source.restart().chunks(RELIST_PART) {
-                        let delta = source.delta(part.iter().cloned().map(Change::Service));
-                        report.absorb(write_delta(writer, delta));
+                        let update = source.update(part.iter().cloned().map(Change::Service));
+                        report.absorb(write_update(writer, update));
                     }
-                    let gone: Vec<Frontend> = writer
-                        .programmed_frontends()
-                        .filter(|fe| !source.holds(fe))
-                        .copied()
-                        .collect();
-                    report.absorb(writer.sync_frontends(&[], &gone));
-                    report
+                    report.absorb(remove_unheld(writer, |fe| source.holds(fe)));
                 } else {
-                    write_delta(writer, source.delta(changes))
-                };
-                log_sync(&report, writer.programmed_count(), started, observed, metrics);
+                    report.absorb(write_update(writer, source.update(changes)));
+                }
+                observed
             }
-        }
+        };
+        log_sync(&report, writer.programmed_count(), started, observed, metrics);
     }
 }
 
-/// Logs what `delta` warns of and writes it.
-fn write_delta(writer: &mut MapWriter, delta: kube_source::Delta) -> SyncReport {
-    warn_all(delta.warnings);
-    let upserts: Vec<_> = delta.upserts.iter().map(|(fe, port)| (*fe, port)).collect();
-    writer.sync_frontends(&upserts, &delta.removals)
-}
-
-fn warn_all(warnings: Vec<String>) {
-    for warning in warnings {
+/// Logs what `update` warns of and writes it: the one way from a source into
+/// the maps.
+fn write_update(writer: &mut MapWriter, update: Update) -> SyncReport {
+    for warning in &update.warnings {
         tracing::warn!("{warning}");
     }
+    let upserts: Vec<_> = update.upserts.iter().map(|(fe, port)| (*fe, port)).collect();
+    writer.sync_frontends(&upserts, &update.removals)
+}
+
+/// Removes the programmed frontends that the source does not hold.
+fn remove_unheld(writer: &mut MapWriter, holds: impl Fn(&Frontend) -> bool) -> SyncReport {
+    let gone: Vec<Frontend> = writer
+        .programmed_frontends()
+        .filter(|fe| !holds(fe))
+        .copied()
+        .collect();
+    writer.sync_frontends(&[], &gone)
 }
 
 fn on_link_event(datapath: &mut Datapath, globs: &InterfaceGlobs, event: LinkEvent) {

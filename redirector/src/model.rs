@@ -74,12 +74,36 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// `namespace/name`: which Service is meant (Kubernetes' `NamespacedName`;
+/// the manifest source keys its other objects by it too).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// `namespace/name:port-name`, kube-proxy's name for a service port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {
     pub namespace: String,
     pub name: String,
     pub port: String,
+}
+
+impl ServicePortName {
+    /// The Service the port belongs to.
+    pub fn service(&self) -> NamespacedName {
+        NamespacedName {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
 }
 
 impl fmt::Display for ServicePortName {

@@ -92,17 +92,17 @@ impl fmt::Display for Doc {
 }
 
 fn parse_as<T: DeserializeOwned>(
-    value: serde_yaml::Value,
+    value: yaml_serde::Value,
     wrap: fn(Box<T>) -> Object,
-) -> Result<Object, serde_yaml::Error> {
-    serde_yaml::from_value::<T>(value).map(|o| wrap(Box::new(o)))
+) -> Result<Object, yaml_serde::Error> {
+    yaml_serde::from_value::<T>(value).map(|o| wrap(Box::new(o)))
 }
 
 /// Parses one document; the error names what is wrong but not where.
-fn parse_document(value: serde_yaml::Value) -> Result<Object, String> {
+fn parse_document(value: yaml_serde::Value) -> Result<Object, String> {
     let kind = value
         .get("kind")
-        .and_then(serde_yaml::Value::as_str)
+        .and_then(yaml_serde::Value::as_str)
         .ok_or("no string `kind`")?
         .to_owned();
     let parsed = match kind.as_str() {
@@ -143,11 +143,11 @@ fn load() -> Result<Vec<Doc>, String> {
                 continue;
             }
         };
-        for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        for (i, document) in yaml_serde::Deserializer::from_str(&text).enumerate() {
             let index = i + 1;
             let at = format!("deploy/{file} document {index}");
-            let value = match serde_yaml::Value::deserialize(document) {
-                Ok(serde_yaml::Value::Null) => continue, // empty document (e.g. a trailing `---`)
+            let value = match yaml_serde::Value::deserialize(document) {
+                Ok(yaml_serde::Value::Null) => continue, // empty document (e.g. a trailing `---`)
                 Ok(value) => value,
                 Err(e) => {
                     errors.push(format!("{at}: not YAML: {e}"));

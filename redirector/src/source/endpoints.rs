@@ -19,6 +19,12 @@ use crate::model::{Endpoint, Frontend, Protocol, ServiceInfo, ServicePort, Servi
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// The label the EndpointSlice controller puts on the slices it owns (and
+/// rewrites from Pods, so hand-written copies of them do not count).
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+/// The EndpointSlice controller, as [`MANAGED_BY_LABEL`] names it.
+pub const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
+
 /// Namespace of an object whose manifest leaves it out, as `kubectl apply` does.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -381,11 +387,11 @@ mod tests {
     }
 
     fn service(yaml: &str) -> Service {
-        serde_yaml::from_str(yaml).expect("test Service parses")
+        yaml_serde::from_str(yaml).expect("test Service parses")
     }
 
     fn slices(yaml: &str) -> Vec<EndpointSlice> {
-        serde_yaml::Deserializer::from_str(yaml)
+        yaml_serde::Deserializer::from_str(yaml)
             .map(|doc| serde::Deserialize::deserialize(doc).expect("test EndpointSlice parses"))
             .collect()
     }

@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 
 use super::compact::{CompactService, CompactSlice};
 use super::endpoints::{ClusterIp, cluster_ip, entries_with, namespace_of, slice_candidates};
-use crate::model::{Frontend, ServicePort};
+use super::{SourceObject, Update, Warning};
+use crate::model::{Frontend, NamespacedName, ServicePort};
 
 /// Services with this label belong to another proxy unless it names us.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -29,19 +30,19 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
-    #[error("reading kubeconfig {path}: {source}")]
+    #[error("reading kubeconfig {path}")]
     Kubeconfig {
         path: PathBuf,
         source: kube::config::KubeconfigError,
     },
     #[error(
         "no Kubernetes configuration: not in a pod, and no kubeconfig (--kubeconfig, KUBECONFIG, \
-         ~/.kube/config); {source}"
+         ~/.kube/config)"
     )]
     Infer { source: kube::config::InferConfigError },
     #[error("invalid --api-server {url:?}: {reason}")]
     ApiServer { url: String, reason: String },
-    #[error("creating the Kubernetes client: {source}")]
+    #[error("creating the Kubernetes client")]
     Client { source: kube::Error },
 }
 
@@ -112,15 +113,12 @@ fn parse_url(url: &str) -> Result<http::Uri, KubeSourceError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// A Service.
-    Service(ServiceKey),
+    Service(NamespacedName),
     /// An EndpointSlice (by name) of a Service.
-    Slice(ServiceKey, String),
+    Slice(NamespacedName, String),
     /// A cache was replaced by a (re)list: everything may differ.
     Relisted,
 }
-
-/// `(namespace, name)` of a Service.
-pub type ServiceKey = (String, String);
 
 /// The two caches, a channel reporting each change (with the time it was
 /// observed), and what each Service contributes to the model, so a change
@@ -129,20 +127,12 @@ pub struct KubeSource {
     services: Store<CompactService>,
     slices: Store<CompactSlice>,
     pub changes: mpsc::UnboundedReceiver<(Instant, Change)>,
-    frontends_of: HashMap<ServiceKey, Vec<Frontend>>,
-    owner_of: HashMap<Frontend, ServiceKey>,
+    frontends_of: HashMap<NamespacedName, Vec<Frontend>>,
+    owner_of: HashMap<Frontend, NamespacedName>,
     /// Names of the slices seen for each Service (possibly stale: checked
     /// against the cache when used).
     /// (A Vec: nearly always one or two names, and a set's node is 300 bytes.)
-    slices_of: HashMap<ServiceKey, Vec<String>>,
-}
-
-/// What to write after some Services changed.
-#[derive(Debug, Default)]
-pub struct Delta {
-    pub upserts: Vec<(Frontend, ServicePort)>,
-    pub removals: Vec<Frontend>,
-    pub warnings: Vec<String>,
+    slices_of: HashMap<NamespacedName, Vec<String>>,
 }
 
 impl KubeSource {
@@ -154,14 +144,14 @@ impl KubeSource {
             Api::all(client.clone()),
             &selector,
             "services",
-            |svc| service_key(svc).map(Change::Service),
+            |svc| name_of(svc).map(Change::Service),
             tx.clone(),
         );
         let slices = spawn_reflector::<CompactSlice>(
             Api::all(client),
             &selector,
             "endpointslices",
-            |slice| Some(Change::Slice(owner_key(slice)?, slice.metadata.name.clone()?)),
+            |slice| Some(Change::Slice(slice_owner(slice)?, slice.metadata.name.clone()?)),
             tx,
         );
         Self {
@@ -184,25 +174,21 @@ impl KubeSource {
     /// Starts the model over from the caches (after a relist): forgets which
     /// Service holds which frontend and returns every Service, sorted, so a
     /// frontend two Services claim goes to the same one every time. Feed
-    /// them to [`Self::delta`] (in parts: the model of a large cluster then
+    /// them to [`Self::update`] (in parts: the model of a large cluster then
     /// never sits in memory whole), then remove what [`Self::holds`] denies.
-    pub fn restart(&mut self) -> Vec<ServiceKey> {
+    pub fn restart(&mut self) -> Vec<NamespacedName> {
         self.frontends_of.clear();
         self.owner_of.clear();
         self.slices_of.clear();
         for slice in self.slices.state() {
-            if let (Some(key), Some(name)) = (owner_key(&slice), &slice.metadata.name) {
-                self.note_slice(key, name);
+            if let (Some(service), Some(name)) = (slice_owner(&slice), &slice.metadata.name) {
+                self.note_slice(service, name);
             }
         }
-        let mut keys: Vec<ServiceKey> = self
-            .services
-            .state()
-            .iter()
-            .filter_map(|s| service_key(s))
-            .collect();
-        keys.sort_unstable();
-        keys
+        let mut services: Vec<NamespacedName> =
+            self.services.state().iter().filter_map(|s| name_of(s)).collect();
+        services.sort_unstable();
+        services
     }
 
     /// Whether a Service of the model holds `frontend`.
@@ -212,110 +198,114 @@ impl KubeSource {
 
     /// What changed for the Services that `changes` touch since the model was
     /// last computed: only their frontends are recomputed.
-    pub fn delta(&mut self, changes: impl IntoIterator<Item = Change>) -> Delta {
-        let mut keys = BTreeSet::new();
+    pub fn update(&mut self, changes: impl IntoIterator<Item = Change>) -> Update {
+        let mut touched = BTreeSet::new();
         for change in changes {
             match change {
-                Change::Service(key) => {
-                    keys.insert(key);
+                Change::Service(service) => {
+                    touched.insert(service);
                 }
-                Change::Slice(key, slice) => {
-                    self.note_slice(key.clone(), &slice);
-                    keys.insert(key);
+                Change::Slice(service, slice) => {
+                    self.note_slice(service.clone(), &slice);
+                    touched.insert(service);
                 }
                 Change::Relisted => {}
             }
         }
-        let mut delta = Delta::default();
-        for key in keys {
-            let old = self.frontends_of.remove(&key).unwrap_or_default();
+        let mut update = Update::default();
+        for service in touched {
+            let old = self.frontends_of.remove(&service).unwrap_or_default();
             for fe in &old {
                 self.owner_of.remove(fe);
             }
-            let own = self.live_slices(&key);
-            let reference = ObjectRef::<CompactService>::new(&key.1).within(&key.0);
+            let own = self.live_slices(&service);
+            let reference = ObjectRef::<CompactService>::new(&service.name).within(&service.namespace);
             let new = match self.services.get(&reference) {
-                Some(service) => {
+                Some(cached) => {
                     let own: Vec<&CompactSlice> = own.iter().map(AsRef::as_ref).collect();
-                    self.claim(&key, entries(&service, &own), &mut delta.warnings)
+                    self.claim(&service, entries(&cached, &own), &mut update.warnings)
                 }
                 None => Vec::new(),
             };
             let kept: Vec<Frontend> = new.iter().map(|(fe, _)| *fe).collect();
-            delta
+            update
                 .removals
                 .extend(old.into_iter().filter(|fe| !kept.contains(fe)));
-            delta.upserts.extend(new);
+            update.upserts.extend(new);
         }
-        delta
+        update
     }
 
-    /// Remembers that slice `name` belongs to the Service `key`.
-    fn note_slice(&mut self, key: ServiceKey, name: &str) {
-        let names = self.slices_of.entry(key).or_default();
+    /// Remembers that slice `name` belongs to `service`.
+    fn note_slice(&mut self, service: NamespacedName, name: &str) {
+        let names = self.slices_of.entry(service).or_default();
         if !names.iter().any(|n| n == name) {
             names.push(name.to_owned());
         }
     }
 
-    /// The cached slices of `key`. Names that no longer belong (deleted or
-    /// relabelled) are forgotten, and the entry with the last of them, so
+    /// The cached slices of `service`. Names that no longer belong (deleted
+    /// or relabelled) are forgotten, and the entry with the last of them, so
     /// deleted Services leave nothing behind.
-    fn live_slices(&mut self, key: &ServiceKey) -> Vec<Arc<CompactSlice>> {
-        let Some(names) = self.slices_of.get_mut(key) else {
+    fn live_slices(&mut self, service: &NamespacedName) -> Vec<Arc<CompactSlice>> {
+        let Some(names) = self.slices_of.get_mut(service) else {
             return Vec::new();
         };
         let own: Vec<Arc<CompactSlice>> = names
             .iter()
-            .filter_map(|n| self.slices.get(&ObjectRef::new(n).within(&key.0)))
-            .filter(|s| s.service_name() == Some(key.1.as_str()))
+            .filter_map(|n| self.slices.get(&ObjectRef::new(n).within(&service.namespace)))
+            .filter(|s| s.service_name() == Some(service.name.as_str()))
             .collect();
         names.retain(|n| own.iter().any(|s| s.metadata.name.as_deref() == Some(n)));
         if names.is_empty() {
-            self.slices_of.remove(key);
+            self.slices_of.remove(service);
         }
         own
     }
 
-    /// Records that `key` serves `entries`, except frontends another Service
-    /// holds already (warned about, as kube-proxy keeps the first).
+    /// Records that `service` serves `entries`, except frontends another
+    /// Service holds already (warned about, as kube-proxy keeps the first).
     fn claim(
         &mut self,
-        key: &ServiceKey,
+        service: &NamespacedName,
         entries: Vec<(Frontend, ServicePort)>,
-        warnings: &mut Vec<String>,
+        warnings: &mut Vec<Warning>,
     ) -> Vec<(Frontend, ServicePort)> {
         let mut claimed = Vec::new();
         for (frontend, port) in entries {
-            if let Some(other) = self.owner_of.get(&frontend).filter(|o| *o != key) {
-                warnings.push(format!(
-                    "Service {}/{}: {frontend} is already used by Service {}/{}; ignored",
-                    key.0, key.1, other.0, other.1
-                ));
+            if let Some(holder) = self.owner_of.get(&frontend).filter(|h| *h != service) {
+                warnings.push(Warning::FrontendTaken {
+                    service: SourceObject::service(service.clone()),
+                    frontend,
+                    holder: holder.clone(),
+                });
                 continue;
             }
-            self.owner_of.insert(frontend, key.clone());
-            self.frontends_of.entry(key.clone()).or_default().push(frontend);
+            self.owner_of.insert(frontend, service.clone());
+            self.frontends_of
+                .entry(service.clone())
+                .or_default()
+                .push(frontend);
             claimed.push((frontend, port));
         }
         claimed
     }
 }
 
-/// `(namespace, name)` of a Service.
-fn service_key(service: &CompactService) -> Option<ServiceKey> {
-    Some((
-        namespace_of(&service.metadata).to_owned(),
-        service.metadata.name.clone()?,
-    ))
+/// The name of a Service.
+fn name_of(service: &CompactService) -> Option<NamespacedName> {
+    Some(NamespacedName {
+        namespace: namespace_of(&service.metadata).to_owned(),
+        name: service.metadata.name.clone()?,
+    })
 }
 
-/// `(namespace, name)` of the Service a slice belongs to.
-fn owner_key(slice: &CompactSlice) -> Option<ServiceKey> {
-    Some((
-        namespace_of(&slice.metadata).to_owned(),
-        slice.service_name()?.to_owned(),
-    ))
+/// The name of the Service a slice belongs to.
+fn slice_owner(slice: &CompactSlice) -> Option<NamespacedName> {
+    Some(NamespacedName {
+        namespace: namespace_of(&slice.metadata).to_owned(),
+        name: slice.service_name()?.to_owned(),
+    })
 }
 
 /// The entries of one Service from its own slices.
@@ -353,7 +343,7 @@ where
             match event {
                 Ok(event) => {
                     if failing {
-                        log::info!("watching {what}: connected again");
+                        tracing::info!("watching {what}: connected again");
                         failing = false;
                     }
                     // A relist is only complete at InitDone; Init and InitApply
@@ -368,7 +358,9 @@ where
                     }
                 }
                 Err(e) => {
-                    log::warn!("watching {what}: {e}; retrying with backoff (the datapath keeps its state)");
+                    tracing::warn!(
+                        "watching {what}: {e}; retrying with backoff (the datapath keeps its state)"
+                    );
                     failing = true;
                 }
             }

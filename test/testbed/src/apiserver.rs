@@ -166,7 +166,7 @@ pub enum ApplyError {
         source: serde_json::Error,
     },
     #[error("YAML document {index}: {source}")]
-    Yaml { index: usize, source: serde_yaml::Error },
+    Yaml { index: usize, source: yaml_serde::Error },
 }
 
 /// Everything a restarted server keeps: objects, the resourceVersion
@@ -467,7 +467,7 @@ impl FakeApiServer {
     /// earlier ones stay applied).
     pub fn try_apply_yaml(&self, yaml: &str) -> Result<Vec<Value>, ApplyError> {
         let mut applied = Vec::new();
-        for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+        for (index, document) in yaml_serde::Deserializer::from_str(yaml).enumerate() {
             let value = Value::deserialize(document).map_err(|source| ApplyError::Yaml { index, source })?;
             if value.is_null() {
                 continue;

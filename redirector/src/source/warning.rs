@@ -1,0 +1,133 @@
+//! What the sources warn of: objects that are valid but will not do what they
+//! seem to. Each variant names the object it is about and carries the field
+//! at fault, so callers (and tests) can tell them apart without reading text.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use super::endpoints::{SERVICE_NAME_LABEL, SLICE_CONTROLLER};
+use crate::model::{Frontend, Ipv4Cidr, NamespacedName};
+
+/// The kinds of object a source reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectKind {
+    Service,
+    Pod,
+    Endpoints,
+    EndpointSlice,
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Service => "Service",
+            ObjectKind::Pod => "Pod",
+            ObjectKind::Endpoints => "Endpoints",
+            ObjectKind::EndpointSlice => "EndpointSlice",
+        })
+    }
+}
+
+/// The object a warning is about: `Kind namespace/name`, and for the
+/// manifest source the file that defines it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceObject {
+    pub kind: ObjectKind,
+    pub name: NamespacedName,
+    pub file: Option<PathBuf>,
+}
+
+impl SourceObject {
+    /// A Service seen through the Kubernetes API.
+    pub fn service(name: NamespacedName) -> Self {
+        Self {
+            kind: ObjectKind::Service,
+            name,
+            file: None,
+        }
+    }
+}
+
+impl fmt::Display for SourceObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.name)?;
+        match &self.file {
+            Some(file) => write!(f, " ({})", file.display()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Something a source ignores or cannot program, logged as it happens.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Warning {
+    /// The same object in two places; the later one is used, as with
+    /// `kubectl apply`.
+    #[error("{object}: also defined in {}; using the later definition", earlier.display())]
+    DefinedTwice { object: SourceObject, earlier: PathBuf },
+    /// Hand-written Endpoints of a Service with a selector, which the
+    /// endpoints controller would overwrite.
+    #[error(
+        "{endpoints}: ignored, because Service {service} has a selector and Kubernetes would overwrite it \
+         from the Pods"
+    )]
+    EndpointsOfSelectorService {
+        endpoints: SourceObject,
+        service: NamespacedName,
+    },
+    /// A copy of a controller-owned slice of a Service with a selector.
+    #[error(
+        "{slice}: ignored, because it is managed by {SLICE_CONTROLLER}, which would rewrite it from the \
+         Pods of Service {service}"
+    )]
+    ControllerSliceOfSelectorService {
+        slice: SourceObject,
+        service: NamespacedName,
+    },
+    /// An endpoint port (`name`, `protocol`) that no port of the Service takes.
+    #[error("{object}: port name {port_name:?} ({protocol}) matches no port of Service {service}; ignored")]
+    UnmatchedPort {
+        object: SourceObject,
+        port_name: String,
+        protocol: String,
+        service: NamespacedName,
+    },
+    /// `spec.clusterIP` is IPv6, which the datapath does not handle.
+    #[error("{service}: IPv6 clusterIP {cluster_ip} is not supported; not programmed")]
+    Ipv6ClusterIp {
+        service: SourceObject,
+        cluster_ip: String,
+    },
+    /// `spec.clusterIP` is not an address.
+    #[error("{service}: invalid clusterIP {cluster_ip:?}; not programmed")]
+    InvalidClusterIp {
+        service: SourceObject,
+        cluster_ip: String,
+    },
+    /// No `spec.clusterIP`, and the service CIDR has no address left for it.
+    #[error("{service}: no free address left in service CIDR {service_cidr}; not programmed")]
+    ServiceCidrFull {
+        service: SourceObject,
+        service_cidr: Ipv4Cidr,
+    },
+    /// A `spec.ports[].port` over SCTP, which the datapath does not handle.
+    #[error("{service}: port {port}/SCTP is not supported; not programmed")]
+    SctpPort { service: SourceObject, port: i32 },
+    /// A frontend another Service holds already; the first keeps it, as
+    /// kube-proxy does.
+    #[error("{service}: {frontend} is already used by Service {holder}; ignored")]
+    FrontendTaken {
+        service: SourceObject,
+        frontend: Frontend,
+        holder: NamespacedName,
+    },
+    /// Endpoints or an EndpointSlice whose Service does not exist.
+    #[error("{object}: no Service {service} in its namespace; ignored")]
+    NoSuchService {
+        object: SourceObject,
+        service: NamespacedName,
+    },
+    /// An EndpointSlice without the label naming its Service.
+    #[error("{slice}: no {SERVICE_NAME_LABEL} label; ignored")]
+    NoServiceNameLabel { slice: SourceObject },
+}

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crate::{
-    Agent, Bpffs, GATEWAY, Server, in_netns, ip, remove_namespaces_with_prefix, require_root, sysctl,
+    Agent, Bpffs, Server, in_netns, ip, plug_pod, remove_namespaces_with_prefix, require_root, sysctl,
     unique_name,
 };
 
@@ -310,51 +310,10 @@ impl Cluster {
     /// [`crate::NODE_IFACE_GLOB`]. Returns its netns name.
     pub fn add_pod(&mut self, node: usize, name: &str, addr: Ipv4Addr) -> String {
         let netns = format!("{}-{name}", self.prefix);
-        let node_ns = self.nodes[node].netns.clone();
         let node_iface = format!("vp{}", self.nodes[node].next_iface);
         self.nodes[node].next_iface += 1;
         new_netns(&netns);
-        ip(&[
-            "-n",
-            &node_ns,
-            "link",
-            "add",
-            &node_iface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns,
-        ]);
-        ip(&["-n", &netns, "addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
-        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
-        ip(&[
-            "-n", &netns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
-        ]);
-        ip(&[
-            "-n", &netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
-        ]);
-        ip(&["-n", &node_ns, "link", "set", &node_iface, "up"]);
-        ip(&[
-            "-n",
-            &node_ns,
-            "route",
-            "add",
-            &format!("{addr}/32"),
-            "dev",
-            &node_iface,
-        ]);
-        ip(&[
-            "-n",
-            &node_ns,
-            "addr",
-            "add",
-            &format!("{GATEWAY}/32"),
-            "dev",
-            &node_iface,
-        ]);
+        plug_pod(&self.nodes[node].netns, &node_iface, &netns, addr);
         netns
     }
 
@@ -463,10 +422,7 @@ impl Cluster {
     }
 
     pub fn write_manifest(&self, file: &str, yaml: &str) {
-        // Write then rename, so no agent reads a half-written file.
-        let tmp = self.manifests.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml).expect("writing manifest");
-        std::fs::rename(&tmp, self.manifests.join(file)).expect("renaming manifest");
+        crate::write_manifest(&self.manifests, file, yaml);
     }
 
     /// Starts one agent per node on the shared manifests, each with `extra`

@@ -147,50 +147,8 @@ impl Fixture {
         let node_iface = format!("vp{}", self.next_iface);
         self.next_iface += 1;
         ip(&["netns", "add", &netns]);
-        ip(&[
-            "-n",
-            &self.node,
-            "link",
-            "add",
-            &node_iface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns,
-        ]);
         ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        ip(&["-n", &netns, "addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
-        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
-        ip(&[
-            "-n", &netns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
-        ]);
-        ip(&[
-            "-n", &netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
-        ]);
-        ip(&["-n", &self.node, "link", "set", &node_iface, "up"]);
-        ip(&[
-            "-n",
-            &self.node,
-            "route",
-            "add",
-            &format!("{addr}/32"),
-            "dev",
-            &node_iface,
-        ]);
-        // Every node-side veth owns the pods' gateway address, so the node
-        // answers their ARP for it.
-        ip(&[
-            "-n",
-            &self.node,
-            "addr",
-            "add",
-            &format!("{GATEWAY}/32"),
-            "dev",
-            &node_iface,
-        ]);
+        plug_pod(&self.node, &node_iface, &netns, addr);
         netns
     }
 
@@ -200,10 +158,7 @@ impl Fixture {
     }
 
     pub fn write_manifest(&self, file: &str, yaml: &str) {
-        // Write then rename, so the agent never reads a half-written file.
-        let tmp = self.manifests.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml).expect("writing manifest");
-        std::fs::rename(&tmp, self.manifests.join(file)).expect("renaming manifest");
+        write_manifest(&self.manifests, file, yaml);
     }
 
     pub fn remove_manifest(&self, file: &str) {
@@ -233,6 +188,50 @@ impl Drop for Fixture {
         remove_namespaces_with_prefix(&self.prefix);
         let _ = std::fs::remove_dir_all(&self.manifests);
     }
+}
+
+/// Writes then renames, so no agent reads a half-written file.
+fn write_manifest(dir: &Path, file: &str, yaml: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, yaml).expect("writing manifest");
+    std::fs::rename(&tmp, dir.join(file)).expect("renaming manifest");
+}
+
+/// Joins `netns` (a pod, or a host behind the node) to the `node` netns: a
+/// veth pair, `node_iface` on the node side, `eth0` with `addr`/32 in the
+/// pod, a default route via the link-local gateway that every node-side veth
+/// owns (so the node answers the pod's ARP for it), and the node's route back.
+fn plug_pod(node: &str, node_iface: &str, netns: &str, addr: Ipv4Addr) {
+    ip(&[
+        "-n", node, "link", "add", node_iface, "type", "veth", "peer", "name", "eth0", "netns", netns,
+    ]);
+    ip(&["-n", netns, "addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+    ip(&["-n", netns, "link", "set", "eth0", "up"]);
+    ip(&[
+        "-n", netns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+    ]);
+    ip(&[
+        "-n", netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+    ]);
+    ip(&["-n", node, "link", "set", node_iface, "up"]);
+    ip(&[
+        "-n",
+        node,
+        "route",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        node_iface,
+    ]);
+    ip(&[
+        "-n",
+        node,
+        "addr",
+        "add",
+        &format!("{GATEWAY}/32"),
+        "dev",
+        node_iface,
+    ]);
 }
 
 fn sysctl(netns: &str, key: &str, value: &str) {

@@ -62,8 +62,7 @@ pub fn run(args: GetArgs) -> anyhow::Result<()> {
     let snapshot = Snapshot::read(&list.pins.bpffs).context("redirector get")?;
     let scope = list.scope();
     let out = match (name, list.output.as_str()) {
-        (None, "json") => format!("{:#}\n", services_json(&snapshot, &scope, None)),
-        (Some(name), "json") => format!("{:#}\n", services_json(&snapshot, &scope, name)),
+        (name, "json") => format!("{:#}\n", services_json(&snapshot, &scope, name.flatten())),
         (None, _) => get_services(&snapshot, &scope, SystemTime::now()),
         (Some(name), _) => get_endpoints(&snapshot, &scope, name, SystemTime::now()),
     };

@@ -201,7 +201,7 @@ enum Attachment {
     Pinned(PathBuf),
     /// A netlink TC filter at the hook's fixed priority and handle: also left
     /// in place when the agent exits.
-    Netlink(String, &'static Hook),
+    Netlink(&'static Hook),
 }
 
 /// The reader of the program's log records (anomalies only).
@@ -390,7 +390,7 @@ impl Datapath {
                     // All hooks or none: half a datapath would translate
                     // requests whose replies go untranslated.
                     for attachment in attachments {
-                        self.detach(attachment);
+                        self.detach(interface, attachment);
                     }
                     return Err(e);
                 }
@@ -431,7 +431,7 @@ impl Datapath {
             // Dropping the link would remove the filter: like a pinned tcx
             // link, it stays when the agent exits, until `cleanup`.
             std::mem::forget(program.take_link(id).map_err(attach_err)?);
-            return Ok(Attachment::Netlink(interface.to_owned(), hook));
+            return Ok(Attachment::Netlink(hook));
         }
         if pin.exists() {
             let reused = PinnedLink::from_pin(&pin)
@@ -468,14 +468,14 @@ impl Datapath {
     /// Forgets an interface that went away (its links went with it).
     pub fn forget(&mut self, interface: &str) {
         for attachment in self.attached.remove(interface).unwrap_or_default() {
-            self.detach(attachment);
+            self.detach(interface, attachment);
         }
     }
 
-    fn detach(&mut self, attachment: Attachment) {
+    fn detach(&mut self, interface: &str, attachment: Attachment) {
         match attachment {
-            Attachment::Netlink(interface, hook) => {
-                if let Ok(link) = hook.netlink_link(&interface) {
+            Attachment::Netlink(hook) => {
+                if let Ok(link) = hook.netlink_link(interface) {
                     let _ = link.detach();
                 }
             }

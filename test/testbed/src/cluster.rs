@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crate::{
-    Agent, Bpffs, Server, in_netns, ip, plug_pod, remove_namespaces_with_prefix, require_root, sysctl,
-    unique_name,
+    Agent, Bpffs, Server, in_netns, ip, new_netns, plug_pod, remove_namespaces_with_prefix, require_root,
+    sysctl, unique_name,
 };
 
 /// How pod traffic crosses from one node to another.
@@ -457,11 +457,6 @@ impl Drop for Cluster {
 
 fn pod_cidr(node: usize) -> String {
     format!("10.244.{node}.0/24")
-}
-
-fn new_netns(name: &str) {
-    ip(&["netns", "add", name]);
-    ip(&["-n", name, "link", "set", "lo", "up"]);
 }
 
 fn run(cmd: &mut Command) {

@@ -123,8 +123,7 @@ impl Fixture {
         let prefix = unique_name(&format!("rd{tag}"));
         remove_namespaces_with_prefix(&prefix);
         let node = format!("{prefix}-node");
-        ip(&["netns", "add", &node]);
-        ip(&["-n", &node, "link", "set", "lo", "up"]);
+        new_netns(&node);
         sysctl(&node, "net.ipv4.ip_forward", "1");
         let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
         let _ = std::fs::remove_dir_all(&manifests);
@@ -146,8 +145,7 @@ impl Fixture {
         let netns = format!("{}-{name}", self.prefix);
         let node_iface = format!("vp{}", self.next_iface);
         self.next_iface += 1;
-        ip(&["netns", "add", &netns]);
-        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        new_netns(&netns);
         plug_pod(&self.node, &node_iface, &netns, addr);
         netns
     }
@@ -188,6 +186,12 @@ impl Drop for Fixture {
         remove_namespaces_with_prefix(&self.prefix);
         let _ = std::fs::remove_dir_all(&self.manifests);
     }
+}
+
+/// A new network namespace with its loopback up.
+fn new_netns(name: &str) {
+    ip(&["netns", "add", name]);
+    ip(&["-n", name, "link", "set", "lo", "up"]);
 }
 
 /// Writes then renames, so no agent reads a half-written file.

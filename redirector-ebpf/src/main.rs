@@ -1,4 +1,6 @@
-//! The service datapath: two TC programs on the node side of pod interfaces.
+//! The service datapath: two TC programs on the node side of pod interfaces,
+//! each built twice: for interfaces with an Ethernet header and, suffixed
+//! `_l3`, for those without (netkit in L3 mode, TUN, ipip, WireGuard).
 //!
 //! `redirector_tc` (ingress: packets leaving a pod) translates service
 //! traffic; `redirector_tc_to_pod` (egress: packets on their way into a pod)
@@ -45,7 +47,7 @@ use redirector_common::{
     service::{Backend, MASTER_SLOT, ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VipEntry},
 };
 
-use packet::Packet;
+use packet::{Link, Packet};
 
 // Sizes here are defaults; the agent sets the real ones at load time.
 #[map]
@@ -108,7 +110,18 @@ impl Verdict {
 }
 
 #[classifier]
-pub fn redirector_tc(mut ctx: TcContext) -> i32 {
+pub fn redirector_tc(ctx: TcContext) -> i32 {
+    from_pod(ctx, Link::Ethernet)
+}
+
+/// [`redirector_tc`] for interfaces without an Ethernet header.
+#[classifier]
+pub fn redirector_tc_l3(ctx: TcContext) -> i32 {
+    from_pod(ctx, Link::Ip)
+}
+
+#[inline(always)]
+fn from_pod(mut ctx: TcContext, link: Link) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let mode = if unsafe { (*ctx.skb.skb).mark } == counters::EXPLAIN_MARK {
         Mode::Explain
@@ -116,7 +129,7 @@ pub fn redirector_tc(mut ctx: TcContext) -> i32 {
         Mode::Live
     };
     let mut choice = Choice::default();
-    let (Ok(verdict) | Err(verdict)) = try_redirect(&ctx, mode, &mut choice);
+    let (Ok(verdict) | Err(verdict)) = try_redirect(&ctx, link, mode, &mut choice);
     match verdict.counter {
         counters::DROP_BACKEND_MISSING => warn!(
             &ctx,
@@ -147,14 +160,25 @@ pub fn redirector_tc(mut ctx: TcContext) -> i32 {
 /// service address back as its source; anything else goes on untouched.
 #[classifier]
 pub fn redirector_tc_to_pod(ctx: TcContext) -> i32 {
-    let (Ok(verdict) | Err(verdict)) = try_translate_reply(&ctx);
+    to_pod(&ctx, Link::Ethernet)
+}
+
+/// [`redirector_tc_to_pod`] for interfaces without an Ethernet header.
+#[classifier]
+pub fn redirector_tc_to_pod_l3(ctx: TcContext) -> i32 {
+    to_pod(&ctx, Link::Ip)
+}
+
+#[inline(always)]
+fn to_pod(ctx: &TcContext, link: Link) -> i32 {
+    let (Ok(verdict) | Err(verdict)) = try_translate_reply(ctx, link);
     count(verdict);
     verdict.action
 }
 
 #[inline(always)]
-fn try_translate_reply(ctx: &TcContext) -> Result<Verdict, Verdict> {
-    let pkt = packet::parse(ctx)?;
+fn try_translate_reply(ctx: &TcContext, link: Link) -> Result<Verdict, Verdict> {
+    let pkt = packet::parse(ctx, link)?;
     if pkt.is_fragment || pkt.l4_truncated {
         return Ok(Verdict::pass(counters::PASS_UNPARSABLE));
     }
@@ -180,8 +204,8 @@ fn count(verdict: Verdict) {
 /// early, with a drop or with a pass decided while parsing. Both arms carry
 /// the verdict and are handled alike.
 #[inline(always)]
-fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verdict, Verdict> {
-    let pkt = packet::parse(ctx)?;
+fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) -> Result<Verdict, Verdict> {
+    let pkt = packet::parse(ctx, link)?;
 
     if pkt.is_fragment || pkt.l4_truncated {
         return if is_service_address(pkt.daddr) {
@@ -229,11 +253,11 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
     let master_key = service_key(&pkt, MASTER_SLOT);
     // SAFETY: the entry is copied out at once.
     let Some(master) = (unsafe { SVC_V2.get(master_key) }).copied() else {
-        return refuse::port_unreachable(ctx, mode, &pkt, counters::REFUSED_UNKNOWN_PORT);
+        return refuse::port_unreachable(ctx, link, mode, &pkt, counters::REFUSED_UNKNOWN_PORT);
     };
     choice.svc_id = master.svc_id;
     if master.count == 0 {
-        return refuse::port_unreachable(ctx, mode, &pkt, counters::REFUSED_NO_ENDPOINTS);
+        return refuse::port_unreachable(ctx, link, mode, &pkt, counters::REFUSED_NO_ENDPOINTS);
     }
 
     let slot = pick_slot(master.count);

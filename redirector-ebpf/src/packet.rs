@@ -1,4 +1,5 @@
-//! Parsing and rewriting of Ethernet/IPv4/TCP/UDP headers.
+//! Parsing and rewriting of IPv4/TCP/UDP headers, behind an Ethernet header
+//! or, on devices without one, at the start of the packet.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -8,12 +9,12 @@ use redirector_common::{conntrack::CtKey, counters, proto};
 
 use crate::Verdict;
 
-pub const ETH_HLEN: usize = 14;
+const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 pub const IPV4_MIN_HLEN: usize = 20;
-const IP_DADDR_OFF: usize = ETH_HLEN + 16;
-const IP_SADDR_OFF: usize = ETH_HLEN + 12;
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_DADDR_OFF: usize = 16;
+const IP_SADDR_OFF: usize = 12;
+const IP_CSUM_OFF: usize = 10;
 /// More-fragments flag and fragment offset, in host order.
 const IP_MF_OR_OFFSET: u16 = 0x3fff;
 const TCP_HLEN: usize = 20;
@@ -21,8 +22,33 @@ const UDP_HLEN: usize = 8;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
+/// What precedes the IP header on the interface a program is attached to.
+/// Each program is built once per kind (the value is a constant after
+/// inlining, as Cilium compiles `ETH_HLEN` per device) and the agent attaches
+/// the one matching the interface's link type.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// veth, netkit in L2 mode, bridges, VXLAN: an Ethernet header.
+    Ethernet,
+    /// netkit in L3 mode, ipip, WireGuard, TUN: the IP header comes first and
+    /// the protocol is only in the skb's metadata.
+    Ip,
+}
+
+impl Link {
+    /// Offset of the IP header.
+    pub const fn l3_offset(self) -> usize {
+        match self {
+            Self::Ethernet => ETH_HLEN,
+            Self::Ip => 0,
+        }
+    }
+}
+
 /// The fields the datapath decides on, copied out of the packet.
 pub struct Packet {
+    /// Where the IP header starts.
+    pub l3: usize,
     /// Addresses and ports in network byte order, as on the wire.
     pub saddr: u32,
     pub daddr: u32,
@@ -50,7 +76,7 @@ impl Packet {
     }
 
     pub fn l4_offset(&self) -> usize {
-        ETH_HLEN + self.ip_hlen
+        self.l3 + self.ip_hlen
     }
 
     /// A TCP SYN without ACK, or any UDP datagram: a packet that may start a
@@ -106,15 +132,20 @@ fn ensure_linear(ctx: &TcContext, len: usize) {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Packet, Verdict> {
-    ensure_linear(ctx, ETH_HLEN + IPV4_MIN_HLEN + TCP_HLEN);
+pub fn parse(ctx: &TcContext, link: Link) -> Result<Packet, Verdict> {
+    let l3 = link.l3_offset();
+    ensure_linear(ctx, l3 + IPV4_MIN_HLEN + TCP_HLEN);
     let unparsable = Verdict::pass(counters::PASS_UNPARSABLE);
 
-    let eth_proto: [u8; 2] = bytes_at(ctx, 12).ok_or(unparsable)?;
-    if u16::from_be_bytes(eth_proto) != ETH_P_IP {
+    let l3_proto = match link {
+        Link::Ethernet => u16::from_be_bytes(bytes_at(ctx, 12).ok_or(unparsable)?),
+        // skb->protocol holds the big-endian ethertype in its low 16 bits.
+        Link::Ip => u16::from_be(ctx.skb.protocol() as u16),
+    };
+    if l3_proto != ETH_P_IP {
         return Err(Verdict::pass(counters::PASS_NOT_IPV4));
     }
-    let ip: [u8; IPV4_MIN_HLEN] = bytes_at(ctx, ETH_HLEN).ok_or(unparsable)?;
+    let ip: [u8; IPV4_MIN_HLEN] = bytes_at(ctx, l3).ok_or(unparsable)?;
     let ip_hlen = usize::from(ip[0] & 0x0f) * 4;
     if ip[0] >> 4 != 4 || ip_hlen < IPV4_MIN_HLEN {
         return Err(unparsable);
@@ -125,6 +156,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Verdict> {
     }
 
     let mut pkt = Packet {
+        l3,
         saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
         daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
         sport: 0,
@@ -180,7 +212,7 @@ pub fn rewrite_destination(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) 
     rewrite(
         ctx,
         pkt,
-        IP_DADDR_OFF,
+        pkt.l3 + IP_DADDR_OFF,
         pkt.daddr,
         addr,
         pkt.l4_offset() + 2,
@@ -195,7 +227,7 @@ pub fn rewrite_source(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Re
     rewrite(
         ctx,
         pkt,
-        IP_SADDR_OFF,
+        pkt.l3 + IP_SADDR_OFF,
         pkt.saddr,
         addr,
         pkt.l4_offset(),
@@ -239,7 +271,7 @@ fn rewrite(
         l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
     )
     .map_err(|_| failed)?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
+    ctx.l3_csum_replace(pkt.l3 + IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
         .map_err(|_| failed)?;
     if old_port != new_port {
         ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(new_port), l4_flags | 2)

@@ -20,7 +20,7 @@ use redirector_common::{counters, proto};
 
 use crate::{
     Mode, Verdict,
-    packet::{ETH_HLEN, IPV4_MIN_HLEN as IP_HLEN, Packet},
+    packet::{IPV4_MIN_HLEN as IP_HLEN, Link, Packet},
 };
 
 /// One refusal per second per sender once the burst is spent: the kernel's
@@ -72,7 +72,13 @@ const MAX_QUOTE: usize = 60 + 8;
 /// Answers `pkt` with ICMP port unreachable, counted as `counter`; explain
 /// runs take no rate-limit credit.
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, mode: Mode, pkt: &Packet, counter: u32) -> Result<Verdict, Verdict> {
+pub fn port_unreachable(
+    ctx: &TcContext,
+    link: Link,
+    mode: Mode,
+    pkt: &Packet,
+    counter: u32,
+) -> Result<Verdict, Verdict> {
     if mode == Mode::Live && !refusal_allowed(pkt.saddr) {
         return Err(Verdict::drop(counters::DROP_REFUSAL_RATE_LIMITED));
     }
@@ -85,22 +91,25 @@ pub fn port_unreachable(ctx: &TcContext, mode: Mode, pkt: &Packet, counter: u32)
     let ip_hlen = pkt.ip_hlen as u32;
     // SAFETY: a read of a local.
     let quote_len = (unsafe { core::ptr::read_volatile(&ip_hlen) } & 0x3c) + 8;
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| failed)?;
+    let l3 = link.l3_offset();
     // SAFETY: the buffer holds MAX_QUOTE >= quote_len bytes.
-    if unsafe { bpf_skb_load_bytes(skb.cast(), ETH_HLEN as u32, quote.as_mut_ptr().cast(), quote_len) } != 0 {
+    if unsafe { bpf_skb_load_bytes(skb.cast(), l3 as u32, quote.as_mut_ptr().cast(), quote_len) } != 0 {
         return Err(failed);
     }
+    if link == Link::Ethernet {
+        // Back to where it came from.
+        let macs: [u8; 12] = ctx.load(0).map_err(|_| failed)?;
+        let mut swapped = [0u8; 12];
+        swapped[..6].copy_from_slice(&macs[6..12]);
+        swapped[6..].copy_from_slice(&macs[..6]);
+        ctx.store(0, &swapped, 0).map_err(|_| failed)?;
+    }
 
-    let total = ETH_HLEN + IP_HLEN + ICMP_HLEN + quote_len as usize;
+    let total = l3 + IP_HLEN + ICMP_HLEN + quote_len as usize;
     // SAFETY: the skb of this program run.
     if unsafe { bpf_skb_change_tail(skb, total as u32, 0) } != 0 {
         return Err(failed);
     }
-
-    // Ethernet: back to where it came from.
-    let mut eth = [0u8; 12];
-    eth[..6].copy_from_slice(&macs[6..12]);
-    eth[6..].copy_from_slice(&macs[..6]);
 
     let mut hdr = [0u8; IP_HLEN + ICMP_HLEN];
     let ip_total = (IP_HLEN + ICMP_HLEN) as u16 + quote_len as u16;
@@ -125,13 +134,12 @@ pub fn port_unreachable(ctx: &TcContext, mode: Mode, pkt: &Packet, counter: u32)
     let icmp_csum = fold(sum_words(&hdr[IP_HLEN..]) + (quote_sum as u64 & 0xffff_ffff));
     hdr[IP_HLEN + 2..IP_HLEN + 4].copy_from_slice(&icmp_csum.to_ne_bytes());
 
-    ctx.store(0, &eth, 0).map_err(|_| failed)?;
-    ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| failed)?;
+    ctx.store(l3, &hdr, 0).map_err(|_| failed)?;
     // SAFETY: the buffer holds MAX_QUOTE >= quote_len bytes.
     if unsafe {
         bpf_skb_store_bytes(
             skb.cast(),
-            (ETH_HLEN + IP_HLEN + ICMP_HLEN) as u32,
+            (l3 + IP_HLEN + ICMP_HLEN) as u32,
             quote.as_ptr().cast(),
             quote_len,
             0,

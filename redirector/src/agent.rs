@@ -275,8 +275,8 @@ fn remove_unheld(writer: &mut MapWriter, holds: impl Fn(&Frontend) -> bool) -> S
 
 fn on_link_event(datapath: &mut Datapath, globs: &InterfaceGlobs, event: LinkEvent) {
     match event {
-        LinkEvent::Added(name) if globs.matches(&name) => match datapath.attach(&name) {
-            Ok(true) => tracing::info!("attached to {name}"),
+        LinkEvent::Added(interface) if globs.matches(&interface.name) => match datapath.attach(&interface) {
+            Ok(true) => tracing::info!("attached to {}", interface.name),
             Ok(false) => {}
             Err(e) => tracing::error!("{}", Chain(&e)),
         },

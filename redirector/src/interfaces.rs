@@ -8,14 +8,47 @@ use futures_util::{StreamExt, TryStreamExt};
 use glob::Pattern;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
-    Added(String),
+    Added(Interface),
     Removed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub layer: LinkLayer,
+}
+
+/// What precedes the IP header of a packet on an interface: the datapath has
+/// a build of each program per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkLayer {
+    /// veth, netkit in L2 mode, bridges, VXLAN.
+    Ethernet,
+    /// No link-layer header: netkit in L3 mode, TUN, ipip, sit, WireGuard.
+    Ip,
+    /// Anything else (its ARPHRD type): not attached to.
+    Unsupported(u16),
+}
+
+impl From<LinkLayerType> for LinkLayer {
+    fn from(kind: LinkLayerType) -> Self {
+        match kind {
+            LinkLayerType::Ether => Self::Ethernet,
+            // WireGuard and TUN report ARPHRD_NONE, ipip ARPHRD_TUNNEL.
+            LinkLayerType::None
+            | LinkLayerType::Rawip
+            | LinkLayerType::Tunnel
+            | LinkLayerType::Tunnel6
+            | LinkLayerType::Sit => Self::Ip,
+            other => Self::Unsupported(other.into()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,24 +119,30 @@ pub async fn watch() -> Result<mpsc::UnboundedReceiver<LinkEvent>, InterfaceErro
 }
 
 /// The interfaces that exist now, by index.
-pub async fn current(handle: &Handle) -> Result<BTreeMap<u32, String>, rtnetlink::Error> {
+pub async fn current(handle: &Handle) -> Result<BTreeMap<u32, Interface>, rtnetlink::Error> {
     handle
         .link()
         .get()
         .execute()
-        .try_filter_map(|link| std::future::ready(Ok(index_and_name(&link))))
+        .try_filter_map(|link| std::future::ready(Ok(index_and_interface(&link))))
         .try_collect()
         .await
 }
 
-fn index_and_name(link: &LinkMessage) -> Option<(u32, String)> {
+fn index_and_interface(link: &LinkMessage) -> Option<(u32, Interface)> {
     link.attributes.iter().find_map(|attribute| match attribute {
-        LinkAttribute::IfName(name) => Some((link.header.index, name.clone())),
+        LinkAttribute::IfName(name) => Some((
+            link.header.index,
+            Interface {
+                name: name.clone(),
+                layer: link.header.link_layer_type.into(),
+            },
+        )),
         _ => None,
     })
 }
 
-/// The name of each interface index seen so far. Notifications are keyed by
+/// Each interface index seen so far, with its name. Notifications are keyed by
 /// index: a deletion names the interface that had the index (even if it was
 /// renamed since), and a rename is told apart from a mere change of state.
 /// A name is only reported removed while no other known index has it: the
@@ -111,7 +150,7 @@ fn index_and_name(link: &LinkMessage) -> Option<(u32, String)> {
 /// of one whose deletion is still queued.
 #[derive(Debug, Default)]
 struct Links {
-    names: BTreeMap<u32, String>,
+    known: BTreeMap<u32, Interface>,
 }
 
 impl Links {
@@ -144,20 +183,25 @@ impl Links {
     fn apply(&mut self, message: &RouteNetlinkMessage) -> Vec<LinkEvent> {
         match message {
             RouteNetlinkMessage::NewLink(link) => {
-                let Some((index, name)) = index_and_name(link) else {
+                let Some((index, interface)) = index_and_interface(link) else {
                     return Vec::new();
                 };
-                let renamed_from = self.names.insert(index, name.clone()).filter(|old| *old != name);
+                let renamed_from = self
+                    .known
+                    .insert(index, interface.clone())
+                    .map(|old| old.name)
+                    .filter(|old| *old != interface.name);
                 self.removed(renamed_from)
                     .into_iter()
-                    .chain([LinkEvent::Added(name)])
+                    .chain([LinkEvent::Added(interface)])
                     .collect()
             }
             RouteNetlinkMessage::DelLink(link) => {
                 let name = self
-                    .names
+                    .known
                     .remove(&link.header.index)
-                    .or_else(|| index_and_name(link).map(|(_, name)| name));
+                    .or_else(|| index_and_interface(link).map(|(_, interface)| interface))
+                    .map(|interface| interface.name);
                 self.removed(name).into_iter().collect()
             }
             _ => Vec::new(),
@@ -166,20 +210,20 @@ impl Links {
 
     /// `Removed` for a name that no known link has any more.
     fn removed(&self, name: Option<String>) -> Option<LinkEvent> {
-        name.filter(|name| !self.names.values().any(|known| known == name))
+        name.filter(|name| !self.known.values().any(|known| known.name == *name))
             .map(LinkEvent::Removed)
     }
 
     /// Events that bring the known links in line with a fresh listing: links
     /// gone or renamed meanwhile are `Removed`, every listed one is `Added`
     /// (so a link re-created under its name meanwhile is attached again).
-    fn relist(&mut self, now: BTreeMap<u32, String>) -> Vec<LinkEvent> {
-        let old = std::mem::replace(&mut self.names, now);
+    fn relist(&mut self, now: BTreeMap<u32, Interface>) -> Vec<LinkEvent> {
+        let old = std::mem::replace(&mut self.known, now);
         let gone = old
             .into_iter()
-            .filter(|(index, name)| self.names.get(index) != Some(name))
-            .map(|(_, name)| LinkEvent::Removed(name));
-        let listed = self.names.values().cloned().map(LinkEvent::Added);
+            .filter(|(index, old)| self.known.get(index).map(|now| &now.name) != Some(&old.name))
+            .map(|(_, old)| LinkEvent::Removed(old.name));
+        let listed = self.known.values().cloned().map(LinkEvent::Added);
         gone.chain(listed).collect()
     }
 }
@@ -191,12 +235,20 @@ mod tests {
     fn link(index: u32, name: &str) -> LinkMessage {
         let mut link = LinkMessage::default();
         link.header.index = index;
+        link.header.link_layer_type = LinkLayerType::Ether;
         link.attributes.push(LinkAttribute::IfName(name.to_owned()));
         link
     }
 
+    fn ethernet(name: &str) -> Interface {
+        Interface {
+            name: name.to_owned(),
+            layer: LinkLayer::Ethernet,
+        }
+    }
+
     fn added(name: &str) -> LinkEvent {
-        LinkEvent::Added(name.to_owned())
+        LinkEvent::Added(ethernet(name))
     }
 
     fn removed(name: &str) -> LinkEvent {
@@ -267,7 +319,7 @@ mod tests {
         let mut links = Links::default();
         // vp1 was deleted (index 4) and re-created (index 9) between the
         // subscription and the listing: both notifications are still queued.
-        links.relist(BTreeMap::from([(9, "vp1".to_owned())]));
+        links.relist(BTreeMap::from([(9, ethernet("vp1"))]));
         assert_eq!(
             links.apply(&RouteNetlinkMessage::DelLink(link(4, "vp1"))),
             vec![],
@@ -285,7 +337,7 @@ mod tests {
         let listing = |pairs: &[(u32, &str)]| {
             pairs
                 .iter()
-                .map(|(index, name)| (*index, (*name).to_owned()))
+                .map(|(index, name)| (*index, ethernet(name)))
                 .collect::<BTreeMap<_, _>>()
         };
         assert_eq!(
@@ -302,6 +354,31 @@ mod tests {
             vec![removed("vp2")],
             "the listing is what later deletions are matched against"
         );
+    }
+
+    #[test]
+    fn each_link_type_gets_the_program_build_for_its_header() {
+        let mut links = Links::default();
+        for (kind, expected) in [
+            (LinkLayerType::Ether, LinkLayer::Ethernet),
+            (LinkLayerType::None, LinkLayer::Ip),
+            (LinkLayerType::Tunnel, LinkLayer::Ip),
+            (LinkLayerType::Rawip, LinkLayer::Ip),
+            (LinkLayerType::Ipgre, LinkLayer::Unsupported(778)),
+            (LinkLayerType::Loopback, LinkLayer::Unsupported(772)),
+        ] {
+            let mut message = link(3, "if3");
+            message.header.link_layer_type = kind;
+            let events = links.apply(&RouteNetlinkMessage::NewLink(message));
+            assert_eq!(
+                events.last(),
+                Some(&LinkEvent::Added(Interface {
+                    name: "if3".to_owned(),
+                    layer: expected
+                })),
+                "link type {kind:?}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{agent_binary, eventually, tcp_request, udp_request};
 use redirector::datapath::{Maps, maps_pin_dir};
-use testbed::cluster::{Cluster, PodNetwork, pod_address};
+use testbed::cluster::{Cluster, PodLink, PodNetwork, pod_address};
 use testbed::foreign::ForeignCounter;
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -266,4 +266,74 @@ fn vxlan_kubernetes_service_reaches_the_host_network_endpoint() {
 #[test]
 fn l3_tunnel_kubernetes_service_reaches_the_host_network_endpoint() {
     kubernetes_service_from_both_nodes("lk", PodNetwork::L3Tunnel);
+}
+
+/// Pods plugged by links without Ethernet headers (as netkit in L3 mode,
+/// Cilium's netkit datapath, plugs them): the agent attaches the programs'
+/// L3 builds. The client and one endpoint on node 0, another
+/// endpoint on node 1: a reply is translated leaving the local endpoint
+/// (ingress) and entering the client (egress), both without Ethernet.
+#[test]
+fn pods_on_l3_interfaces_reach_services_both_ways() {
+    let mut cluster = Cluster::new("l3p", 2, PodNetwork::Routed);
+    let client = cluster.add_pod_with(PodLink::Tun, 0, "client", pod_address(0, 5));
+    let web_a = cluster.add_pod_with(PodLink::Tun, 0, "web-a", pod_address(0, 10));
+    let web_b = cluster.add_pod_with(PodLink::Tun, 1, "web-b", pod_address(1, 10));
+    cluster.serve(&web_a, "web-a", 8080);
+    cluster.serve(&web_b, "web-b", 8080);
+    cluster.write_manifest(
+        "web.yaml",
+        &format!(
+            "{}---\n{}---\n{WEB_SERVICE}",
+            pod_yaml("web-a", pod_address(0, 10), 0),
+            pod_yaml("web-b", pod_address(1, 10), 1)
+        ),
+    );
+    let mut agents = cluster.start_agents(agent_binary(), &[]);
+    agents[0].wait_for_log("attached to vp1", 1);
+
+    let mut answered = std::collections::BTreeSet::new();
+    for attempt in 0..40 {
+        let answer = eventually("L3 pod links: TCP to the ClusterIP", SYNC_TIMEOUT, || {
+            tcp_request(&client, SERVICE).map_err(|e| e.to_string())
+        });
+        assert_eq!(
+            *answer.client.ip(),
+            pod_address(0, 5),
+            "L3 pod links: attempt {attempt}: the endpoint saw the client pod's address"
+        );
+        answered.insert(answer.pod);
+        if answered.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        answered,
+        ["web-a", "web-b"].map(str::to_owned).into(),
+        "L3 pod links: both endpoints answered within 40 connections"
+    );
+    let answer = eventually("L3 pod links: UDP to the ClusterIP", SYNC_TIMEOUT, || {
+        udp_request(&client, DNS).map_err(|e| e.to_string())
+    });
+    assert!(
+        ["web-a", "web-b"].contains(&answer.pod.as_str()),
+        "L3 pod links: UDP answered by an endpoint, not {}",
+        answer.pod
+    );
+
+    // The refusal is built without an Ethernet header too.
+    let undefined = SocketAddrV4::new(*SERVICE.ip(), 81);
+    let err = tcp_request(&client, undefined).expect_err("an undefined port must not answer");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "L3 pod links: an undefined port is refused: {err}"
+    );
+    let unallocated = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 99), 80);
+    let err = tcp_request(&client, unallocated).expect_err("an unallocated address must not answer");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::TimedOut,
+        "L3 pod links: an unallocated address is dropped: {err}"
+    );
 }

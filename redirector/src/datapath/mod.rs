@@ -11,6 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::Chain;
+use crate::interfaces::{Interface, LinkLayer};
 use aya::programs::Link as _;
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
@@ -45,9 +46,13 @@ pub const TO_POD_PROGRAM: &str = "redirector_tc_to_pod";
 /// The pin suffix names the link pin: an interface name cannot contain ':',
 /// so the egress pin never collides with an interface's ingress pin (named
 /// as the interface, as before the egress program existed).
+///
+/// Each program has a build for interfaces without an Ethernet header; the
+/// interface's link type chooses.
 const HOOKS: [Hook; 2] = [
     Hook {
         program: PROGRAM,
+        l3_program: "redirector_tc_l3",
         attach_type: TcAttachType::Ingress,
         first: false,
         pin_suffix: "",
@@ -55,6 +60,7 @@ const HOOKS: [Hook; 2] = [
     },
     Hook {
         program: TO_POD_PROGRAM,
+        l3_program: "redirector_tc_to_pod_l3",
         attach_type: TcAttachType::Egress,
         first: true,
         pin_suffix: ":egress",
@@ -94,6 +100,7 @@ impl std::str::FromStr for AttachMode {
 
 struct Hook {
     program: &'static str,
+    l3_program: &'static str,
     attach_type: TcAttachType,
     /// Before the programs already on the hook, or after them.
     first: bool,
@@ -185,6 +192,10 @@ pub enum LoadError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
+    #[error(
+        "not attaching to {interface}: its link type (ARPHRD {link_type}) has a header the datapath cannot parse"
+    )]
+    UnsupportedLinkType { interface: String, link_type: u16 },
     #[error("attaching {program} to {interface} (tc {hook:?})")]
     Attach {
         program: &'static str,
@@ -300,7 +311,7 @@ impl Datapath {
                 pin_dir,
                 source: Box::new(source),
             })?;
-        for Hook { program: name, .. } in HOOKS {
+        for name in HOOKS.iter().flat_map(|hook| [hook.program, hook.l3_program]) {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(LoadError::MissingProgram(name))?
@@ -373,18 +384,38 @@ impl Datapath {
             .expect("program checked at load")
     }
 
-    /// Attaches every program to its hook on `interface`; attaching twice is
-    /// a no-op. With tcx, a link an earlier agent pinned for the interface
-    /// gets this agent's program swapped in atomically, so no packet goes
-    /// untranslated across a restart.
-    pub fn attach(&mut self, interface: &str) -> Result<bool, AttachError> {
+    /// Attaches every program, in its build for the interface's link layer,
+    /// to its hook on `interface`; attaching twice is a no-op. With tcx, a
+    /// link an earlier agent pinned for the interface gets this agent's
+    /// program swapped in atomically, so no packet goes untranslated across a
+    /// restart.
+    pub fn attach(&mut self, interface: &Interface) -> Result<bool, AttachError> {
+        let Interface {
+            name: interface,
+            layer,
+        } = interface;
         if self.attached.contains_key(interface) {
             return Ok(false);
         }
+        let without_ethernet = match *layer {
+            LinkLayer::Ethernet => false,
+            LinkLayer::Ip => true,
+            LinkLayer::Unsupported(link_type) => {
+                return Err(AttachError::UnsupportedLinkType {
+                    interface: interface.clone(),
+                    link_type,
+                });
+            }
+        };
         let mut attachments = Vec::with_capacity(HOOKS.len());
         for hook in &HOOKS {
+            let program = if without_ethernet {
+                hook.l3_program
+            } else {
+                hook.program
+            };
             let pin = self.links_dir.join(format!("{interface}{}", hook.pin_suffix));
-            match self.attach_one(hook, interface, pin) {
+            match self.attach_one(hook, program, interface, pin) {
                 Ok(attachment) => attachments.push(attachment),
                 Err(e) => {
                     // All hooks or none: half a datapath would translate
@@ -403,10 +434,10 @@ impl Datapath {
     fn attach_one(
         &mut self,
         hook: &'static Hook,
+        name: &'static str,
         interface: &str,
         pin: PathBuf,
     ) -> Result<Attachment, AttachError> {
-        let name = hook.program;
         let attach_err = |source| AttachError::Attach {
             program: name,
             interface: interface.to_owned(),

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crate::{
-    Agent, Bpffs, Server, in_netns, ip, new_netns, plug_pod, remove_namespaces_with_prefix, require_root,
-    sysctl, unique_name,
+    Agent, Bpffs, Server, address_pod, in_netns, ip, new_netns, plug_pod, remove_namespaces_with_prefix,
+    require_root, sysctl, unique_name,
 };
 
 /// How pod traffic crosses from one node to another.
@@ -86,6 +86,8 @@ pub struct Cluster {
     pub manifests: PathBuf,
     servers: Vec<Server>,
     relay: Option<TunnelRelay>,
+    /// Pods plugged with [`PodLink::Tun`].
+    tun_links: Vec<TunLink>,
     /// Hosts added with [`Cluster::add_external_host`], for their port names.
     externals: u32,
 }
@@ -113,6 +115,7 @@ impl Cluster {
             manifests,
             servers: Vec::new(),
             relay: None,
+            tun_links: Vec::new(),
             externals: 0,
             prefix,
         };
@@ -309,11 +312,28 @@ impl Cluster {
     /// A pod at `addr` on node `node`, behind a veth whose node side matches
     /// [`crate::NODE_IFACE_GLOB`]. Returns its netns name.
     pub fn add_pod(&mut self, node: usize, name: &str, addr: Ipv4Addr) -> String {
+        self.add_pod_with(PodLink::Veth, node, name, addr)
+    }
+
+    /// [`Cluster::add_pod`] with a choice of link into the pod.
+    pub fn add_pod_with(&mut self, link: PodLink, node: usize, name: &str, addr: Ipv4Addr) -> String {
         let netns = format!("{}-{name}", self.prefix);
         let node_iface = format!("vp{}", self.nodes[node].next_iface);
         self.nodes[node].next_iface += 1;
         new_netns(&netns);
-        plug_pod(&self.nodes[node].netns, &node_iface, &netns, addr);
+        let node_netns = &self.nodes[node].netns;
+        match link {
+            PodLink::Veth => plug_pod(node_netns, &node_iface, &netns, addr),
+            PodLink::Tun => {
+                let iface = node_iface.clone();
+                let node_end = in_netns(node_netns, move || open_tun(&iface))
+                    .unwrap_or_else(|e| panic!("creating {node_iface} on node {node}: {e}"));
+                let pod_end = in_netns(&netns, || open_tun("eth0"))
+                    .unwrap_or_else(|e| panic!("creating eth0 in {netns}: {e}"));
+                address_pod(node_netns, &node_iface, &netns, addr);
+                self.tun_links.push(TunLink::start(node_end, pod_end));
+            }
+        }
         netns
     }
 
@@ -449,7 +469,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.servers.clear();
+        // Closing a TUN device's last fd deletes it, before its netns goes.
         self.relay = None;
+        self.tun_links.clear();
         remove_namespaces_with_prefix(&self.prefix);
         let _ = std::fs::remove_dir_all(&self.manifests);
     }
@@ -503,6 +525,70 @@ fn open_ipip_socket() -> io::Result<OwnedFd> {
     }
     // SAFETY: fd is a fresh socket nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// How a pod is joined to its node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodLink {
+    /// A veth pair: Ethernet headers, as most CNIs plug pods.
+    Veth,
+    /// A TUN device on each side and a relay passing packets between them:
+    /// a link without Ethernet headers, as netkit in L3 mode (Cilium's netkit
+    /// datapath), ipip and WireGuard are; this kernel has none of those.
+    Tun,
+}
+
+/// The relay behind a [`PodLink::Tun`]: what one end's device sends comes
+/// out of the other's. Stops on drop.
+struct TunLink {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TunLink {
+    fn start(node_end: OwnedFd, pod_end: OwnedFd) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let mut fds = [&node_end, &pod_end].map(|fd| libc::pollfd {
+                        fd: fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                    // SAFETY: poll(2) on two valid pollfds for at most 50 ms.
+                    if unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) } <= 0 {
+                        continue;
+                    }
+                    for (from, to, ready) in [
+                        (&node_end, &pod_end, fds[0].revents),
+                        (&pod_end, &node_end, fds[1].revents),
+                    ] {
+                        if ready & libc::POLLIN != 0
+                            && let Ok(n) = read(from, &mut buf)
+                        {
+                            let _ = write(to, &buf[..n]);
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TunLink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Carries each node's TUN packets to the node owning their destination's

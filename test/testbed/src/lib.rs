@@ -209,6 +209,12 @@ fn plug_pod(node: &str, node_iface: &str, netns: &str, addr: Ipv4Addr) {
     ip(&[
         "-n", node, "link", "add", node_iface, "type", "veth", "peer", "name", "eth0", "netns", netns,
     ]);
+    address_pod(node, node_iface, netns, addr);
+}
+
+/// Addresses and routes of a pod joined to its node by `node_iface` (node
+/// side) and `eth0` (pod side), whatever the link between them.
+fn address_pod(node: &str, node_iface: &str, netns: &str, addr: Ipv4Addr) {
     ip(&["-n", netns, "addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
     ip(&["-n", netns, "link", "set", "eth0", "up"]);
     ip(&[

@@ -60,7 +60,7 @@ static VIP_V1: HashMap<u32, VipEntry> = HashMap::pinned(16384, 0);
 #[map]
 static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(262144, BPF_F_NO_COMMON_LRU);
 #[map]
-static CONFIG_V1: Array<Config> = Array::pinned(1, 0);
+static CONFIG_V2: Array<Config> = Array::pinned(1, 0);
 #[map]
 static COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 #[map]
@@ -354,12 +354,18 @@ fn is_service_address(addr: u32) -> bool {
     unsafe { VIP_V1.get(addr) }.is_some() || in_service_cidr(addr)
 }
 
+/// Whether `addr` (network byte order) is in one of the service ranges. The
+/// loop is bounded by the array; with no range it ends after loading the count.
 #[inline(always)]
 fn in_service_cidr(addr: u32) -> bool {
-    match CONFIG_V1.get(0) {
-        Some(cfg) => cfg.service_cidr_mask != 0 && addr & cfg.service_cidr_mask == cfg.service_cidr_addr,
-        None => false,
-    }
+    let Some(cfg) = CONFIG_V2.get(0) else {
+        return false;
+    };
+    let count = cfg.service_cidr_count as usize;
+    cfg.service_cidrs
+        .iter()
+        .take(count)
+        .any(|cidr| cidr.mask != 0 && addr & cidr.mask == cidr.addr)
 }
 
 #[inline(always)]

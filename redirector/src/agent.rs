@@ -18,20 +18,24 @@ use crate::model::{Frontend, Ipv4Cidr};
 use crate::source::Update;
 use crate::source::kube::{self as kube_source, Change, KubeSource};
 use crate::source::manifests::ManifestStore;
+use crate::source::service_cidrs::ServiceRanges;
 
 /// How often the manifest directory is checked for changes.
 const MANIFEST_POLL: Duration = Duration::from_millis(250);
 /// Services computed and written at a time after a (re)list.
 const RELIST_PART: usize = 1000;
 
-/// Where services and endpoints come from.
+/// Where services, endpoints and the service ranges come from.
 pub enum Source {
-    /// A directory of Kubernetes YAML, re-read when it changes.
-    Manifests(PathBuf),
-    /// The Kubernetes API, watched.
+    /// A directory of Kubernetes YAML, re-read when it changes; missing
+    /// clusterIPs are allocated from `service_cidr`, the one service range.
+    Manifests { dir: PathBuf, service_cidr: Ipv4Cidr },
+    /// The Kubernetes API, watched. The service ranges are the ServiceCIDR
+    /// objects', or `service_cidr` if the API server does not serve them.
     Kubernetes {
         connection: kube_source::Connection,
         service_proxy_name: Option<String>,
+        service_cidr: Option<Ipv4Cidr>,
     },
 }
 
@@ -41,7 +45,6 @@ pub struct AgentConfig {
     pub metrics_bind_address: Option<SocketAddr>,
     pub interfaces: InterfaceGlobs,
     pub bpffs: PathBuf,
-    pub service_cidr: Ipv4Cidr,
     pub map_sizes: MapSizes,
     pub attach_mode: datapath::AttachMode,
 }
@@ -72,7 +75,7 @@ pub enum AgentError {
 }
 
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
-    if let Source::Manifests(dir) = &config.source {
+    if let Source::Manifests { dir, .. } = &config.source {
         std::fs::read_dir(dir).map_err(|source| AgentError::ManifestDir {
             path: dir.clone(),
             source,
@@ -96,7 +99,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         tokio::spawn(datapath::forward_logs(logs));
     }
     let mut writer = MapWriter::new(maps)?;
-    writer.set_service_cidr(config.service_cidr)?;
+    if let Source::Manifests { service_cidr, .. } = &config.source {
+        let ranges = ServiceRanges::from_flag(Some(*service_cidr));
+        writer.set_service_cidrs(&ranges.cidrs)?;
+        tracing::info!("service ranges: {ranges}");
+    }
     let metrics = Metrics::default();
     let listen_err = |addr, what| move |source| AgentError::Listen { addr, what, source };
     if let Some(addr) = config.healthz_bind_address {
@@ -122,7 +129,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: exiting"); break; }
             Some(event) = links.recv() => on_link_event(&mut datapath, &config.interfaces, event),
-            () = feed.changed() => feed.sync(&mut writer, config.service_cidr, &metrics),
+            () = feed.changed() => feed.sync(&mut writer, &metrics),
         }
     }
     // Links and maps stay pinned: traffic keeps flowing while the agent is
@@ -138,23 +145,28 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 enum Feed {
     Manifests {
         dir: PathBuf,
+        service_cidr: Ipv4Cidr,
         store: ManifestStore,
         seen: Option<Fingerprint>,
         poll: tokio::time::Interval,
     },
     Kubernetes {
-        source: KubeSource,
+        /// Boxed: far larger than the manifest variant, and made once.
+        source: Box<KubeSource>,
         ready: bool,
         /// The change that woke us, and when it was observed.
         woke_by: Option<(Instant, Change)>,
+        /// The service ranges last written (none before the first sync).
+        ranges: Option<ServiceRanges>,
     },
 }
 
 impl Feed {
     async fn start(source: &Source) -> Result<Self, AgentError> {
         Ok(match source {
-            Source::Manifests(dir) => Feed::Manifests {
+            Source::Manifests { dir, service_cidr } => Feed::Manifests {
                 dir: dir.clone(),
+                service_cidr: *service_cidr,
                 store: ManifestStore::default(),
                 seen: None,
                 poll: tokio::time::interval(MANIFEST_POLL),
@@ -162,15 +174,22 @@ impl Feed {
             Source::Kubernetes {
                 connection,
                 service_proxy_name,
+                service_cidr,
             } => {
                 let client = kube_source::client(connection).await?;
                 tracing::info!(
-                    "watching Services and EndpointSlices; nothing is programmed until both are listed"
+                    "watching Services, EndpointSlices and ServiceCIDRs; nothing is programmed until all \
+                     are listed"
                 );
                 Feed::Kubernetes {
-                    source: KubeSource::start(client, service_proxy_name.as_deref()),
+                    source: Box::new(KubeSource::start(
+                        client,
+                        service_proxy_name.as_deref(),
+                        *service_cidr,
+                    )),
                     ready: false,
                     woke_by: None,
+                    ranges: None,
                 }
             }
         })
@@ -191,6 +210,7 @@ impl Feed {
                 source,
                 ready,
                 woke_by,
+                ..
             } => {
                 if !*ready {
                     source.wait_until_ready().await;
@@ -211,24 +231,34 @@ impl Feed {
     /// Writes what changed. A source that recomputed everything (a manifest
     /// reload, a relist) is followed by the removal of what it no longer
     /// holds, including what a previous run left pinned.
-    fn sync(&mut self, writer: &mut MapWriter, service_cidr: Ipv4Cidr, metrics: &Metrics) {
+    fn sync(&mut self, writer: &mut MapWriter, metrics: &Metrics) {
         // One span per sync: every event it logs (errors, warnings, the
         // summary) carries it.
         let _sync = tracing::info_span!("sync").entered();
         let started = Instant::now();
         let mut report = SyncReport::default();
         let observed = match self {
-            Feed::Manifests { dir, store, .. } => {
+            Feed::Manifests {
+                dir,
+                service_cidr,
+                store,
+                ..
+            } => {
                 for error in store.reload(dir) {
                     tracing::error!("{error} (keeping its last good state)");
                 }
-                let update = store.update(service_cidr);
+                let update = store.update(*service_cidr);
                 let held: HashSet<Frontend> = update.upserts.iter().map(|(fe, _)| *fe).collect();
                 report.absorb(write_update(writer, update));
                 report.absorb(remove_unheld(writer, |fe| held.contains(fe)));
                 started
             }
-            Feed::Kubernetes { source, woke_by, .. } => {
+            Feed::Kubernetes {
+                source,
+                woke_by,
+                ranges,
+                ..
+            } => {
                 // Everything observed so far is covered by this sync.
                 let mut observed = started;
                 let mut changes = Vec::new();
@@ -236,6 +266,13 @@ impl Feed {
                 for (at, change) in woke_by.take().into_iter().chain(pending) {
                     observed = observed.min(at);
                     changes.push(change);
+                }
+                // The first sync is a relist, so the ranges are written then.
+                if changes
+                    .iter()
+                    .any(|c| matches!(c, Change::Relisted | Change::ServiceCidrs))
+                {
+                    write_service_ranges(writer, source, ranges, &mut report);
                 }
                 if changes.contains(&Change::Relisted) {
                     for part in source.restart().chunks(RELIST_PART) {
@@ -261,6 +298,31 @@ fn write_update(writer: &mut MapWriter, update: Update) -> SyncReport {
     }
     let upserts: Vec<_> = update.upserts.iter().map(|(fe, port)| (*fe, port)).collect();
     writer.sync_frontends(&upserts, &update.removals)
+}
+
+/// Writes the source's service ranges if they differ from those last written.
+fn write_service_ranges(
+    writer: &mut MapWriter,
+    source: &KubeSource,
+    written: &mut Option<ServiceRanges>,
+    report: &mut SyncReport,
+) {
+    let (ranges, warnings) = source.service_ranges();
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
+    if written.as_ref() == Some(&ranges) {
+        return;
+    }
+    match writer.set_service_cidrs(&ranges.cidrs) {
+        Ok(()) => {
+            tracing::info!("service ranges: {ranges}");
+            report.writes += 1;
+            *written = Some(ranges);
+        }
+        // Tried again at the next ServiceCIDR change or relist.
+        Err(error) => tracing::error!("{}", Chain(&error)),
+    }
 }
 
 /// Removes the programmed frontends that the source does not hold.

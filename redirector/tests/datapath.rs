@@ -9,7 +9,8 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use common::packet::{ACK, CLIENT_MAC, ICMP, NODE_MAC, Parsed, SYN, Spec, assert_checksums};
 use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
-use redirector::model::{Desired, Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
+use redirector::model::{Desired, Endpoint, Frontend, Ipv4Cidr, Protocol, ServicePort, ServicePortName};
+use redirector_common::config::MAX_SERVICE_CIDRS;
 use redirector_common::counters;
 
 /// What the program returns for every packet it lets through: go on down the
@@ -791,4 +792,83 @@ fn new_ports_written_in_batches_fall_back_one_by_one_when_a_map_fills() {
             "service {i} sends to one of its endpoints, not {dst}"
         );
     }
+}
+
+#[test]
+fn every_service_range_up_to_the_count_drops_its_unused_addresses() {
+    let mut h = Harness::new();
+    let ranges: Vec<Ipv4Cidr> = [
+        "10.96.0.0/12",
+        "10.200.0.0/16",
+        "172.20.0.0/16",
+        "192.168.100.0/24",
+    ]
+    .iter()
+    .map(|r| r.parse().expect("test range"))
+    .collect();
+    assert_eq!(ranges.len(), MAX_SERVICE_CIDRS, "the test fills the datapath");
+    let probe = |h: &Harness, name: &'static str, to: Ipv4Addr, expect: Expect, counter: u32| {
+        check(
+            h,
+            Case {
+                name,
+                frame: Spec::tcp((CLIENT, 40100), (to, 80), SYN).build(),
+                expect,
+                counter,
+            },
+        );
+    };
+    let last = Ipv4Addr::new(192, 168, 100, 7);
+    h.writer.set_service_cidrs(&ranges).expect("four ranges");
+    probe(
+        &h,
+        "first range",
+        UNALLOCATED,
+        Expect::Dropped,
+        counters::DROP_UNALLOCATED_IP,
+    );
+    probe(
+        &h,
+        "last range",
+        last,
+        Expect::Dropped,
+        counters::DROP_UNALLOCATED_IP,
+    );
+    probe(
+        &h,
+        "outside every range",
+        OUTSIDE,
+        Expect::Untouched,
+        counters::PASS_NOT_SERVICE,
+    );
+
+    // Only the first `count` ranges count.
+    h.writer.set_service_cidrs(&ranges[..3]).expect("three ranges");
+    probe(
+        &h,
+        "a range beyond the count",
+        last,
+        Expect::Untouched,
+        counters::PASS_NOT_SERVICE,
+    );
+    h.writer.set_service_cidrs(&[]).expect("no range");
+    probe(
+        &h,
+        "no range",
+        UNALLOCATED,
+        Expect::Untouched,
+        counters::PASS_NOT_SERVICE,
+    );
+    probe(
+        &h,
+        "a service address without a range",
+        VIP_EMPTY,
+        Expect::Refused { from: VIP_EMPTY },
+        counters::REFUSED_NO_ENDPOINTS,
+    );
+    let too_many = [ranges.as_slice(), &ranges[..1]].concat();
+    assert!(
+        h.writer.set_service_cidrs(&too_many).is_err(),
+        "more ranges than the datapath holds are refused"
+    );
 }

@@ -1,8 +1,9 @@
 //! Checks the Kubernetes manifests in `deploy/`: every document parses into
 //! its k8s-openapi type with no field the API would drop, the RBAC grants
-//! exactly read access to Services and EndpointSlices, and the DaemonSet runs
-//! the agent the way the README describes (host network, not privileged, only
-//! the datapath's capabilities, bpffs from the host, kube-proxy's healthz).
+//! exactly read access to Services, EndpointSlices and ServiceCIDRs, and the
+//! DaemonSet runs the agent the way the README describes (host network, not
+//! privileged, only the datapath's capabilities, bpffs from the host,
+//! kube-proxy's healthz).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -349,7 +350,7 @@ fn every_object_is_in_the_redirector_namespace_unless_cluster_scoped() {
 }
 
 #[test]
-fn cluster_role_grants_exactly_read_access_to_services_and_endpointslices() {
+fn cluster_role_grants_exactly_read_access_to_services_endpointslices_and_servicecidrs() {
     let docs = docs();
     let (doc, role) = cluster_role(&docs);
     assert_eq!(role.metadata.name.as_deref(), Some(CLUSTER_ROLE), "{doc}: name");
@@ -363,6 +364,12 @@ fn cluster_role_grants_exactly_read_access_to_services_and_endpointslices() {
     let expected: BTreeSet<(&str, &str, BTreeSet<&str>)> = [
         ("", "services", read.into_iter().collect()),
         ("discovery.k8s.io", "endpointslices", read.into_iter().collect()),
+        // Only listed and watched (the service ranges).
+        (
+            "networking.k8s.io",
+            "servicecidrs",
+            ["list", "watch"].into_iter().collect(),
+        ),
     ]
     .into_iter()
     .collect();

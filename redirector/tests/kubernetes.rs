@@ -16,6 +16,10 @@ const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
 const SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SVC2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// Hosts (not Services) at addresses of the ranges the ServiceCIDR tests use.
+const HOST_96: Ipv4Addr = Ipv4Addr::new(10, 96, 200, 1);
+const HOST_100: Ipv4Addr = Ipv4Addr::new(10, 100, 200, 1);
+const HOST_101: Ipv4Addr = Ipv4Addr::new(10, 101, 200, 1);
 const SYNC_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A node with a client and two pods serving 8080 and 8443, and an API server
@@ -28,7 +32,15 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// With the ServiceCIDR a kube-apiserver creates from its
+    /// `--service-cluster-ip-range` (here 10.96.0.0/12).
     fn new(tag: &str) -> Self {
+        let cluster = Self::without_service_cidrs(tag);
+        cluster.api.apply(service_cidr("kubernetes", &["10.96.0.0/12"]));
+        cluster
+    }
+
+    fn without_service_cidrs(tag: &str) -> Self {
         let mut fx = Fixture::new(tag);
         let client = fx.add_host("client", CLIENT);
         for (name, addr) in [("pod-a", POD_A), ("pod-b", POD_B)] {
@@ -93,6 +105,13 @@ impl Cluster {
         });
     }
 
+    /// Adds a host (not a Service) at `addr` that answers on port 80 with
+    /// `name`.
+    fn add_host(&mut self, name: &str, addr: Ipv4Addr) {
+        let netns = self.fx.add_host(name, addr);
+        self.fx.serve(&netns, name, 80);
+    }
+
     fn refused(&self, to: SocketAddrV4) {
         eventually(&format!("{to} refused"), SYNC_TIMEOUT, || {
             match tcp_request(&self.client, to) {
@@ -101,6 +120,15 @@ impl Cluster {
             }
         });
     }
+}
+
+fn service_cidr(name: &str, cidrs: &[&str]) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": cidrs}
+    })
 }
 
 fn service(name: &str, ip: Ipv4Addr, labels: Value) -> Value {
@@ -391,5 +419,104 @@ fn a_forced_relist_removes_a_service_deleted_meanwhile() {
     assert!(
         after_relist.iter().any(|l| l.contains("10.96.0.20:80/tcp")),
         "the deleted service was removed: {after_relist:?}"
+    );
+}
+
+#[test]
+fn service_cidr_objects_give_the_ranges_and_follow_their_changes() {
+    let mut cluster = Cluster::without_service_cidrs("k8scidr");
+    for (name, addr) in [
+        ("host-96", HOST_96),
+        ("host-100", HOST_100),
+        ("host-101", HOST_101),
+    ] {
+        cluster.add_host(name, addr);
+    }
+    let svc = Ipv4Addr::new(10, 100, 0, 10);
+    cluster
+        .api
+        .apply(service_cidr("primary", &["10.100.0.0/16", "fd00:10:100::/112"]));
+    cluster.api.apply(service("web", svc, json!({})));
+    cluster
+        .api
+        .apply(both_ports(vec![endpoint(POD_A, true, true, false)]));
+    let mut agent = cluster.start_agent(&[]);
+    agent.wait_for_log("service ranges: 10.100.0.0/16 (from the ServiceCIDR objects)", 1);
+    cluster.pods_answering(http(svc), &["pod-a"]);
+    // An unallocated address of the range is dropped; one of the old
+    // default range (10.96.0.0/12) is an ordinary address now.
+    cluster.dropped(http(HOST_100));
+    cluster.pods_answering(http(HOST_96), &["host-96"]);
+    cluster.pods_answering(http(HOST_101), &["host-101"]);
+
+    // A range added at run time.
+    cluster.api.apply(service_cidr("secondary", &["10.101.0.0/16"]));
+    cluster.dropped(http(HOST_101));
+    cluster.dropped(http(HOST_100));
+    cluster.pods_answering(http(svc), &["pod-a"]);
+
+    // Both objects deleted: nothing is dropped by range any more.
+    assert!(
+        cluster.api.delete("ServiceCIDR", "", "primary").is_some(),
+        "primary deleted"
+    );
+    assert!(
+        cluster.api.delete("ServiceCIDR", "", "secondary").is_some(),
+        "secondary deleted"
+    );
+    cluster.pods_answering(http(HOST_100), &["host-100"]);
+    cluster.pods_answering(http(HOST_101), &["host-101"]);
+    cluster.pods_answering(http(svc), &["pod-a"]);
+    let log = agent.log();
+    assert!(
+        log.contains("service ranges: from the ServiceCIDR objects"),
+        "the agent says once where the ranges come from:\n{log}"
+    );
+    assert!(
+        log.contains("service ranges: none (no ServiceCIDR object holds an IPv4 range)"),
+        "the agent logs the ranges it writes:\n{log}"
+    );
+}
+
+#[test]
+fn without_the_service_cidr_kind_the_flag_gives_the_range() {
+    let mut cluster = Cluster::without_service_cidrs("k8scidrflag");
+    cluster.api.set_served("ServiceCIDR", false);
+    for (name, addr) in [("host-96", HOST_96), ("host-100", HOST_100)] {
+        cluster.add_host(name, addr);
+    }
+    let mut agent = cluster.start_agent(&["--service-cidr", "10.100.0.0/16"]);
+    agent.wait_for_log(
+        "service ranges: the API server does not serve ServiceCIDR (Kubernetes < 1.33); using \
+         --service-cidr 10.100.0.0/16",
+        1,
+    );
+    cluster.dropped(http(HOST_100));
+    cluster.pods_answering(http(HOST_96), &["host-96"]);
+}
+
+#[test]
+fn without_the_service_cidr_kind_or_the_flag_nothing_is_dropped_by_range() {
+    let mut cluster = Cluster::without_service_cidrs("k8scidrnone");
+    cluster.api.set_served("ServiceCIDR", false);
+    cluster.add_host("host-96", HOST_96);
+    cluster.api.apply(service("web", SVC, json!({})));
+    cluster
+        .api
+        .apply(both_ports(vec![endpoint(POD_A, true, true, false)]));
+    let mut agent = cluster.start_agent(&[]);
+    agent.wait_for_log("--service-cidr is not set; nothing is dropped by range", 1);
+    cluster.pods_answering(http(SVC), &["pod-a"]);
+    // In 10.96.0.0/12, which used to be the default range.
+    cluster.pods_answering(http(HOST_96), &["host-96"]);
+    assert_eq!(
+        cluster.api.list_count("ServiceCIDR"),
+        1,
+        "one LIST told the agent the kind is not served, and it did not watch"
+    );
+    assert_eq!(
+        cluster.api.watch_count("ServiceCIDR"),
+        0,
+        "no WATCH of an unserved kind"
     );
 }

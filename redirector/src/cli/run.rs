@@ -10,6 +10,7 @@ use redirector::datapath::{AttachMode, MapSizes};
 use redirector::interfaces::InterfaceGlobs;
 use redirector::model::Ipv4Cidr;
 use redirector::source::kube::Connection;
+use redirector::source::service_cidrs::DEFAULT_SERVICE_CIDR;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
@@ -19,7 +20,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_bind_address: args.metrics_bind_address.0,
         interfaces: args.interfaces,
         bpffs: args.bpffs,
-        service_cidr: args.service_cidr,
         attach_mode: args.tc_attach,
     };
     tokio::runtime::Builder::new_current_thread()
@@ -54,9 +54,12 @@ pub struct RunArgs {
     /// bpffs mount for the pinned maps; mounted if it is not one yet.
     #[arg(long, default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
-    /// Range ClusterIPs are allocated from; unused addresses in it are refused.
-    #[arg(long, default_value = "10.96.0.0/12")]
-    pub service_cidr: Ipv4Cidr,
+    /// Service range: unused addresses in it are dropped. With --manifests
+    /// (default 10.96.0.0/12) it is also where missing clusterIPs are
+    /// allocated from. On the API, the ServiceCIDR objects give the ranges;
+    /// this one is used only if the API server does not serve them (< 1.33).
+    #[arg(long)]
+    pub service_cidr: Option<Ipv4Cidr>,
     /// Service map capacity (service ports plus endpoint slots).
     #[arg(long, default_value_t = MapSizes::default().services)]
     pub max_service_entries: u32,
@@ -85,13 +88,17 @@ pub struct RunArgs {
 impl RunArgs {
     pub fn source(&self) -> Source {
         match &self.manifests {
-            Some(dir) => Source::Manifests(dir.clone()),
+            Some(dir) => Source::Manifests {
+                dir: dir.clone(),
+                service_cidr: self.service_cidr.unwrap_or(DEFAULT_SERVICE_CIDR),
+            },
             None => Source::Kubernetes {
                 connection: Connection {
                     kubeconfig: self.kubeconfig.clone(),
                     api_server: self.api_server.clone(),
                 },
                 service_proxy_name: self.service_proxy_name.clone(),
+                service_cidr: self.service_cidr,
             },
         }
     }

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{MapError, PerCpuValues};
 use redirector_common::{
-    config::{CONFIG_MAP, Config},
+    config::{CONFIG_MAP, Config, MAX_SERVICE_CIDRS, ServiceCidr},
     service::{
         BACKEND_MAP, Backend, MASTER_SLOT, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry,
         ServiceKey, ServiceMeta, ServiceStats, VIP_MAP, VipEntry,
@@ -58,6 +58,8 @@ pub enum SyncError {
     Address { addr: Ipv4Addr, source: Box<MapError> },
     #[error("writing map {CONFIG_MAP}")]
     Config { source: Box<MapError> },
+    #[error("{count} service ranges given; the datapath holds at most {MAX_SERVICE_CIDRS}")]
+    TooManyServiceCidrs { count: usize },
     #[error("reading the maps to resume from their pinned state")]
     Restore { source: Box<MapsError> },
 }
@@ -193,11 +195,29 @@ impl MapWriter {
             .collect()
     }
 
+    /// Makes `cidr` the one service range.
     pub fn set_service_cidr(&mut self, cidr: Ipv4Cidr) -> Result<(), SyncError> {
-        let config = Config {
-            service_cidr_addr: (u32::from(cidr.addr) & cidr.mask()).to_be(),
-            service_cidr_mask: cidr.mask().to_be(),
+        self.set_service_cidrs(&[cidr])
+    }
+
+    /// Replaces the service ranges (none: nothing is dropped by range). One
+    /// map write: a packet sees the old ranges or the new ones (at worst, a
+    /// mix of both while the entry is copied; never an empty range that would
+    /// match every address, see [`ServiceCidr::mask`]).
+    pub fn set_service_cidrs(&mut self, cidrs: &[Ipv4Cidr]) -> Result<(), SyncError> {
+        if cidrs.len() > MAX_SERVICE_CIDRS {
+            return Err(SyncError::TooManyServiceCidrs { count: cidrs.len() });
+        }
+        let mut config = Config {
+            service_cidr_count: cidrs.len() as u32,
+            ..Config::default()
         };
+        for (slot, cidr) in config.service_cidrs.iter_mut().zip(cidrs) {
+            *slot = ServiceCidr {
+                addr: (u32::from(cidr.addr) & cidr.mask()).to_be(),
+                mask: cidr.mask().to_be(),
+            };
+        }
         self.maps
             .config
             .set(0, config, 0)

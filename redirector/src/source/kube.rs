@@ -1,5 +1,6 @@
 //! The live source: Services and EndpointSlices watched from the Kubernetes
-//! API with kube-proxy's label selector, reflected into local caches.
+//! API with kube-proxy's label selector, and ServiceCIDRs (the service
+//! ranges), reflected into local caches.
 //!
 //! Each watcher runs `watcher(..).default_backoff().reflect(..)`: on a dropped
 //! connection or an expired resourceVersion (410) it relists, and the cache is
@@ -9,10 +10,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use kube::api::ListParams;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
@@ -20,8 +23,9 @@ use tokio::sync::mpsc;
 
 use super::compact::{CompactService, CompactSlice};
 use super::endpoints::{ClusterIp, cluster_ip, entries_with, namespace_of, slice_candidates};
+use super::service_cidrs::ServiceRanges;
 use super::{SourceObject, Update, Warning};
-use crate::model::{Frontend, NamespacedName, ServicePort};
+use crate::model::{Frontend, Ipv4Cidr, NamespacedName, ServicePort};
 
 /// Services with this label belong to another proxy unless it names us.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -116,16 +120,20 @@ pub enum Change {
     Service(NamespacedName),
     /// An EndpointSlice (by name) of a Service.
     Slice(NamespacedName, String),
+    /// A ServiceCIDR, or their cache replaced by a (re)list: the service
+    /// ranges may differ.
+    ServiceCidrs,
     /// A cache was replaced by a (re)list: everything may differ.
     Relisted,
 }
 
-/// The two caches, a channel reporting each change (with the time it was
+/// The caches, a channel reporting each change (with the time it was
 /// observed), and what each Service contributes to the model, so a change
 /// is turned into the few frontends it affects.
 pub struct KubeSource {
     services: Store<CompactService>,
     slices: Store<CompactSlice>,
+    service_cidrs: ServiceCidrCache,
     pub changes: mpsc::UnboundedReceiver<(Instant, Change)>,
     frontends_of: HashMap<NamespacedName, Vec<Frontend>>,
     owner_of: HashMap<Frontend, NamespacedName>,
@@ -136,27 +144,31 @@ pub struct KubeSource {
 }
 
 impl KubeSource {
-    /// Starts both watchers on the current tokio runtime.
-    pub fn start(client: Client, service_proxy_name: Option<&str>) -> Self {
+    /// Starts the watchers on the current tokio runtime. `service_cidr`
+    /// (`--service-cidr`) is the service range if the API server does not
+    /// serve ServiceCIDR.
+    pub fn start(client: Client, service_proxy_name: Option<&str>, service_cidr: Option<Ipv4Cidr>) -> Self {
         let selector = label_selector(service_proxy_name);
         let (tx, changes) = mpsc::unbounded_channel();
         let services = spawn_reflector::<CompactService>(
             Api::all(client.clone()),
-            &selector,
+            watcher::Config::default().labels(&selector),
             "services",
             |svc| name_of(svc).map(Change::Service),
             tx.clone(),
         );
         let slices = spawn_reflector::<CompactSlice>(
-            Api::all(client),
-            &selector,
+            Api::all(client.clone()),
+            watcher::Config::default().labels(&selector),
             "endpointslices",
             |slice| Some(Change::Slice(slice_owner(slice)?, slice.metadata.name.clone()?)),
-            tx,
+            tx.clone(),
         );
+        let service_cidrs = ServiceCidrCache::start(Api::all(client), service_cidr, tx);
         Self {
             services,
             slices,
+            service_cidrs,
             changes,
             frontends_of: HashMap::new(),
             owner_of: HashMap::new(),
@@ -164,11 +176,19 @@ impl KubeSource {
         }
     }
 
-    /// Resolves once both caches hold a complete initial list.
+    /// Resolves once every cache holds a complete initial list (and the
+    /// source of the service ranges is known).
     pub async fn wait_until_ready(&self) {
-        // The writers live as long as their tasks, which never end.
+        // The writers live as long as their tasks, which never end (the
+        // ServiceCIDR one is dropped only once its cache is ready).
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
+        let _ = self.service_cidrs.store.wait_until_ready().await;
+    }
+
+    /// The service ranges now, with what is wrong in the ServiceCIDRs.
+    pub fn service_ranges(&self) -> (ServiceRanges, Vec<Warning>) {
+        self.service_cidrs.ranges()
     }
 
     /// Starts the model over from the caches (after a relist): forgets which
@@ -209,7 +229,7 @@ impl KubeSource {
                     self.note_slice(service.clone(), &slice);
                     touched.insert(service);
                 }
-                Change::Relisted => {}
+                Change::Relisted | Change::ServiceCidrs => {}
             }
         }
         let mut update = Update::default();
@@ -319,7 +339,7 @@ fn entries(service: &CompactService, own: &[&CompactSlice]) -> Vec<(Frontend, Se
 
 fn spawn_reflector<K>(
     api: Api<K>,
-    selector: &str,
+    config: watcher::Config,
     what: &'static str,
     change_of: fn(&K) -> Option<Change>,
     changes: mpsc::UnboundedSender<(Instant, Change)>,
@@ -334,39 +354,146 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let config = watcher::Config::default().labels(selector);
     let stream = watcher(api, config).default_backoff().reflect(writer);
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        let mut failing = false;
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(event) => {
-                    if failing {
-                        tracing::info!("watching {what}: connected again");
-                        failing = false;
-                    }
-                    // A relist is only complete at InitDone; Init and InitApply
-                    // do not change what the cache shows.
-                    let change = match &event {
-                        watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => change_of(obj),
-                        watcher::Event::InitDone => Some(Change::Relisted),
-                        watcher::Event::Init | watcher::Event::InitApply(_) => None,
-                    };
-                    if let Some(change) = change {
-                        let _ = changes.send((Instant::now(), change));
-                    }
+    tokio::spawn(follow(stream, what, change_of, Change::Relisted, changes));
+    reader
+}
+
+/// Reports every change a reflector stream applies to its cache; `relisted`
+/// is what a complete (re)list changed.
+async fn follow<K>(
+    stream: impl Stream<Item = watcher::Result<watcher::Event<K>>>,
+    what: &'static str,
+    change_of: fn(&K) -> Option<Change>,
+    relisted: Change,
+    changes: mpsc::UnboundedSender<(Instant, Change)>,
+) {
+    let mut stream = std::pin::pin!(stream);
+    let mut failing = false;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => {
+                if failing {
+                    tracing::info!("watching {what}: connected again");
+                    failing = false;
                 }
-                Err(e) => {
-                    tracing::warn!(
-                        "watching {what}: {e}; retrying with backoff (the datapath keeps its state)"
-                    );
-                    failing = true;
+                // A relist is only complete at InitDone; Init and InitApply
+                // do not change what the cache shows.
+                let change = match &event {
+                    watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => change_of(obj),
+                    watcher::Event::InitDone => Some(relisted.clone()),
+                    watcher::Event::Init | watcher::Event::InitApply(_) => None,
+                };
+                if let Some(change) = change {
+                    let _ = changes.send((Instant::now(), change));
                 }
             }
+            Err(e) => {
+                tracing::warn!("watching {what}: {e}; retrying with backoff (the datapath keeps its state)");
+                failing = true;
+            }
         }
-    });
-    reader
+    }
+}
+
+/// The ServiceCIDR objects, once the API server said it serves them.
+struct ServiceCidrCache {
+    store: Store<ServiceCIDR>,
+    /// Whether the API server serves ServiceCIDR; set before `store` is
+    /// ready.
+    served: Arc<OnceLock<bool>>,
+    flag: Option<Ipv4Cidr>,
+}
+
+/// First wait between two attempts to learn whether ServiceCIDR is served;
+/// doubled up to [`PROBE_BACKOFF_MAX`].
+const PROBE_BACKOFF: Duration = Duration::from_millis(500);
+const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl ServiceCidrCache {
+    /// Asks whether the API server serves ServiceCIDR (retrying until it
+    /// answers), says once where the service ranges come from, then
+    /// watches them, or leaves the cache empty if the kind is not served.
+    fn start(
+        api: Api<ServiceCIDR>,
+        flag: Option<Ipv4Cidr>,
+        changes: mpsc::UnboundedSender<(Instant, Change)>,
+    ) -> Self {
+        let (store, mut writer) = reflector::store();
+        let served = Arc::new(OnceLock::new());
+        let decided = served.clone();
+        tokio::spawn(async move {
+            let is_served = serves_service_cidrs(&api).await;
+            match (is_served, flag) {
+                (true, Some(flag)) => tracing::info!(
+                    "service ranges: from the ServiceCIDR objects (--service-cidr {flag} is not used)"
+                ),
+                (true, None) => tracing::info!("service ranges: from the ServiceCIDR objects"),
+                (false, Some(flag)) => tracing::info!(
+                    "service ranges: the API server does not serve ServiceCIDR (Kubernetes < 1.33); \
+                     using --service-cidr {flag}"
+                ),
+                (false, None) => tracing::info!(
+                    "service ranges: the API server does not serve ServiceCIDR (Kubernetes < 1.33) and \
+                     --service-cidr is not set; nothing is dropped by range"
+                ),
+            }
+            let _ = decided.set(is_served);
+            if is_served {
+                let stream = watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .reflect(writer);
+                let change_of = |_: &ServiceCIDR| Some(Change::ServiceCidrs);
+                follow(stream, "servicecidrs", change_of, Change::ServiceCidrs, changes).await;
+            } else {
+                // Empty and complete: the agent waits for it as for the others.
+                writer.apply_watcher_event(&watcher::Event::Init);
+                writer.apply_watcher_event(&watcher::Event::InitDone);
+            }
+        });
+        Self { store, served, flag }
+    }
+
+    fn ranges(&self) -> (ServiceRanges, Vec<Warning>) {
+        if self.served.get() != Some(&true) {
+            return (ServiceRanges::from_flag(self.flag), Vec::new());
+        }
+        let objects = self.store.state();
+        let named = objects.iter().filter_map(|object| {
+            let name = object.metadata.name.as_deref()?;
+            let cidrs = object.spec.as_ref()?.cidrs.as_deref()?;
+            Some((name, cidrs))
+        });
+        ServiceRanges::from_objects(named)
+    }
+}
+
+/// Whether the API server serves ServiceCIDR: a LIST of one object's
+/// metadata. 404 means no (before Kubernetes 1.33); 403 too, with a warning
+/// (the ClusterRole predates the kind). Any other failure is retried with
+/// backoff, as the watchers retry.
+async fn serves_service_cidrs(api: &Api<ServiceCIDR>) -> bool {
+    let mut wait = PROBE_BACKOFF;
+    loop {
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => return true,
+            Err(kube::Error::Api(status)) if status.code == 404 => return false,
+            Err(kube::Error::Api(status)) if status.code == 403 => {
+                tracing::warn!(
+                    "listing servicecidrs is forbidden ({}): grant list and watch on \
+                     networking.k8s.io servicecidrs (deploy/02-clusterrole.yaml); until the agent \
+                     restarts, the service ranges are as without ServiceCIDR",
+                    status.message
+                );
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!("listing servicecidrs: {e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(PROBE_BACKOFF_MAX);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@ use std::fmt;
 use std::path::PathBuf;
 
 use super::endpoints::{SERVICE_NAME_LABEL, SLICE_CONTROLLER};
+use super::service_cidrs::LeftOut;
 use crate::model::{Frontend, Ipv4Cidr, NamespacedName};
+use redirector_common::config::MAX_SERVICE_CIDRS;
 
 /// The kinds of object a source reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,4 +132,22 @@ pub enum Warning {
     /// An EndpointSlice without the label naming its Service.
     #[error("{slice}: no {SERVICE_NAME_LABEL} label; ignored")]
     NoServiceNameLabel { slice: SourceObject },
+    /// A `spec.cidrs[index]` of a ServiceCIDR (cluster-scoped: no namespace)
+    /// that is not a CIDR.
+    #[error(
+        "ServiceCIDR {name}: spec.cidrs[{index}] {value:?} is not a CIDR; ignored (the other service \
+         ranges apply)"
+    )]
+    InvalidServiceCidr {
+        name: String,
+        index: usize,
+        value: String,
+    },
+    /// More service ranges than the datapath holds: those left out are not
+    /// checked, so traffic to their unused addresses is routed onward.
+    #[error(
+        "the datapath holds {MAX_SERVICE_CIDRS} service ranges; unused addresses of {} are not dropped",
+        left_out.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    ServiceCidrsLeftOut { left_out: Vec<LeftOut> },
 }

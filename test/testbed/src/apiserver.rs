@@ -1,12 +1,14 @@
-//! A fake Kubernetes API server for tests: core/v1 Services and
-//! discovery.k8s.io/v1 EndpointSlices over plain HTTP/1.1, speaking the real
-//! list/watch protocol closely enough for kube-rs's `watcher` (it is tested
-//! against kube-rs itself, see the tests at the bottom).
+//! A fake Kubernetes API server for tests: core/v1 Services,
+//! discovery.k8s.io/v1 EndpointSlices and networking.k8s.io/v1 ServiceCIDRs
+//! (cluster-scoped) over plain HTTP/1.1, speaking the real list/watch
+//! protocol closely enough for kube-rs's `watcher` (it is tested against
+//! kube-rs itself, see the tests at the bottom).
 //!
 //! What a client sees, as from a real kube-apiserver:
 //! - LIST `GET /api/v1/services`, `GET /api/v1/namespaces/{ns}/services` (same
-//!   for `/apis/discovery.k8s.io/v1/.../endpointslices`): a `ServiceList` /
-//!   `EndpointSliceList` with `metadata.resourceVersion`, `labelSelector`,
+//!   for `/apis/discovery.k8s.io/v1/.../endpointslices`, and
+//!   `/apis/networking.k8s.io/v1/servicecidrs` without namespaces): a
+//!   `ServiceList` / `EndpointSliceList` / `ServiceCIDRList` with `metadata.resourceVersion`, `labelSelector`,
 //!   `fieldSelector` (`metadata.name`, `metadata.namespace`), `limit` +
 //!   `continue` (pages are a consistent snapshot at the first page's
 //!   resourceVersion; an expired token is a 410), `resourceVersion` +
@@ -24,6 +26,8 @@
 //!   is what makes kube-rs relist.
 //! - GET of one object (404 Status when missing), `/version`, `/healthz`;
 //!   404 Status for any other path, 405 Status for any method but GET.
+//! - [`FakeApiServer::set_served`] makes a kind's paths answer 404, as an API
+//!   server too old for the kind does (ServiceCIDR before Kubernetes 1.33).
 //!
 //! The server runs on its own thread and tokio runtime, so synchronous tests
 //! drive it through [`FakeApiServer`]'s methods. It only ever uses the
@@ -40,6 +44,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -59,19 +64,23 @@ const MAX_BODY: u64 = 1024 * 1024;
 const CONTINUE_EXPIRED: &str = "The provided continue parameter is too old to display a consistent \
      list result. You can start a new list without the continue parameter.";
 
-/// The two resources served.
+/// The resources served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
     Service,
     EndpointSlice,
+    ServiceCidr,
 }
 
 impl Kind {
+    const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::ServiceCidr];
+
     /// Accepts the kind, the plural and kubectl's short name, any case.
     fn parse(name: &str) -> Option<Self> {
         match name.to_ascii_lowercase().as_str() {
             "service" | "services" | "svc" => Some(Self::Service),
             "endpointslice" | "endpointslices" => Some(Self::EndpointSlice),
+            "servicecidr" | "servicecidrs" => Some(Self::ServiceCidr),
             _ => None,
         }
     }
@@ -80,6 +89,7 @@ impl Kind {
         match self {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
+            Self::ServiceCidr => "ServiceCIDR",
         }
     }
 
@@ -87,6 +97,7 @@ impl Kind {
         match self {
             Self::Service => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
+            Self::ServiceCidr => "networking.k8s.io/v1",
         }
     }
 
@@ -94,6 +105,7 @@ impl Kind {
         match self {
             Self::Service => "ServiceList",
             Self::EndpointSlice => "EndpointSliceList",
+            Self::ServiceCidr => "ServiceCIDRList",
         }
     }
 
@@ -101,6 +113,7 @@ impl Kind {
         match self {
             Self::Service => "services",
             Self::EndpointSlice => "endpointslices",
+            Self::ServiceCidr => "servicecidrs",
         }
     }
 
@@ -108,19 +121,33 @@ impl Kind {
         match self {
             Self::Service => "",
             Self::EndpointSlice => "discovery.k8s.io",
+            Self::ServiceCidr => "networking.k8s.io",
         }
+    }
+
+    /// Objects of a cluster-scoped kind have no namespace (stored under "").
+    fn namespaced(self) -> bool {
+        self != Self::ServiceCidr
     }
 }
 
 /// Test helpers name kinds by string; an unknown one is a bug in the test.
 fn kind_arg(kind: &str) -> Kind {
-    Kind::parse(kind)
-        .unwrap_or_else(|| panic!("FakeApiServer: unknown kind {kind:?} (expected Service or EndpointSlice)"))
+    Kind::parse(kind).unwrap_or_else(|| {
+        panic!("FakeApiServer: unknown kind {kind:?} (expected Service, EndpointSlice or ServiceCIDR)")
+    })
 }
 
 /// (kind, namespace, name): ordered as etcd keys, so lists come out sorted by
-/// namespace then name.
+/// namespace then name. The namespace of a cluster-scoped object is "".
 type Key = (Kind, String, String);
+
+/// The key of an object named by a test helper: the namespace of a
+/// cluster-scoped kind is ignored.
+fn object_key(kind: Kind, namespace: &str, name: &str) -> Key {
+    let namespace = if kind.namespaced() { namespace } else { "" };
+    (kind, namespace.to_owned(), name.to_owned())
+}
 
 /// One committed change: the state before and after (None: absent).
 #[derive(Debug)]
@@ -152,8 +179,8 @@ pub enum ApplyError {
     #[error("the object is not a JSON object")]
     NotAnObject,
     #[error(
-        "unsupported object {api_version:?}/{kind:?}: the fake serves v1 Service and \
-         discovery.k8s.io/v1 EndpointSlice"
+        "unsupported object {api_version:?}/{kind:?}: the fake serves v1 Service, \
+         discovery.k8s.io/v1 EndpointSlice and networking.k8s.io/v1 ServiceCIDR"
     )]
     Unsupported { api_version: String, kind: String },
     #[error("{kind} without metadata.name")]
@@ -228,7 +255,7 @@ impl ApiState {
     /// Deletes an object while no server runs (as if it happened while the
     /// clients could not watch); true when it existed.
     pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) -> bool {
-        let key = (kind_arg(kind), namespace.to_owned(), name.to_owned());
+        let key = object_key(kind_arg(kind), namespace, name);
         if !self.objects.contains_key(&key) {
             return false;
         }
@@ -347,6 +374,8 @@ struct Inner {
     watches: Vec<WatchReg>,
     next_watch_id: u64,
     bookmark_interval: Duration,
+    /// Kinds whose paths answer 404, as on an API server without them.
+    unserved: HashSet<Kind>,
 }
 
 impl Inner {
@@ -405,6 +434,7 @@ impl FakeApiServer {
             watches: Vec::new(),
             next_watch_id: 0,
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+            unserved: HashSet::new(),
         }));
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let thread = std::thread::Builder::new()
@@ -436,7 +466,8 @@ impl FakeApiServer {
         format!("http://{}", self.addr)
     }
 
-    /// Creates or replaces an object, like `kubectl apply`: sets
+    /// Creates or replaces an object (a Service, an EndpointSlice, or a
+    /// cluster-scoped ServiceCIDR), like `kubectl apply`: sets
     /// resourceVersion (and on create uid and creationTimestamp), defaults a
     /// few fields as the apiserver does (Service type, sessionAffinity,
     /// port protocol and targetPort, clusterIP allocated in 10.96.0.0/16 and
@@ -485,11 +516,11 @@ impl FakeApiServer {
         Ok(applied)
     }
 
-    /// Deletes an object (kind: `Service`/`EndpointSlice`, or the plural),
-    /// emitting DELETED with its last state under a new resourceVersion.
+    /// Deletes an object (kind: `Service`/`EndpointSlice`/`ServiceCIDR`, or
+    /// the plural; the namespace of a ServiceCIDR is ignored), emitting DELETED with its last state under a new resourceVersion.
     /// Returns that object, or None if there was none.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let key = (kind_arg(kind), namespace.to_owned(), name.to_owned());
+        let key = object_key(kind_arg(kind), namespace, name);
         let mut inner = lock(&self.shared);
         if !inner.api.objects.contains_key(&key) {
             return None;
@@ -503,7 +534,7 @@ impl FakeApiServer {
 
     /// The stored object, as a GET returns it.
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let key = (kind_arg(kind), namespace.to_owned(), name.to_owned());
+        let key = object_key(kind_arg(kind), namespace, name);
         lock(&self.shared).api.objects.get(&key).cloned()
     }
 
@@ -541,6 +572,20 @@ impl FakeApiServer {
     /// Open watches pick it up after their current period.
     pub fn set_bookmark_interval(&self, interval: Duration) {
         lock(&self.shared).bookmark_interval = interval;
+    }
+
+    /// Whether `kind`'s paths are served (the default). Not served, every
+    /// request on them (LIST, WATCH, GET) answers 404 NotFound, as from an
+    /// API server that predates the kind; the objects stay stored. Open
+    /// watches of the kind go on.
+    pub fn set_served(&self, kind: &str, served: bool) {
+        let kind = kind_arg(kind);
+        let unserved = &mut lock(&self.shared).unserved;
+        if served {
+            unserved.remove(&kind);
+        } else {
+            unserved.insert(kind);
+        }
     }
 
     /// Every request so far (kept across restarts), as `METHOD TARGET`, e.g.
@@ -629,13 +674,20 @@ fn apply_object(inner: &mut Inner, mut object: Value) -> Result<Value, ApplyErro
         .filter(|name| !name.is_empty())
         .ok_or(ApplyError::MissingName { kind: kind.kind() })?
         .to_owned();
-    let namespace = meta
-        .get("namespace")
-        .and_then(Value::as_str)
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or("default")
-        .to_owned();
-    meta.insert("namespace".into(), namespace.clone().into());
+    let namespace = if kind.namespaced() {
+        let namespace = meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or("default")
+            .to_owned();
+        meta.insert("namespace".into(), namespace.clone().into());
+        namespace
+    } else {
+        // As the apiserver does for a cluster-scoped kind.
+        meta.remove("namespace");
+        String::new()
+    };
     meta.remove("resourceVersion");
     let key = (kind, namespace.clone(), name.clone());
     let existing = inner.api.objects.get(&key).cloned();
@@ -655,6 +707,7 @@ fn apply_object(inner: &mut Inner, mut object: Value) -> Result<Value, ApplyErro
     match kind {
         Kind::Service => default_service(&mut object, existing.as_ref(), &inner.api),
         Kind::EndpointSlice => default_endpoint_slice(&mut object),
+        Kind::ServiceCidr => {}
     }
     if let Some(old) = &existing {
         let mut unversioned = old.clone();
@@ -670,6 +723,7 @@ fn apply_object(inner: &mut Inner, mut object: Value) -> Result<Value, ApplyErro
     let typed = match kind {
         Kind::Service => serde_json::from_value::<Service>(object.clone()).map(drop),
         Kind::EndpointSlice => serde_json::from_value::<EndpointSlice>(object.clone()).map(drop),
+        Kind::ServiceCidr => serde_json::from_value::<ServiceCIDR>(object.clone()).map(drop),
     };
     typed.map_err(|source| ApplyError::Invalid {
         kind: kind.kind(),
@@ -687,7 +741,7 @@ fn object_kind(object: &mut Value) -> Result<Kind, ApplyError> {
     let map = object.as_object_mut().ok_or(ApplyError::NotAnObject)?;
     let kind_name = map.get("kind").and_then(Value::as_str).unwrap_or("").to_owned();
     let api_version = map.get("apiVersion").and_then(Value::as_str).map(str::to_owned);
-    let kind = [Kind::Service, Kind::EndpointSlice]
+    let kind = Kind::ALL
         .into_iter()
         .find(|k| k.kind() == kind_name && api_version.as_deref().is_none_or(|v| v == k.api_version()))
         .ok_or_else(|| ApplyError::Unsupported {
@@ -1153,13 +1207,17 @@ fn route(path: &str) -> Route {
         ["healthz" | "readyz" | "livez"] => return Route::Health,
         ["api", "v1", rest @ ..] => (Kind::Service, rest),
         ["apis", "discovery.k8s.io", "v1", rest @ ..] => (Kind::EndpointSlice, rest),
+        ["apis", "networking.k8s.io", "v1", rest @ ..] => (Kind::ServiceCidr, rest),
         _ => return Route::NotFound,
     };
     let plural = kind.plural();
     let (namespace, name) = match rest {
         [p] if *p == plural => (None, None),
-        ["namespaces", ns, p] if *p == plural => (Some(ns.to_string()), None),
-        ["namespaces", ns, p, name] if *p == plural => (Some(ns.to_string()), Some(name.to_string())),
+        [p, name] if *p == plural && !kind.namespaced() => (None, Some(name.to_string())),
+        ["namespaces", ns, p] if *p == plural && kind.namespaced() => (Some(ns.to_string()), None),
+        ["namespaces", ns, p, name] if *p == plural && kind.namespaced() => {
+            (Some(ns.to_string()), Some(name.to_string()))
+        }
         _ => return Route::NotFound,
     };
     Route::Resource(Scope {
@@ -1825,6 +1883,10 @@ async fn handle(
         verb,
     });
     let keep_alive = request.keep_alive;
+    let route = match route {
+        Route::Resource(scope) if lock(shared).unserved.contains(&scope.kind) => Route::NotFound,
+        route => route,
+    };
     if !is_get {
         // A response to HEAD has no body: close rather than confuse.
         let keep_alive = keep_alive && request.method != "HEAD";
@@ -2547,6 +2609,88 @@ mod tests {
             2,
             "the compacted RV forced a relist"
         );
+    }
+
+    #[tokio::test]
+    async fn service_cidrs_are_cluster_scoped_and_can_be_unserved() {
+        let server = start_local();
+        let cidr = |name: &str, range: &str| {
+            json!({
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "ServiceCIDR",
+                // A namespace is dropped, as for any cluster-scoped kind.
+                "metadata": { "name": name, "namespace": "ignored" },
+                "spec": { "cidrs": [range] },
+            })
+        };
+        let stored = server.apply(cidr("kubernetes", "10.96.0.0/12"));
+        assert!(
+            stored.pointer("/metadata/namespace").is_none(),
+            "no namespace stored: {stored}"
+        );
+        let api: Api<ServiceCIDR> = Api::all(client(&server));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watched = api.clone();
+        tokio::spawn(async move {
+            let mut stream = Box::pin(watcher(watched, watcher::Config::default()).default_backoff());
+            while let Some(item) = stream.next().await {
+                let item = item.map(|event| match event {
+                    watcher::Event::Apply(o) => format!("Apply({})", o.name_any()),
+                    watcher::Event::Delete(o) => format!("Delete({})", o.name_any()),
+                    watcher::Event::InitApply(o) => format!("InitApply({})", o.name_any()),
+                    watcher::Event::Init => "Init".to_owned(),
+                    watcher::Event::InitDone => "InitDone".to_owned(),
+                });
+                if tx.send(item.map_err(|e| e.to_string())).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut next = async || {
+            timeout(STEP, rx.recv())
+                .await
+                .expect("no watcher event in time")
+                .expect("the watcher task ended")
+                .expect("a watcher event, not an error")
+        };
+        for want in ["Init", "InitApply(kubernetes)", "InitDone"] {
+            assert_eq!(next().await, want, "the initial list");
+        }
+        server.apply(cidr("extra", "10.100.0.0/16"));
+        assert_eq!(next().await, "Apply(extra)", "an added ServiceCIDR");
+        assert!(
+            server.delete("ServiceCIDR", "", "extra").is_some(),
+            "deleted by name alone"
+        );
+        assert_eq!(next().await, "Delete(extra)", "a deleted ServiceCIDR");
+        let one = api.get("kubernetes").await.expect("GET of a ServiceCIDR");
+        assert_eq!(
+            one.spec.and_then(|s| s.cidrs),
+            Some(vec!["10.96.0.0/12".to_owned()]),
+            "the stored spec"
+        );
+        let response = raw_exchange(
+            server.addr(),
+            "GET /apis/networking.k8s.io/v1/namespaces/default/servicecidrs HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            response.starts_with("HTTP/1.1 404"),
+            "no namespaced path for a cluster-scoped kind: {response}"
+        );
+
+        server.set_served("ServiceCIDR", false);
+        match api.list(&ListParams::default()).await {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 404, "unserved kind: {status:?}"),
+            other => panic!("LIST of an unserved kind must be 404, got {other:?}"),
+        }
+        match api.get("kubernetes").await {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 404, "unserved kind: {status:?}"),
+            other => panic!("GET of an unserved kind must be 404, got {other:?}"),
+        }
+        server.set_served("ServiceCIDR", true);
+        let list = api.list(&ListParams::default()).await.expect("served again");
+        assert_eq!(list.items.len(), 1, "the objects were kept while unserved");
     }
 
     #[tokio::test]

@@ -281,7 +281,7 @@ impl Agent {
             .args(["netns", "exec", node])
             .arg(binary)
             .arg("run")
-            .args(["--interfaces", NODE_IFACE_GLOB, "--service-cidr", "10.96.0.0/12"])
+            .args(["--interfaces", NODE_IFACE_GLOB])
             .arg("--bpffs")
             .arg(bpffs)
             .args(extra)

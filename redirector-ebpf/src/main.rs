@@ -33,16 +33,16 @@ mod packet;
 mod refuse;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_get_prandom_u32,
+    bindings::{BPF_ANY, BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use redirector_common::{
     config::Config,
-    conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey},
+    conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey, REFRESH_NS, seen, tcp_flags},
     counters,
     service::{Backend, MASTER_SLOT, ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VipEntry},
 };
@@ -56,13 +56,14 @@ static SVC_V2: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(65536, 0);
 static BACKEND_V1: HashMap<u32, Backend> = HashMap::pinned(65536, 0);
 #[map]
 static VIP_V1: HashMap<u32, VipEntry> = HashMap::pinned(16384, 0);
-/// Per-CPU LRU lists: inserting a flow takes no global lock (as Cilium's CT).
+/// A plain hash, preallocated: a full table refuses new flows and never
+/// evicts a live one; the agent's sweeper removes flows that ended.
 #[map]
-static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(262144, BPF_F_NO_COMMON_LRU);
+static CT_V2: HashMap<CtKey, CtEntry> = HashMap::pinned(262144, 0);
 #[map]
 static CONFIG_V2: Array<Config> = Array::pinned(1, 0);
 #[map]
-static COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+static COUNTERS_V3: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 #[map]
 static SVCSTATS_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(65536, 0);
 /// Written and read by user space only; allocated per entry, not up front.
@@ -182,19 +183,81 @@ fn try_translate_reply(ctx: &TcContext, link: Link) -> Result<Verdict, Verdict> 
     if pkt.is_fragment || pkt.l4_truncated {
         return Ok(Verdict::pass(counters::PASS_UNPARSABLE));
     }
-    // SAFETY: the entry is copied out at once.
-    if let Some(entry) = unsafe { CT_V1.get(pkt.tuple()) }.copied()
-        && entry.kind == CT_REPLY
+    let tuple = pkt.tuple();
+    if let Some(entry) = CT_V2.get_ptr_mut(tuple)
+        // SAFETY: the entry is copied out at once.
+        && let entry_now = unsafe { *entry }
+        && entry_now.kind == CT_REPLY
     {
-        packet::rewrite_source(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
-        return Ok(Verdict::pass(counters::REPLY_TRANSLATED));
+        return translate_reply(ctx, &pkt, &tuple, entry, &entry_now, Mode::Live);
     }
     Ok(Verdict::pass(counters::PASS_TO_POD))
 }
 
+/// A packet matching a reply entry: its source becomes the service again,
+/// unless it opens another connection than the entry's (a SYN-ACK after the
+/// entry's flow closed: a direct connection from the same client port), in
+/// which case the stale entry goes and the packet passes as it is.
+#[inline(always)]
+fn translate_reply(
+    ctx: &TcContext,
+    pkt: &Packet,
+    tuple: &CtKey,
+    entry: *mut CtEntry,
+    entry_now: &CtEntry,
+    mode: Mode,
+) -> Result<Verdict, Verdict> {
+    let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
+    if pkt.proto == redirector_common::proto::TCP
+        && pkt.tcp_flags & syn_ack == syn_ack
+        && entry_now.is_closed()
+    {
+        if mode == Mode::Live {
+            let _ = CT_V2.remove(tuple);
+        }
+        return Ok(Verdict::pass(counters::PASS_STALE_REPLY));
+    }
+    if mode == Mode::Live {
+        note_packet(entry, entry_now, tuple, pkt);
+    }
+    packet::rewrite_source(ctx, pkt, entry_now.nat_addr, entry_now.nat_port)?;
+    Ok(Verdict::pass(counters::REPLY_TRANSLATED))
+}
+
+/// Records a packet of an entry's direction: its flags, and when it was seen
+/// (written at most once per [`REFRESH_NS`] unless the flags change, so busy
+/// flows do not write on every packet). A FIN or RST is also told to the
+/// other direction's entry, which needs it to know its flow closed.
+#[inline(always)]
+fn note_packet(entry: *mut CtEntry, entry_now: &CtEntry, tuple: &CtKey, pkt: &Packet) {
+    let now = now_ns();
+    let seen_now = entry_now.seen_after(pkt.proto, pkt.tcp_flags);
+    if seen_now != entry_now.seen || now.saturating_sub(entry_now.last_seen_ns) >= REFRESH_NS {
+        // SAFETY: a pointer into the map's value; a racing writer on another
+        // CPU can only lose a flag or a timestamp, never corrupt the entry.
+        unsafe {
+            (*entry).seen = seen_now;
+            (*entry).last_seen_ns = now;
+        }
+    }
+    let closing = seen_now & !entry_now.seen & seen::CLOSING;
+    if closing != 0
+        && let Some(partner) = CT_V2.get_ptr_mut(tuple.partner(entry_now))
+    {
+        // SAFETY: as above.
+        unsafe { (*partner).seen |= seen::as_peer(closing) };
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a BPF helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
 #[inline(always)]
 fn count(verdict: Verdict) {
-    if let Some(count) = COUNTERS_V2.get_ptr_mut(verdict.counter) {
+    if let Some(count) = COUNTERS_V3.get_ptr_mut(verdict.counter) {
         // SAFETY: a per-CPU slot: no other writer while the program runs.
         unsafe { *count += 1 };
     }
@@ -220,21 +283,34 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     }
 
     let tuple = pkt.tuple();
-    // SAFETY: the entry is copied out at once.
-    if let Some(entry) = unsafe { CT_V1.get(tuple) }.copied() {
-        if entry.kind == CT_REPLY {
-            packet::rewrite_source(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
-            return Ok(Verdict::pass(counters::REPLY_TRANSLATED));
+    // The flow an opening packet replaces: its reply entry goes with it.
+    let mut replaces = None;
+    if let Some(entry) = CT_V2.get_ptr_mut(tuple) {
+        // SAFETY: the entry is copied out at once.
+        let entry_now = unsafe { *entry };
+        if entry_now.kind == CT_REPLY {
+            return translate_reply(ctx, &pkt, &tuple, entry, &entry_now, mode);
         }
-        if entry.kind == CT_FORWARD && !(pkt.opens_connection() && backend_gone(entry.backend_id)) {
+        // A new connection on the tuple of a flow that closed, or whose
+        // backend left, is a new flow.
+        let reopens = pkt.opens_connection()
+            && (backend_gone(entry_now.backend_id)
+                || (pkt.proto == redirector_common::proto::TCP && entry_now.is_closed()));
+        if entry_now.kind == CT_FORWARD && !reopens {
             *choice = Choice {
-                backend_id: entry.backend_id,
+                backend_id: entry_now.backend_id,
                 slot: 0,
-                svc_id: entry.svc_id,
+                svc_id: entry_now.svc_id,
             };
-            count_forward(ctx, mode, entry.svc_id, false);
-            packet::rewrite_destination(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
+            if mode == Mode::Live {
+                note_packet(entry, &entry_now, &tuple, &pkt);
+            }
+            count_forward(ctx, mode, entry_now.svc_id, false);
+            packet::rewrite_destination(ctx, &pkt, entry_now.nat_addr, entry_now.nat_port)?;
             return Ok(Verdict::pass(counters::FORWARD_ESTABLISHED));
+        }
+        if entry_now.kind == CT_FORWARD {
+            replaces = Some(tuple.partner(&entry_now));
         }
     }
 
@@ -265,7 +341,7 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     let chosen = slot_entry(&pkt, slot)?;
     choice.backend_id = chosen.backend_id;
     if mode == Mode::Live {
-        remember_flow(&pkt, &tuple, &chosen, master.svc_id)?;
+        remember_flow(&pkt, &tuple, &chosen, master.svc_id, replaces)?;
     }
     count_forward(ctx, mode, master.svc_id, true);
     packet::rewrite_destination(ctx, &pkt, chosen.backend_addr, chosen.backend_port)?;
@@ -311,10 +387,21 @@ fn slot_entry(pkt: &Packet, slot: u16) -> Result<ServiceEntry, Verdict> {
     Ok(entry)
 }
 
-/// Records both directions; the reply entry first so a forwarded packet always
-/// has its way back.
+/// Records both directions; the reply entry first so a forward packet always
+/// has its way back. Neither overwrites a live flow: a reply entry is only
+/// taken over from a flow that closed or no longer points at it, and a
+/// forward entry only from the flow this one `replaces` (an opening packet
+/// on its tuple after it closed); anything else is a clash and the packet is
+/// dropped, as nf_conntrack drops a flow whose reply tuple is taken.
 #[inline(always)]
-fn remember_flow(pkt: &Packet, tuple: &CtKey, slot: &ServiceEntry, svc_id: u32) -> Result<(), Verdict> {
+fn remember_flow(
+    pkt: &Packet,
+    tuple: &CtKey,
+    slot: &ServiceEntry,
+    svc_id: u32,
+    replaces: Option<CtKey>,
+) -> Result<(), Verdict> {
+    let now = now_ns();
     let reply_key = CtKey {
         saddr: slot.backend_addr,
         daddr: pkt.saddr,
@@ -327,19 +414,65 @@ fn remember_flow(pkt: &Packet, tuple: &CtKey, slot: &ServiceEntry, svc_id: u32) 
         nat_addr: pkt.daddr,
         nat_port: pkt.dport,
         kind: CT_REPLY,
-        _pad: 0,
+        seen: 0,
         backend_id: slot.backend_id,
         svc_id,
+        created_ns: now,
+        last_seen_ns: now,
     };
+    let blank = CtEntry { seen: 0, ..reply };
     let forward = CtEntry {
         nat_addr: slot.backend_addr,
         nat_port: slot.backend_port,
         kind: CT_FORWARD,
+        seen: blank.seen_after(pkt.proto, pkt.tcp_flags),
         ..reply
     };
     let full = Verdict::drop(counters::DROP_CT_FULL);
-    CT_V1.insert(reply_key, reply, 0).map_err(|_| full)?;
-    CT_V1.insert(tuple, forward, 0).map_err(|_| full)
+    let clash = Verdict::drop(counters::DROP_CT_CLASH);
+    if CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)).is_err() {
+        // SAFETY: the entry is copied out at once.
+        let Some(existing) = (unsafe { CT_V2.get(reply_key) }).copied() else {
+            return Err(full);
+        };
+        if !reply_entry_is_free(&reply_key, &existing, replaces) {
+            return Err(clash);
+        }
+        CT_V2
+            .insert(reply_key, reply, u64::from(BPF_EXIST))
+            .map_err(|_| clash)?;
+    }
+    let how = if replaces.is_some() { BPF_ANY } else { BPF_NOEXIST };
+    if CT_V2.insert(tuple, forward, u64::from(how)).is_err() {
+        let _ = CT_V2.remove(reply_key);
+        return Err(full);
+    }
+    if let Some(old_reply) = replaces
+        && old_reply != reply_key
+    {
+        let _ = CT_V2.remove(old_reply);
+    }
+    Ok(())
+}
+
+/// Whether a new flow may take over an existing reply entry: its flow closed,
+/// it is the reply entry of the flow being replaced, or no forward entry
+/// points at it any more.
+#[inline(always)]
+fn reply_entry_is_free(key: &CtKey, existing: &CtEntry, replaces: Option<CtKey>) -> bool {
+    if existing.kind != CT_REPLY {
+        return false;
+    }
+    if existing.is_closed() || replaces == Some(*key) {
+        return true;
+    }
+    // SAFETY: the entry is copied out at once.
+    match unsafe { CT_V2.get(key.partner(existing)) }.copied() {
+        Some(forward) => {
+            forward.kind != CT_FORWARD || forward.nat_addr != key.saddr || forward.nat_port != key.sport
+        }
+        None => true,
+    }
 }
 
 #[inline(always)]

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::conntrack;
+use crate::datapath::maps::ConntrackTable;
 use crate::datapath::writer::{MapWriter, SyncReport};
 use crate::datapath::{self, Datapath, MapSizes, Maps};
 use crate::error::Chain;
@@ -47,6 +49,8 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     pub map_sizes: MapSizes,
     pub attach_mode: datapath::AttachMode,
+    pub conntrack_timeouts: conntrack::Timeouts,
+    pub conntrack_sweep_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +123,19 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             .map_err(listen_err(addr, "/metrics"))?;
     }
 
+    match datapath::maps::conntrack_from_pins(&datapath::maps_pin_dir(&config.bpffs)) {
+        Ok(table) => {
+            tokio::spawn(sweep_forever(
+                table,
+                config.conntrack_timeouts,
+                config.conntrack_sweep_interval,
+                config.map_sizes.flows as usize,
+                metrics.clone(),
+            ));
+        }
+        Err(e) => tracing::error!("ended flows will not be removed: {}", Chain(&e)),
+    }
+
     let mut links = interfaces::watch().await?;
     let signal_err = |signal| move |source| AgentError::Signal { signal, source };
     let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err("SIGTERM"))?;
@@ -139,6 +156,53 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         config.bpffs.display()
     );
     Ok(())
+}
+
+/// Removes ended flows from the connection table every `interval`, off the
+/// async thread (a sweep of a full table reads every entry).
+async fn sweep_forever(
+    mut table: ConntrackTable,
+    timeouts: conntrack::Timeouts,
+    interval: Duration,
+    capacity: usize,
+    metrics: Metrics,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let swept = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = conntrack::sweep(&mut table, &timeouts, capacity);
+            (table, started.elapsed(), result)
+        })
+        .await;
+        let (took, result);
+        (table, took, result) = match swept {
+            Ok(swept) => swept,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        match result {
+            Ok(report) => {
+                if report.expired + report.early_dropped > 0 {
+                    tracing::debug!(
+                        "connection table: {} entries, {} flows expired, {} unanswered dropped for room, in {took:?}",
+                        report.entries,
+                        report.expired,
+                        report.early_dropped
+                    );
+                }
+                if report.early_dropped > 0 {
+                    tracing::warn!(
+                        "the connection table is nearly full: {} unanswered flows removed to make room",
+                        report.early_dropped
+                    );
+                }
+                metrics.record_sweep(took, &report);
+            }
+            Err(e) => tracing::error!("{}", Chain(&e)),
+        }
+    }
 }
 
 /// The source being followed, and what it needs to tell a change.

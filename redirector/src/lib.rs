@@ -5,6 +5,7 @@
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
 
 pub mod agent;
+pub mod conntrack;
 pub mod datapath;
 pub mod error;
 pub mod interfaces;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
-use common::packet::{ACK, CLIENT_MAC, ICMP, NODE_MAC, Parsed, SYN, Spec, assert_checksums};
+use common::packet::{ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, Parsed, RST, SYN, Spec, assert_checksums};
 use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
 use redirector::model::{Desired, Endpoint, Frontend, Ipv4Cidr, Protocol, ServicePort, ServicePortName};
 use redirector_common::config::MAX_SERVICE_CIDRS;
@@ -23,6 +23,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+/// Another service whose only endpoint is `POD:8080`, as `VIP:80`'s.
+const VIP_SHARED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 
@@ -59,6 +61,7 @@ impl Harness {
         desired.insert(fe(VIP, 80, Protocol::Tcp), port("web", &[(POD, 8080)]));
         desired.insert(fe(VIP, 53, Protocol::Udp), port("dns", &[(POD, 5353)]));
         desired.insert(fe(VIP_EMPTY, 80, Protocol::Tcp), port("empty", &[]));
+        desired.insert(fe(VIP_SHARED, 80, Protocol::Tcp), port("shared", &[(POD, 8080)]));
         let report = writer.sync(&desired);
         assert!(
             report.errors.is_empty(),
@@ -871,4 +874,172 @@ fn every_service_range_up_to_the_count_drops_its_unused_addresses() {
         h.writer.set_service_cidrs(&too_many).is_err(),
         "more ranges than the datapath holds are refused"
     );
+}
+
+/// A TCP handshake from `client` through `vip`:80 to `POD:8080`, checked.
+fn handshake(h: &Harness, client: (Ipv4Addr, u16), vip: Ipv4Addr, what: &str) {
+    let pod = (POD, 8080);
+    for case in [
+        Case {
+            name: "handshake: SYN",
+            frame: Spec::tcp(client, (vip, 80), SYN).build(),
+            expect: Expect::Translated {
+                src: client,
+                dst: pod,
+            },
+            counter: counters::FORWARD_NEW_FLOW,
+        },
+        Case {
+            name: "handshake: SYN-ACK",
+            frame: Spec::tcp(pod, client, SYN | ACK).build(),
+            expect: Expect::Translated {
+                src: (vip, 80),
+                dst: client,
+            },
+            counter: counters::REPLY_TRANSLATED,
+        },
+        Case {
+            name: "handshake: ACK",
+            frame: Spec::tcp(client, (vip, 80), ACK).build(),
+            expect: Expect::Translated {
+                src: client,
+                dst: pod,
+            },
+            counter: counters::FORWARD_ESTABLISHED,
+        },
+    ] {
+        check(
+            h,
+            Case {
+                name: Box::leak(format!("{what}: {}", case.name).into_boxed_str()),
+                ..case
+            },
+        );
+    }
+}
+
+/// Both sides send FIN: the flow is over (TIME_WAIT for nf_conntrack).
+fn close_with_fins(h: &Harness, client: (Ipv4Addr, u16), vip: Ipv4Addr) {
+    check(
+        h,
+        Case {
+            name: "the client's FIN",
+            frame: Spec::tcp(client, (vip, 80), FIN | ACK).build(),
+            expect: Expect::Translated {
+                src: client,
+                dst: (POD, 8080),
+            },
+            counter: counters::FORWARD_ESTABLISHED,
+        },
+    );
+    check(
+        h,
+        Case {
+            name: "the endpoint's FIN",
+            frame: Spec::tcp((POD, 8080), client, FIN | ACK).build(),
+            expect: Expect::Translated {
+                src: (vip, 80),
+                dst: client,
+            },
+            counter: counters::REPLY_TRANSLATED,
+        },
+    );
+}
+
+/// A new flow never takes over a live flow's entries: a SYN to another
+/// service whose endpoint is the same pod, from a client port whose flow is
+/// open, would need the same reply entry. It is dropped (nf_conntrack drops
+/// a flow whose reply tuple is taken), and the open flow is untouched.
+#[test]
+fn a_new_flow_never_overwrites_a_live_one() {
+    let h = Harness::new();
+    let client = (CLIENT, 43000);
+    handshake(&h, client, VIP, "the open flow");
+    check(
+        &h,
+        Case {
+            name: "a SYN that would take the open flow's reply entry is dropped",
+            frame: Spec::tcp(client, (VIP_SHARED, 80), SYN).build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_CT_CLASH,
+        },
+    );
+    check(
+        &h,
+        Case {
+            name: "the open flow's replies still come from its own service",
+            frame: Spec::tcp((POD, 8080), client, ACK).build(),
+            expect: Expect::Translated {
+                src: (VIP, 80),
+                dst: client,
+            },
+            counter: counters::REPLY_TRANSLATED,
+        },
+    );
+}
+
+/// Once a flow closed, its entries give way: two services sharing a pod,
+/// used in turn from one client port, each answer from their own address,
+/// and so does the first again.
+#[test]
+fn a_closed_flow_gives_way_to_the_next_on_its_tuple() {
+    let h = Harness::new();
+    let client = (CLIENT, 43100);
+    handshake(&h, client, VIP, "first service");
+    close_with_fins(&h, client, VIP);
+    handshake(&h, client, VIP_SHARED, "second service, same client port");
+    close_with_fins(&h, client, VIP_SHARED);
+    handshake(&h, client, VIP, "first service again");
+    let entries = h.writer.maps().conntrack.iter().filter_map(Result::ok).count();
+    assert_eq!(
+        entries, 3,
+        "each service's forward entry and one reply entry (both flows' replies have the same tuple; \
+         the latest flow holds it): nothing else is left behind"
+    );
+}
+
+/// A direct connection to the pod from a client port that just carried a
+/// service flow to it: the pod's SYN-ACK matches the old flow's reply entry,
+/// which is stale once that flow closed; it must not be made to look like
+/// the service's.
+#[test]
+fn a_direct_connection_after_a_service_flow_is_left_alone() {
+    let h = Harness::new();
+    let client = (CLIENT, 43200);
+    handshake(&h, client, VIP, "the service flow");
+    check(
+        &h,
+        Case {
+            name: "the client resets the service flow",
+            frame: Spec::tcp(client, (VIP, 80), RST).build(),
+            expect: Expect::Translated {
+                src: client,
+                dst: (POD, 8080),
+            },
+            counter: counters::FORWARD_ESTABLISHED,
+        },
+    );
+    let cases = [
+        Case {
+            name: "a direct SYN to the pod is not service traffic",
+            frame: Spec::tcp(client, (POD, 8080), SYN).build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_NOT_SERVICE,
+        },
+        Case {
+            name: "the pod's SYN-ACK is not translated, and the stale entry goes",
+            frame: Spec::tcp((POD, 8080), client, SYN | ACK).build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_STALE_REPLY,
+        },
+        Case {
+            name: "the pod's next segments pass as they are",
+            frame: Spec::tcp((POD, 8080), client, ACK).build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_NOT_SERVICE,
+        },
+    ];
+    for case in cases {
+        check(&h, case);
+    }
 }

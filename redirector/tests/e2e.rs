@@ -592,7 +592,7 @@ LEGACY_BACKEND_PORT_80_TCP_ADDR=10.109.116.176
     let ct_entries = |fx: &Fixture| {
         let (_, metrics) =
             http_get(&fx.node, "127.0.0.1:10249".parse().unwrap(), "/metrics").expect("metrics");
-        metric(&metrics, "redirector_map_entries{map=\"CT_V1\"}")
+        metric(&metrics, "redirector_map_entries{map=\"CT_V2\"}")
     };
     let ct_before = ct_entries(&fx);
     let explained = cli(

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use redirector::agent::{self, AgentConfig, Source};
+use redirector::conntrack::Timeouts;
 use redirector::datapath::{AttachMode, MapSizes};
 use redirector::interfaces::InterfaceGlobs;
 use redirector::model::Ipv4Cidr;
@@ -16,11 +17,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         map_sizes: args.map_sizes(),
         source: args.source(),
+        conntrack_timeouts: args.conntrack_timeouts(),
         healthz_bind_address: args.healthz_bind_address.0,
         metrics_bind_address: args.metrics_bind_address.0,
         interfaces: args.interfaces,
         bpffs: args.bpffs,
         attach_mode: args.tc_attach,
+        conntrack_sweep_interval: args.conntrack_sweep_interval.0,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -80,9 +83,35 @@ pub struct RunArgs {
     /// Either way they stay attached when the agent exits.
     #[arg(long, default_value = "auto")]
     pub tc_attach: AttachMode,
-    /// Connection table capacity (two entries per flow; oldest evicted).
+    /// Connection table capacity (two entries per flow). A full table
+    /// refuses new flows; it never evicts an open one.
     #[arg(long, default_value_t = MapSizes::default().flows)]
     pub max_flow_entries: u32,
+    /// Idle time after which an established TCP flow ends (kube-proxy's flag).
+    #[arg(long, default_value = "24h")]
+    pub conntrack_tcp_timeout_established: GoDuration,
+    /// Idle time after which a TCP flow one side closed ends (kube-proxy's flag).
+    #[arg(long, default_value = "1h")]
+    pub conntrack_tcp_timeout_close_wait: GoDuration,
+    /// Idle time after which a TCP flow without a complete handshake ends
+    /// (the kernel's default).
+    #[arg(long, default_value = "2m")]
+    pub conntrack_tcp_timeout_syn_sent: GoDuration,
+    /// Idle time after which a TCP flow both sides closed ends (the kernel's default).
+    #[arg(long, default_value = "2m")]
+    pub conntrack_tcp_timeout_time_wait: GoDuration,
+    /// Idle time after which a reset TCP flow ends (the kernel's default).
+    #[arg(long, default_value = "10s")]
+    pub conntrack_tcp_timeout_close: GoDuration,
+    /// Idle time after which a UDP flow ends (kube-proxy's flag; the kernel's default).
+    #[arg(long, default_value = "30s")]
+    pub conntrack_udp_timeout: GoDuration,
+    /// The same for a UDP flow answered and still going after 2 s (kube-proxy's flag).
+    #[arg(long, default_value = "2m")]
+    pub conntrack_udp_timeout_stream: GoDuration,
+    /// How often ended flows are removed from the connection table.
+    #[arg(long, default_value = "10s")]
+    pub conntrack_sweep_interval: GoDuration,
 }
 
 impl RunArgs {
@@ -103,6 +132,18 @@ impl RunArgs {
         }
     }
 
+    pub fn conntrack_timeouts(&self) -> Timeouts {
+        Timeouts {
+            tcp_syn_sent: self.conntrack_tcp_timeout_syn_sent.0,
+            tcp_established: self.conntrack_tcp_timeout_established.0,
+            tcp_close_wait: self.conntrack_tcp_timeout_close_wait.0,
+            tcp_time_wait: self.conntrack_tcp_timeout_time_wait.0,
+            tcp_close: self.conntrack_tcp_timeout_close.0,
+            udp: self.conntrack_udp_timeout.0,
+            udp_stream: self.conntrack_udp_timeout_stream.0,
+        }
+    }
+
     pub fn map_sizes(&self) -> MapSizes {
         MapSizes {
             services: self.max_service_entries,
@@ -111,6 +152,23 @@ impl RunArgs {
             service_ports: self.max_service_ports,
             ..MapSizes::default()
         }
+    }
+}
+
+/// A duration as kube-proxy's flags write it (`24h0m0s`, `1h`, `90s`, `250ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GoDuration(pub std::time::Duration);
+
+impl std::str::FromStr for GoDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parsed: jiff::SignedDuration = s
+            .parse()
+            .map_err(|e| format!("{s:?} is not a duration like 24h0m0s, 90s or 250ms: {e}"))?;
+        std::time::Duration::try_from(parsed)
+            .map(Self)
+            .map_err(|_| format!("{s:?}: a duration cannot be negative"))
     }
 }
 
@@ -126,6 +184,28 @@ impl std::str::FromStr for BindAddress {
             Ok(Self(None))
         } else {
             s.parse().map(|a| Self(Some(a)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_read_as_kube_proxy_writes_them() {
+        for (text, seconds) in [
+            ("24h0m0s", 86_400.0),
+            ("1h", 3_600.0),
+            ("90s", 90.0),
+            ("250ms", 0.25),
+            ("2m", 120.0),
+        ] {
+            let parsed: GoDuration = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(parsed.0.as_secs_f64(), seconds, "{text}");
+        }
+        for bad in ["", "soon", "-5s"] {
+            assert!(bad.parse::<GoDuration>().is_err(), "{bad:?} is refused");
         }
     }
 }

@@ -37,11 +37,25 @@ pub struct StoredPort {
     pub slots: Vec<Option<(u32, Endpoint)>>,
 }
 
+/// The connection table, as the sweeper and the CLI hold it.
+pub type ConntrackTable = HashMap<MapData, CtKey, CtEntry>;
+
+/// Opens only the connection table an agent pinned under `dir`.
+pub fn conntrack_from_pins(dir: &Path) -> Result<ConntrackTable, MapsError> {
+    let path = dir.join(CT_MAP);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Pin {
+        path: path.clone(),
+        source,
+    })?;
+    let map = Map::from_map_data(data).map_err(|source| MapsError::Pin { path, source })?;
+    ConntrackTable::try_from(map).map_err(|source| MapsError::Layout { name: CT_MAP, source })
+}
+
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceEntry>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub vips: HashMap<MapData, u32, VipEntry>,
-    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub conntrack: ConntrackTable,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
     pub stats: PerCpuArray<MapData, ServiceStats>,

@@ -9,6 +9,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
+use redirector_common::conntrack::FlowState;
 use redirector_common::counters;
 
 use super::Metrics;
@@ -97,6 +98,41 @@ impl Collector for Scrape {
             "Service ports in the desired state",
             &agent.service_ports,
         )?;
+        encode_one(
+            &mut encoder,
+            "redirector_conntrack_sweep_duration_seconds",
+            "How long one sweep of the connection table took",
+            &agent.conntrack_sweep_duration,
+        )?;
+        encode_one(
+            &mut encoder,
+            "redirector_conntrack_expired",
+            "Flows removed from the connection table after their state's timeout",
+            &agent.conntrack_expired,
+        )?;
+        encode_one(
+            &mut encoder,
+            "redirector_conntrack_early_drops",
+            "Unanswered flows removed to make room in a nearly full connection table",
+            &agent.conntrack_early_dropped,
+        )?;
+        {
+            let flows = agent
+                .conntrack_flows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let mut family = encoder.encode_descriptor(
+                "redirector_conntrack_flows",
+                "Flows in the connection table at the last sweep, by state",
+                None,
+                MetricType::Gauge,
+            )?;
+            for state in FlowState::ALL {
+                let count = flows.get(&state).copied().unwrap_or(0) as i64;
+                ConstGauge::new(count).encode(family.encode_family(&[("state", state.name())])?)?;
+            }
+        }
         if let Some(maps) = &self.maps {
             encode_datapath(&mut encoder, maps)?;
             if let Ok(totals) = maps.counter_totals() {

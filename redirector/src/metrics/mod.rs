@@ -5,6 +5,7 @@
 mod exposition;
 mod server;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,7 +18,9 @@ use tokio::net::TcpListener;
 
 use self::exposition::Exposition;
 use self::server::{Limits, Reply};
+use crate::conntrack::SweepReport;
 use crate::datapath::Maps;
+use redirector_common::conntrack::FlowState;
 
 /// Bucket bounds (seconds) shared by the duration histograms, as kube-proxy's
 /// sync histograms (exponential from 1 ms).
@@ -31,6 +34,11 @@ struct Inner {
     sync_errors: Counter,
     service_ports: Gauge,
     health: Mutex<Health>,
+    conntrack_sweep_duration: Histogram,
+    conntrack_expired: Counter,
+    conntrack_early_dropped: Counter,
+    /// Flows by state after the last sweep (none before the first).
+    conntrack_flows: Mutex<BTreeMap<FlowState, usize>>,
 }
 
 #[derive(Default)]
@@ -54,6 +62,10 @@ impl Default for Metrics {
                 sync_errors: Counter::default(),
                 service_ports: Gauge::default(),
                 health: Mutex::default(),
+                conntrack_sweep_duration: Histogram::new(BUCKETS),
+                conntrack_expired: Counter::default(),
+                conntrack_early_dropped: Counter::default(),
+                conntrack_flows: Mutex::default(),
             }),
         }
     }
@@ -71,6 +83,15 @@ impl Metrics {
         let mut health = self.health();
         health.last_sync = Some(SystemTime::now());
         health.last_sync_ok = errors == 0;
+    }
+
+    /// Records one sweep of the connection table.
+    pub fn record_sweep(&self, took: Duration, report: &SweepReport) {
+        let m = &self.inner;
+        m.conntrack_sweep_duration.observe(took.as_secs_f64());
+        m.conntrack_expired.inc_by(report.expired as u64);
+        m.conntrack_early_dropped.inc_by(report.early_dropped as u64);
+        *m.conntrack_flows.lock().unwrap_or_else(|e| e.into_inner()) = report.flows.clone();
     }
 
     /// kube-proxy's meaning: healthy once the rules were synced and the last

@@ -14,7 +14,9 @@ pub const TCP: u8 = IpNumber::TCP.0;
 pub const UDP: u8 = IpNumber::UDP.0;
 pub const ICMP: u8 = IpNumber::ICMP.0;
 /// TCP flag bits as they sit in the header's flags byte.
+pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
 pub const ACK: u8 = 0x10;
 
 // The IPv4 flags+fragment offset field, as `Spec::frag` carries it.
@@ -87,9 +89,15 @@ impl Spec {
         let mut frame = Vec::new();
         match self.proto {
             TCP => {
-                assert_eq!(self.tcp_flags & !(SYN | ACK), 0, "only SYN and ACK can be built");
+                assert_eq!(
+                    self.tcp_flags & !(FIN | SYN | RST | ACK),
+                    0,
+                    "only FIN, SYN, RST and ACK can be built"
+                );
                 let mut tcp = TcpHeader::new(self.src.1, self.dst.1, 1000, 64240);
+                tcp.fin = self.tcp_flags & FIN != 0;
                 tcp.syn = self.tcp_flags & SYN != 0;
+                tcp.rst = self.tcp_flags & RST != 0;
                 tcp.ack = self.tcp_flags & ACK != 0;
                 if tcp.ack {
                     tcp.acknowledgment_number = 2000;

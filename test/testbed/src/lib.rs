@@ -489,6 +489,29 @@ pub struct Connection {
 impl Connection {
     pub fn open(netns: &str, to: SocketAddrV4) -> std::io::Result<Self> {
         let stream = in_netns(netns, move || TcpStream::connect_timeout(&to.into(), IO_TIMEOUT))?;
+        Self::from_stream(stream)
+    }
+
+    /// [`Connection::open`] from client port `port` (with SO_REUSEADDR, so
+    /// the port of a connection that just closed can carry the next one).
+    pub fn open_from(netns: &str, port: u16, to: SocketAddrV4) -> std::io::Result<Self> {
+        let stream = in_netns(netns, move || -> std::io::Result<TcpStream> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+            socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
+            Ok(socket.into())
+        })?;
+        Self::from_stream(stream)
+    }
+
+    /// Closes with a RST (SO_LINGER 0): no TIME_WAIT on the client, so its
+    /// port and tuple can be used again at once.
+    pub fn reset(self) -> std::io::Result<()> {
+        socket2::SockRef::from(&self.writer).set_linger(Some(Duration::ZERO))
+    }
+
+    fn from_stream(stream: TcpStream) -> std::io::Result<Self> {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         let local = match stream.local_addr()? {
             std::net::SocketAddr::V4(a) => a,

@@ -1,0 +1,335 @@
+//! The connection table end to end: flows live as long as nf_conntrack's
+//! would, a full table never drops an open connection, and flows that ended
+//! give way to the next ones on their tuples.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use common::{Connection, Fixture, agent_binary, eventually, tcp_request, udp_request};
+use redirector::conntrack::{self, Flow};
+use redirector::datapath::maps::conntrack_from_pins;
+use redirector::datapath::maps_pin_dir;
+use redirector_common::conntrack::FlowState;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+const WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 20), 80);
+const DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 20), 53);
+/// A second Service selecting the same pods as `WEB`.
+const WEB_TOO: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 21), 80);
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn pod(name: &str, addr: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: default
+  labels:
+    app: web
+spec:
+  containers:
+  - name: web
+status:
+  phase: Running
+  podIP: {addr}
+  conditions:
+  - type: Ready
+    status: \"True\"
+"
+    )
+}
+
+fn service(name: &str, cluster_ip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  clusterIP: {cluster_ip}
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+  - name: dns
+    port: 53
+    protocol: UDP
+    targetPort: 8080
+"
+    )
+}
+
+/// A client pod, `pods` serving 8080 (TCP and UDP), and the two Services.
+fn bed(tag: &str, pods: &[(&str, Ipv4Addr)]) -> (Fixture, String) {
+    let mut fx = Fixture::new(tag);
+    let client = fx.add_host("client", CLIENT);
+    for (name, addr) in pods {
+        let netns = fx.add_host(name, *addr);
+        fx.serve(&netns, name, 8080);
+        fx.write_manifest(&format!("{name}.yaml"), &pod(name, *addr));
+    }
+    fx.write_manifest(
+        "services.yaml",
+        &format!(
+            "{}---\n{}",
+            service("web", *WEB.ip()),
+            service("web-too", *WEB_TOO.ip())
+        ),
+    );
+    (fx, client)
+}
+
+fn flows(fx: &Fixture) -> Vec<Flow> {
+    let table = conntrack_from_pins(&maps_pin_dir(fx.bpffs.path())).expect("the pinned connection table");
+    conntrack::read(&table).expect("reading the connection table")
+}
+
+/// The states of the flows to `service` (their forward entry's destination).
+fn states_to(fx: &Fixture, service: SocketAddrV4) -> Vec<FlowState> {
+    flows(fx)
+        .iter()
+        .filter(|f| {
+            f.forward.as_ref().is_some_and(|(key, _)| {
+                key.daddr == u32::from_ne_bytes(service.ip().octets())
+                    && u16::from_be(key.dport) == service.port()
+            })
+        })
+        .map(Flow::state)
+        .collect()
+}
+
+/// An open, idle connection outlives a flood of short ones five times the
+/// table's size: a full table refuses new flows (they retry) and the sweeper
+/// makes room from closed ones, but nothing evicts the open one.
+#[test]
+fn an_idle_connection_survives_a_flood_five_times_the_table() {
+    const TABLE: usize = 32;
+    let (fx, client) = bed("ctflood", &[("web-a", POD_A)]);
+    let table = TABLE.to_string();
+    let _agent = fx.start_agent(
+        agent_binary(),
+        &[
+            "--max-flow-entries",
+            &table,
+            "--conntrack-tcp-timeout-time-wait",
+            "300ms",
+            "--conntrack-tcp-timeout-close",
+            "300ms",
+            "--conntrack-sweep-interval",
+            "200ms",
+        ],
+    );
+    let mut idle = eventually("the idle connection opens", SYNC_TIMEOUT, || {
+        Connection::open(&client, WEB).map_err(|e| e.to_string())
+    });
+    let first = idle.ask().expect("the idle connection answers");
+
+    let mut answered = 0;
+    for _ in 0..5 * TABLE {
+        // A refused SYN is retried by the client's TCP (after 1 s), as it
+        // would be against a full nf_conntrack table.
+        if tcp_request(&client, WEB).is_ok() {
+            answered += 1;
+        }
+    }
+    assert!(
+        answered > TABLE,
+        "the table turned over: {answered} of {} short connections answered",
+        5 * TABLE
+    );
+    let again = idle
+        .ask()
+        .expect("the idle connection still answers after the flood");
+    assert_eq!(again.pod, first.pod, "same endpoint");
+    assert_eq!(
+        states_to(&fx, WEB)
+            .iter()
+            .filter(|s| **s == FlowState::TcpEstablished)
+            .count(),
+        1,
+        "the open connection is the one established flow left"
+    );
+}
+
+/// Entries end on schedule: a UDP flow after the UDP timeout, an idle
+/// established TCP flow after the established timeout, and a TCP flow
+/// closed with FINs after TIME_WAIT, not a day later.
+#[test]
+fn flows_end_when_their_state_times_out() {
+    let (fx, client) = bed("ctexpiry", &[("web-a", POD_A)]);
+    let _agent = fx.start_agent(
+        agent_binary(),
+        &[
+            "--conntrack-udp-timeout",
+            "1s",
+            "--conntrack-tcp-timeout-established",
+            "2s",
+            "--conntrack-tcp-timeout-time-wait",
+            "1s",
+            "--conntrack-sweep-interval",
+            "200ms",
+        ],
+    );
+    eventually("UDP to the service", SYNC_TIMEOUT, || {
+        udp_request(&client, DNS).map_err(|e| e.to_string())
+    });
+    assert_eq!(
+        states_to(&fx, DNS),
+        [FlowState::UdpReplied],
+        "the UDP flow, answered"
+    );
+    eventually(
+        "the UDP flow ends after 1 s",
+        Duration::from_secs(3),
+        || match states_to(&fx, DNS).as_slice() {
+            [] => Ok(()),
+            left => Err(format!("still {left:?}")),
+        },
+    );
+
+    let mut open = Connection::open(&client, WEB).expect("a TCP connection");
+    open.ask().expect("answered");
+    assert_eq!(
+        states_to(&fx, WEB),
+        [FlowState::TcpEstablished],
+        "the open connection"
+    );
+    eventually(
+        "the idle established flow ends after 2 s",
+        Duration::from_secs(5),
+        || match states_to(&fx, WEB).as_slice() {
+            [] => Ok(()),
+            left => Err(format!("still {left:?}")),
+        },
+    );
+    // Its close is picked up mid-stream as a new flow (as nf_conntrack's
+    // loose TCP tracking does), closed at once.
+    drop(open);
+    eventually(
+        "the late close's flow ends too",
+        Duration::from_secs(5),
+        || match states_to(&fx, WEB).as_slice() {
+            [] => Ok(()),
+            left => Err(format!("still {left:?}")),
+        },
+    );
+
+    // Closed with FINs both ways: TIME_WAIT, then gone.
+    eventually("a connection closed with FINs", Duration::from_secs(3), || {
+        tcp_request(&client, WEB).map_err(|e| e.to_string())
+    });
+    eventually(
+        "the closed flow is in TIME_WAIT",
+        Duration::from_secs(2),
+        || match states_to(&fx, WEB).as_slice() {
+            [FlowState::TcpTimeWait] => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    eventually(
+        "the closed flow ends after 1 s",
+        Duration::from_secs(3),
+        || match states_to(&fx, WEB).as_slice() {
+            [] => Ok(()),
+            left => Err(format!("still {left:?}")),
+        },
+    );
+}
+
+/// A direct connection to a pod from the client port that just carried a
+/// ClusterIP connection to it: the pod's SYN-ACK must not be made to look
+/// like the service's.
+#[test]
+fn a_direct_connection_from_a_port_that_just_reached_the_service_works() {
+    let (fx, client) = bed("ctdirect", &[("web-a", POD_A)]);
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    const PORT: u16 = 45000;
+    let mut via_service = eventually("the service from port 45000", SYNC_TIMEOUT, || {
+        Connection::open_from(&client, PORT, WEB).map_err(|e| e.to_string())
+    });
+    via_service.ask().expect("the service answers");
+    drop(via_service);
+    // Both sides' FINs, then the direct connection on the same client port.
+    eventually(
+        "the service flow closed",
+        Duration::from_secs(3),
+        || match states_to(&fx, WEB).as_slice() {
+            [FlowState::TcpTimeWait] => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let mut direct = Connection::open_from(&client, PORT, SocketAddrV4::new(POD_A, 8080))
+        .expect("a direct connection from the same port");
+    let answer = direct.ask().expect("the pod answers directly");
+    assert_eq!(answer.pod, "web-a", "the pod itself");
+}
+
+/// Two Services selecting the same pod, used in turn from one client port:
+/// each connection gets its answers from its own Service's address (a wrong
+/// one would reset the connect), the first Service again too.
+#[test]
+fn services_sharing_a_pod_used_in_turn_from_one_port_each_answer() {
+    let (fx, client) = bed("ctturn", &[("web-a", POD_A)]);
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    const PORT: u16 = 45100;
+    for (round, service) in [WEB, WEB_TOO, WEB, WEB_TOO].into_iter().enumerate() {
+        let mut connection = eventually(
+            &format!("round {round}: {service} from port {PORT}"),
+            SYNC_TIMEOUT,
+            || Connection::open_from(&client, PORT, service).map_err(|e| e.to_string()),
+        );
+        let answer = connection
+            .ask()
+            .unwrap_or_else(|e| panic!("round {round}: {service} answers: {e}"));
+        assert_eq!(answer.pod, "web-a", "round {round}");
+        connection.reset().expect("closing with a reset");
+    }
+}
+
+/// A UDP flow whose endpoint leaves moves to another one at its next
+/// datagram, as kube-proxy clears conntrack for a removed UDP endpoint.
+#[test]
+fn udp_flows_move_off_a_removed_endpoint_at_once() {
+    let (fx, client) = bed("ctudp", &[("web-a", POD_A), ("web-b", POD_B)]);
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    let socket = common::in_netns(&client, || std::net::UdpSocket::bind("0.0.0.0:0")).expect("a UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    socket.connect(DNS).expect("connect");
+    let ask = || -> Result<String, String> {
+        socket.send(b"hello").map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        text.split_whitespace()
+            .find_map(|field| field.strip_prefix("pod="))
+            .map(str::to_owned)
+            .ok_or(text)
+    };
+    let first = eventually("UDP to the service", SYNC_TIMEOUT, ask);
+    assert_eq!(
+        ask().as_deref(),
+        Ok(first.as_str()),
+        "the flow sticks to its endpoint"
+    );
+    fx.remove_manifest(&format!("{first}.yaml"));
+    let other = if first == "web-a" { "web-b" } else { "web-a" };
+    eventually(
+        "the same socket reaches the other endpoint",
+        SYNC_TIMEOUT,
+        || match ask() {
+            Ok(pod) if pod == other => Ok(()),
+            Ok(pod) => Err(format!("still {pod}")),
+            Err(e) => Err(e),
+        },
+    );
+}

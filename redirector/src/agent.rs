@@ -14,7 +14,7 @@ use crate::datapath::{self, Datapath, MapSizes, Maps};
 use crate::error::Chain;
 use crate::interfaces::{self, InterfaceGlobs, LinkEvent};
 use crate::metrics::{self, Metrics};
-use crate::model::{Frontend, Ipv4Cidr};
+use crate::model::{Frontend, Ipv4Cidr, NodeTopology};
 use crate::source::Update;
 use crate::source::kube::{self as kube_source, Change, KubeSource};
 use crate::source::manifests::ManifestStore;
@@ -37,6 +37,9 @@ pub enum Source {
 
 pub struct AgentConfig {
     pub source: Source,
+    /// The node this agent runs on (`--node-name`): which endpoints are
+    /// local, and whose zone topology hints are read for.
+    pub node_name: Option<String>,
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
     pub interfaces: InterfaceGlobs,
@@ -80,7 +83,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     // The watchers list while the maps are created and the program verified
     // (off this thread): the two are the bulk of a cold start.
-    let mut feed = Feed::start(&config.source).await?;
+    let mut feed = Feed::start(&config.source, config.node_name.as_deref()).await?;
     let (bpffs, sizes) = (config.bpffs.clone(), config.map_sizes);
     let (mut datapath, maps) = match tokio::task::spawn_blocking(move || Datapath::load(&bpffs, &sizes)).await
     {
@@ -151,14 +154,18 @@ enum Feed {
 }
 
 impl Feed {
-    async fn start(source: &Source) -> Result<Self, AgentError> {
+    async fn start(source: &Source, node_name: Option<&str>) -> Result<Self, AgentError> {
         Ok(match source {
-            Source::Manifests(dir) => Feed::Manifests {
-                dir: dir.clone(),
-                store: ManifestStore::default(),
-                seen: None,
-                poll: tokio::time::interval(MANIFEST_POLL),
-            },
+            Source::Manifests(dir) => {
+                let mut store = ManifestStore::default();
+                store.set_node_name(node_name.map(str::to_owned));
+                Feed::Manifests {
+                    dir: dir.clone(),
+                    store,
+                    seen: None,
+                    poll: tokio::time::interval(MANIFEST_POLL),
+                }
+            }
             Source::Kubernetes {
                 connection,
                 service_proxy_name,
@@ -167,8 +174,13 @@ impl Feed {
                 tracing::info!(
                     "watching Services and EndpointSlices; nothing is programmed until both are listed"
                 );
+                let mut source = KubeSource::start(client, service_proxy_name.as_deref());
+                source.set_node(NodeTopology {
+                    name: node_name.map(str::to_owned),
+                    zone: None,
+                });
                 Feed::Kubernetes {
-                    source: KubeSource::start(client, service_proxy_name.as_deref()),
+                    source,
                     ready: false,
                     woke_by: None,
                 }

@@ -41,6 +41,7 @@ impl Harness {
             .expect("service cidr");
         let mut desired = Desired::new();
         let port = |name: &str, eps: &[(Ipv4Addr, u16)]| ServicePort {
+            no_endpoints: Default::default(),
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -557,6 +558,7 @@ fn new_connection_on_a_reused_tuple_leaves_a_removed_endpoint() {
     desired.insert(
         fe(VIP, 80, Protocol::Tcp),
         ServicePort {
+            no_endpoints: Default::default(),
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -609,6 +611,7 @@ fn every_packet_is_counted_once() {
 
 fn service(name: &str, endpoints: &[Ipv4Addr]) -> ServicePort {
     ServicePort {
+        no_endpoints: Default::default(),
         info: Default::default(),
         name: ServicePortName {
             namespace: "default".into(),

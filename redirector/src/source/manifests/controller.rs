@@ -13,10 +13,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::read::Object;
-use crate::model::{Desired, Endpoint, Ipv4Cidr, NamespacedName, fnv1a};
+use crate::model::{Desired, Endpoint, Ipv4Cidr, NamespacedName, NodeTopology, fnv1a};
 use crate::source::endpoints::{
-    self as rules, Candidate, ClusterIp, Conditions, MANAGED_BY_LABEL, ProgrammablePort, SERVICE_NAME_LABEL,
-    SLICE_CONTROLLER, namespace_of,
+    self as rules, Candidate, ClusterIp, Conditions, MANAGED_BY_LABEL, Placement, ProgrammablePort,
+    SERVICE_NAME_LABEL, SLICE_CONTROLLER, namespace_of,
 };
 use crate::source::{ObjectKind, SourceObject, Warning};
 
@@ -25,9 +25,14 @@ use crate::source::{ObjectKind, SourceObject, Warning};
 pub(super) fn desired(
     files: &BTreeMap<PathBuf, Vec<Object>>,
     service_cidr: Ipv4Cidr,
+    node_name: Option<&str>,
 ) -> (Desired, Vec<Warning>) {
     let mut warnings = Vec::new();
     let index = Index::build(files, &mut warnings);
+    let node = NodeTopology {
+        name: node_name.map(str::to_owned),
+        zone: None,
+    };
     let cluster_ips = assign_cluster_ips(&index.services, service_cidr);
     let mut desired = Desired::new();
 
@@ -134,7 +139,7 @@ pub(super) fn desired(
             .map(|(_, p)| p.object)
             .collect();
         let publish_not_ready = spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false);
-        let entries = rules::entries_with(service, ip, |port| {
+        let entries = rules::entries_with(service, ip, &node, |port| {
             let mut candidates = rules::slice_candidates(port.name, port.protocol, &slices);
             match (selector, manual) {
                 (Some(selector), _) => {
@@ -376,6 +381,7 @@ fn pod_candidates(
                 serving: Some(ready),
                 terminating: Some(terminating),
             },
+            placement: Placement::default(),
         });
     }
     out
@@ -427,6 +433,8 @@ fn endpoints_candidates(endpoints: &Endpoints, port: &ProgrammablePort<'_>) -> V
                             ready: Some(true),
                             ..Conditions::default()
                         },
+                        // What the EndpointSlice mirroring controller copies.
+                        placement: Placement::new(address.node_name.as_deref(), None, None),
                     });
                 }
             }

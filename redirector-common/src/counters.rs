@@ -4,7 +4,8 @@
 /// V2: `pass_to_pod_untouched` (the reverse-translation program on the way
 /// into pods), kube-proxy's refusals (an undefined port is refused, an
 /// unallocated address dropped) and the refusals' rate limit.
-pub const COUNTER_MAP: &str = "COUNTERS_V2";
+/// V3: `drop_no_local_endpoints` (internalTrafficPolicy: Local).
+pub const COUNTER_MAP: &str = "COUNTERS_V3";
 
 macro_rules! counters {
     ($($name:ident = $index:literal : $label:literal,)+) => {
@@ -42,6 +43,7 @@ counters! {
     DROP_REWRITE_FAILED = 14: "drop_rewrite_failed",
     PASS_TO_POD = 15: "pass_to_pod_untouched",
     DROP_REFUSAL_RATE_LIMITED = 16: "drop_refusal_rate_limited",
+    DROP_NO_LOCAL_ENDPOINTS = 17: "drop_no_local_endpoints",
 }
 
 /// `skb->mark` that asks the program to decide without side effects (no

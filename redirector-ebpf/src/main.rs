@@ -60,7 +60,7 @@ static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(262144, BPF_F_NO_C
 #[map]
 static CONFIG_V1: Array<Config> = Array::pinned(1, 0);
 #[map]
-static COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+static COUNTERS_V3: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 #[map]
 static SVCSTATS_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(65536, 0);
 /// Written and read by user space only; allocated per entry, not up front.
@@ -170,7 +170,7 @@ fn try_translate_reply(ctx: &TcContext) -> Result<Verdict, Verdict> {
 
 #[inline(always)]
 fn count(verdict: Verdict) {
-    if let Some(count) = COUNTERS_V2.get_ptr_mut(verdict.counter) {
+    if let Some(count) = COUNTERS_V3.get_ptr_mut(verdict.counter) {
         // SAFETY: a per-CPU slot: no other writer while the program runs.
         unsafe { *count += 1 };
     }
@@ -233,6 +233,12 @@ fn try_redirect(ctx: &TcContext, mode: Mode, choice: &mut Choice) -> Result<Verd
     };
     choice.svc_id = master.svc_id;
     if master.count == 0 {
+        // Endpoints exist, only not on this node: kube-proxy drops rather
+        // than refuses, so clients time out as they would against a node
+        // that cannot reach the service.
+        if master.flags & redirector_common::service::FLAG_NO_LOCAL_ENDPOINTS != 0 {
+            return Err(Verdict::drop(counters::DROP_NO_LOCAL_ENDPOINTS));
+        }
         return refuse::port_unreachable(ctx, mode, &pkt, counters::REFUSED_NO_ENDPOINTS);
     }
 

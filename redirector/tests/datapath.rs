@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use common::packet::{ACK, CLIENT_MAC, ICMP, NODE_MAC, Parsed, SYN, Spec, assert_checksums};
 use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
-use redirector::model::{Desired, Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
+use redirector::model::{Desired, Endpoint, Frontend, NoEndpoints, Protocol, ServicePort, ServicePortName};
 use redirector_common::counters;
 
 /// What the program returns for every packet it lets through: go on down the
@@ -22,6 +22,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+/// internalTrafficPolicy: Local, every endpoint on another node.
+const VIP_NO_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 
@@ -59,6 +61,13 @@ impl Harness {
         desired.insert(fe(VIP, 80, Protocol::Tcp), port("web", &[(POD, 8080)]));
         desired.insert(fe(VIP, 53, Protocol::Udp), port("dns", &[(POD, 5353)]));
         desired.insert(fe(VIP_EMPTY, 80, Protocol::Tcp), port("empty", &[]));
+        desired.insert(
+            fe(VIP_NO_LOCAL, 80, Protocol::Tcp),
+            ServicePort {
+                no_endpoints: NoEndpoints::Drop,
+                ..port("elsewhere", &[])
+            },
+        );
         let report = writer.sync(&desired);
         assert!(
             report.errors.is_empty(),
@@ -474,6 +483,24 @@ fn refuses_and_drops() {
             counter: counters::REFUSED_NO_ENDPOINTS,
         },
         Case {
+            name: "TCP to a Local-policy service with endpoints only on other nodes is dropped, not refused",
+            frame: Spec::tcp((CLIENT, 40003), (VIP_NO_LOCAL, 80), SYN).build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_NO_LOCAL_ENDPOINTS,
+        },
+        Case {
+            name: "any segment to it is dropped: there is no flow to follow",
+            frame: Spec::tcp((CLIENT, 40003), (VIP_NO_LOCAL, 80), ACK).build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_NO_LOCAL_ENDPOINTS,
+        },
+        Case {
+            name: "its address on a port it does not define is still refused",
+            frame: Spec::tcp((CLIENT, 40003), (VIP_NO_LOCAL, 81), SYN).build(),
+            expect: Expect::Refused { from: VIP_NO_LOCAL },
+            counter: counters::REFUSED_UNKNOWN_PORT,
+        },
+        Case {
             name: "a large UDP datagram to a port the service does not define",
             frame: Spec::udp((CLIENT, 41000), (VIP_EMPTY, 80), &[7u8; 300]).build(),
             expect: Expect::Refused { from: VIP_EMPTY },
@@ -539,6 +566,85 @@ fn refuses_and_drops() {
     for case in cases {
         check(&h, case);
     }
+}
+
+/// The master entry's "no local endpoints" flag follows the model through
+/// every change of a port (and only an empty port drops), and a restarted
+/// agent finds it as it was.
+#[test]
+fn dropping_without_local_endpoints_follows_the_model() {
+    let mut h = Harness::new();
+    let frontend = fe(VIP_NO_LOCAL, 80, Protocol::Tcp);
+    let port = |endpoints: &[Ipv4Addr], no_endpoints| ServicePort {
+        no_endpoints,
+        ..service("elsewhere", endpoints)
+    };
+    let steps = [
+        (
+            "no endpoints anywhere: refused (the flag is cleared)",
+            port(&[], NoEndpoints::Reject),
+            Expect::Refused { from: VIP_NO_LOCAL },
+            counters::REFUSED_NO_ENDPOINTS,
+        ),
+        (
+            "endpoints only elsewhere: dropped (the flag is set, the count stays 0)",
+            port(&[], NoEndpoints::Drop),
+            Expect::Dropped,
+            counters::DROP_NO_LOCAL_ENDPOINTS,
+        ),
+        (
+            "a local endpoint: forwarded",
+            port(&[POD], NoEndpoints::Reject),
+            Expect::Translated {
+                src: (CLIENT, 0),
+                dst: (POD, 8080),
+            },
+            counters::FORWARD_NEW_FLOW,
+        ),
+        (
+            "the local endpoint gone: dropped again (count and flag in one write)",
+            port(&[], NoEndpoints::Drop),
+            Expect::Dropped,
+            counters::DROP_NO_LOCAL_ENDPOINTS,
+        ),
+    ];
+    for (index, (name, wanted, expect, counter)) in steps.into_iter().enumerate() {
+        let report = h.writer.sync_frontends(&[(frontend, &wanted)], &[]);
+        assert!(report.errors.is_empty(), "{name}: {:?}", report.errors);
+        // A fresh client port per step: no flow of an earlier step applies.
+        let sport = 43000 + index as u16;
+        let expect = match expect {
+            Expect::Translated { dst, .. } => Expect::Translated {
+                src: (CLIENT, sport),
+                dst,
+            },
+            other => other,
+        };
+        check(
+            &h,
+            Case {
+                name,
+                frame: Spec::tcp((CLIENT, sport), (VIP_NO_LOCAL, 80), SYN).build(),
+                expect,
+                counter,
+            },
+        );
+    }
+    let last = port(&[], NoEndpoints::Drop);
+    let Harness {
+        _bpffs: bpffs,
+        datapath,
+        writer,
+    } = h;
+    drop((datapath, writer));
+    let (_datapath, maps) = Datapath::load(bpffs.path(), &MapSizes::default()).expect("reload");
+    let mut writer = MapWriter::new(maps).expect("writer after restart");
+    let resumed = writer.sync_frontends(&[(frontend, &last)], &[]);
+    assert_eq!(
+        (resumed.writes, resumed.deletes),
+        (0, 0),
+        "a restart finds the flag as it was written and rewrites nothing"
+    );
 }
 
 #[test]

@@ -37,6 +37,10 @@ pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// The EndpointSlice controller, as [`MANAGED_BY_LABEL`] names it.
 pub const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 
+/// The Node label naming its zone: which zone hints a node follows, and the
+/// `zone` the EndpointSlice controller gives the endpoints of its Pods.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// Namespace of an object whose manifest leaves it out, as `kubectl apply` does.
 pub const DEFAULT_NAMESPACE: &str = "default";
 

@@ -18,6 +18,7 @@ use crate::model::{Frontend, Ipv4Cidr, NodeTopology};
 use crate::source::Update;
 use crate::source::kube::{self as kube_source, Change, KubeSource};
 use crate::source::manifests::ManifestStore;
+use crate::source::node::NodeWatch;
 
 /// How often the manifest directory is checked for changes.
 const MANIFEST_POLL: Duration = Duration::from_millis(250);
@@ -146,10 +147,14 @@ enum Feed {
         poll: tokio::time::Interval,
     },
     Kubernetes {
-        source: KubeSource,
+        /// Boxed: its caches' handles and maps dwarf the other variant.
+        source: Box<KubeSource>,
         ready: bool,
         /// The change that woke us, and when it was observed.
         woke_by: Option<(Instant, Change)>,
+        /// This node's Node (with `--node-name`): a zone change recomputes
+        /// every Service, as kube-proxy's full sync on a topology change.
+        node: Option<NodeWatch>,
     },
 }
 
@@ -174,15 +179,17 @@ impl Feed {
                 tracing::info!(
                     "watching Services and EndpointSlices; nothing is programmed until both are listed"
                 );
+                let node = node_name.map(|name| NodeWatch::start(client.clone(), name));
                 let mut source = KubeSource::start(client, service_proxy_name.as_deref());
                 source.set_node(NodeTopology {
                     name: node_name.map(str::to_owned),
                     zone: None,
                 });
                 Feed::Kubernetes {
-                    source,
+                    source: Box::new(source),
                     ready: false,
                     woke_by: None,
+                    node,
                 }
             }
         })
@@ -203,18 +210,36 @@ impl Feed {
                 source,
                 ready,
                 woke_by,
+                node,
             } => {
                 if !*ready {
                     source.wait_until_ready().await;
                     *ready = true;
                     tracing::info!("initial lists complete");
+                    if let Some(node) = node {
+                        source.set_node(node.current());
+                    }
                     *woke_by = Some((Instant::now(), Change::Relisted));
                     return;
                 }
-                match source.changes.recv().await {
-                    Some(change) => *woke_by = Some(change),
-                    // The senders live in the watcher tasks, which never end.
-                    None => std::future::pending::<()>().await,
+                let node_changed = async {
+                    match node {
+                        Some(node) => node.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    change = source.changes.recv() => match change {
+                        Some(change) => *woke_by = Some(change),
+                        // The senders live in the watcher tasks, which never end.
+                        None => std::future::pending::<()>().await,
+                    },
+                    () = node_changed => {
+                        if let Some(node) = node {
+                            source.set_node(node.current());
+                        }
+                        *woke_by = Some((Instant::now(), Change::Relisted));
+                    }
                 }
             }
         }

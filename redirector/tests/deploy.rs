@@ -363,6 +363,7 @@ fn cluster_role_grants_exactly_read_access_to_services_and_endpointslices() {
     let expected: BTreeSet<(&str, &str, BTreeSet<&str>)> = [
         ("", "services", read.into_iter().collect()),
         ("discovery.k8s.io", "endpointslices", read.into_iter().collect()),
+        ("", "nodes", read.into_iter().collect()),
     ]
     .into_iter()
     .collect();

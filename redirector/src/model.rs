@@ -195,6 +195,10 @@ pub struct ServiceInfo {
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Endpoints exist, none on this node, and the policy is Local: new
+    /// connections are dropped ([`NoEndpoints::Drop`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_local_endpoints: bool,
 }
 
 /// Which endpoints a node prefers, from the hints the EndpointSlice

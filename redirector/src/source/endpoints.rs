@@ -480,6 +480,7 @@ pub fn entries_with<'a>(
                 },
                 node: node.name.clone(),
                 zone: node.zone.clone(),
+                no_local_endpoints: no_endpoints == NoEndpoints::Drop,
                 ..service_info(service, &port)
             };
             let service_port = ServicePort {

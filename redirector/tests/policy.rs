@@ -1,16 +1,19 @@
-//! kube-proxy's endpoint choice on the multi-node bed: one agent per node,
-//! each told its node's name, on the same manifests (Pods with
-//! `spec.nodeName`, Nodes with zone labels).
+//! kube-proxy's endpoint choice end to end: on the multi-node bed, one agent
+//! per node, each told its node's name, on the same manifests (Pods with
+//! `spec.nodeName`, Nodes with zone labels); and in Kubernetes mode, an agent
+//! following its Node's zone label and the slices' nodeName at run time.
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::time::Duration;
 
-use common::{agent_binary, eventually, tcp_request};
+use common::apiserver::FakeApiServer;
+use common::{Fixture, agent_binary, eventually, in_netns, tcp_request};
 use redirector::datapath::{Maps, maps_pin_dir};
 use redirector_common::counters;
+use serde_json::{Value, json};
 use testbed::cluster::{Cluster, PodNetwork, pod_address};
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -202,4 +205,113 @@ fn without_policy_or_hints_every_node_uses_every_endpoint() {
             "node {node}'s client reaches both endpoints"
         );
     }
+}
+
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+
+fn node_object(zone: Option<&str>) -> Value {
+    let labels = match zone {
+        Some(zone) => json!({"topology.kubernetes.io/zone": zone}),
+        None => json!({}),
+    };
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "labels": labels}})
+}
+
+fn service_object(spec: Value) -> Value {
+    let mut object = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "clusterIP": SERVICE.ip().to_string(),
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+        }
+    });
+    if let (Some(have), Some(extra)) = (object["spec"].as_object_mut(), spec.as_object()) {
+        have.extend(extra.clone());
+    }
+    object
+}
+
+/// The slice of the web Service: pod-a and pod-b on `nodes`, hinted for
+/// zone-a and zone-b.
+fn slice_object(nodes: [&str; 2]) -> Value {
+    let endpoint = |addr: Ipv4Addr, node: &str, zone: &str| {
+        json!({
+            "addresses": [addr.to_string()],
+            "conditions": {"ready": true},
+            "nodeName": node,
+            "zone": zone,
+            "hints": {"forZones": [{"name": zone}]}
+        })
+    };
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [endpoint(POD_A, nodes[0], "zone-a"), endpoint(POD_B, nodes[1], "zone-b")]
+    })
+}
+
+/// Kubernetes mode, one node (node-1) with a client and two endpoints the
+/// slices place on nodes and zones: the agent follows its Node's zone label
+/// as it changes, and the Local policy as the slice moves endpoints.
+#[test]
+fn kubernetes_mode_follows_the_nodes_zone_and_the_endpoints_nodes() {
+    let mut fx = Fixture::new("pol-k8s");
+    let client = fx.add_host("client", Ipv4Addr::new(10, 244, 0, 5));
+    for (name, addr) in [("pod-a", POD_A), ("pod-b", POD_B)] {
+        let netns = fx.add_host(name, addr);
+        fx.serve(&netns, name, 8080);
+    }
+    let listener = in_netns(&fx.node, || {
+        TcpListener::bind("127.0.0.1:0").expect("bind API server")
+    });
+    let api = FakeApiServer::start(listener);
+    api.apply(node_object(Some("zone-a")));
+    api.apply(service_object(json!({})));
+    api.apply(slice_object(["node-1", "node-2"]));
+    let mut agent = fx.start_agent_watching(agent_binary(), &api.url(), &["--node-name", "node-1"]);
+    agent.wait_for_log("initial lists complete", 1);
+    let answered_by = |want: &[&str], what: &str| {
+        eventually(what, SYNC_TIMEOUT, || {
+            let seen: BTreeSet<String> = (0..TRIES)
+                .map(|_| tcp_request(&client, SERVICE).map(|a| a.pod))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+            if seen == set(want) {
+                Ok(())
+            } else {
+                Err(format!("answered by {seen:?}"))
+            }
+        })
+    };
+    answered_by(&["pod-a"], "zone-a: the endpoint hinted for zone-a");
+    api.apply(node_object(Some("zone-b")));
+    answered_by(
+        &["pod-b"],
+        "the Node moved to zone-b: the endpoint hinted for zone-b",
+    );
+    api.apply(node_object(None));
+    answered_by(
+        &["pod-a", "pod-b"],
+        "the Node lost its zone label: every endpoint",
+    );
+
+    api.apply(service_object(json!({"internalTrafficPolicy": "Local"})));
+    answered_by(&["pod-a"], "internalTrafficPolicy: Local: the endpoint on node-1");
+    api.apply(slice_object(["node-2", "node-3"]));
+    let maps = Maps::from_pins(&maps_pin_dir(fx.bpffs.path())).expect("the node's maps");
+    let dropped = || maps.counter_totals().expect("counters")[counters::DROP_NO_LOCAL_ENDPOINTS as usize];
+    eventually("no endpoint left on node-1: dropped", SYNC_TIMEOUT, || {
+        let before = dropped();
+        match tcp_request(&client, SERVICE) {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut && dropped() > before => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
 }

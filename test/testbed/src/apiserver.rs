@@ -1,4 +1,4 @@
-//! A fake Kubernetes API server for tests: core/v1 Services and
+//! A fake Kubernetes API server for tests: core/v1 Services and Nodes and
 //! discovery.k8s.io/v1 EndpointSlices over plain HTTP/1.1, speaking the real
 //! list/watch protocol closely enough for kube-rs's `watcher` (it is tested
 //! against kube-rs itself, see the tests at the bottom).
@@ -7,6 +7,7 @@
 //! - LIST `GET /api/v1/services`, `GET /api/v1/namespaces/{ns}/services` (same
 //!   for `/apis/discovery.k8s.io/v1/.../endpointslices`): a `ServiceList` /
 //!   `EndpointSliceList` with `metadata.resourceVersion`, `labelSelector`,
+//!   (Nodes are cluster-scoped: `GET /api/v1/nodes`, `/api/v1/nodes/{name}`),
 //!   `fieldSelector` (`metadata.name`, `metadata.namespace`), `limit` +
 //!   `continue` (pages are a consistent snapshot at the first page's
 //!   resourceVersion; an expired token is a 410), `resourceVersion` +
@@ -38,7 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -59,11 +60,13 @@ const MAX_BODY: u64 = 1024 * 1024;
 const CONTINUE_EXPIRED: &str = "The provided continue parameter is too old to display a consistent \
      list result. You can start a new list without the continue parameter.";
 
-/// The two resources served.
+/// The resources served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
     Service,
     EndpointSlice,
+    /// Cluster-scoped: stored with an empty namespace.
+    Node,
 }
 
 impl Kind {
@@ -72,6 +75,7 @@ impl Kind {
         match name.to_ascii_lowercase().as_str() {
             "service" | "services" | "svc" => Some(Self::Service),
             "endpointslice" | "endpointslices" => Some(Self::EndpointSlice),
+            "node" | "nodes" | "no" => Some(Self::Node),
             _ => None,
         }
     }
@@ -80,12 +84,13 @@ impl Kind {
         match self {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
+            Self::Node => "Node",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Self::Service => "v1",
+            Self::Service | Self::Node => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
@@ -94,6 +99,7 @@ impl Kind {
         match self {
             Self::Service => "ServiceList",
             Self::EndpointSlice => "EndpointSliceList",
+            Self::Node => "NodeList",
         }
     }
 
@@ -101,12 +107,13 @@ impl Kind {
         match self {
             Self::Service => "services",
             Self::EndpointSlice => "endpointslices",
+            Self::Node => "nodes",
         }
     }
 
     fn group(self) -> &'static str {
         match self {
-            Self::Service => "",
+            Self::Service | Self::Node => "",
             Self::EndpointSlice => "discovery.k8s.io",
         }
     }
@@ -114,8 +121,9 @@ impl Kind {
 
 /// Test helpers name kinds by string; an unknown one is a bug in the test.
 fn kind_arg(kind: &str) -> Kind {
-    Kind::parse(kind)
-        .unwrap_or_else(|| panic!("FakeApiServer: unknown kind {kind:?} (expected Service or EndpointSlice)"))
+    Kind::parse(kind).unwrap_or_else(|| {
+        panic!("FakeApiServer: unknown kind {kind:?} (expected Service, EndpointSlice or Node)")
+    })
 }
 
 /// (kind, namespace, name): ordered as etcd keys, so lists come out sorted by
@@ -152,7 +160,7 @@ pub enum ApplyError {
     #[error("the object is not a JSON object")]
     NotAnObject,
     #[error(
-        "unsupported object {api_version:?}/{kind:?}: the fake serves v1 Service and \
+        "unsupported object {api_version:?}/{kind:?}: the fake serves v1 Service, v1 Node and \
          discovery.k8s.io/v1 EndpointSlice"
     )]
     Unsupported { api_version: String, kind: String },
@@ -629,13 +637,19 @@ fn apply_object(inner: &mut Inner, mut object: Value) -> Result<Value, ApplyErro
         .filter(|name| !name.is_empty())
         .ok_or(ApplyError::MissingName { kind: kind.kind() })?
         .to_owned();
-    let namespace = meta
-        .get("namespace")
-        .and_then(Value::as_str)
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or("default")
-        .to_owned();
-    meta.insert("namespace".into(), namespace.clone().into());
+    let namespace = if kind == Kind::Node {
+        meta.remove("namespace");
+        String::new()
+    } else {
+        let namespace = meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or("default")
+            .to_owned();
+        meta.insert("namespace".into(), namespace.clone().into());
+        namespace
+    };
     meta.remove("resourceVersion");
     let key = (kind, namespace.clone(), name.clone());
     let existing = inner.api.objects.get(&key).cloned();
@@ -655,6 +669,7 @@ fn apply_object(inner: &mut Inner, mut object: Value) -> Result<Value, ApplyErro
     match kind {
         Kind::Service => default_service(&mut object, existing.as_ref(), &inner.api),
         Kind::EndpointSlice => default_endpoint_slice(&mut object),
+        Kind::Node => {}
     }
     if let Some(old) = &existing {
         let mut unversioned = old.clone();
@@ -670,6 +685,7 @@ fn apply_object(inner: &mut Inner, mut object: Value) -> Result<Value, ApplyErro
     let typed = match kind {
         Kind::Service => serde_json::from_value::<Service>(object.clone()).map(drop),
         Kind::EndpointSlice => serde_json::from_value::<EndpointSlice>(object.clone()).map(drop),
+        Kind::Node => serde_json::from_value::<Node>(object.clone()).map(drop),
     };
     typed.map_err(|source| ApplyError::Invalid {
         kind: kind.kind(),
@@ -687,7 +703,7 @@ fn object_kind(object: &mut Value) -> Result<Kind, ApplyError> {
     let map = object.as_object_mut().ok_or(ApplyError::NotAnObject)?;
     let kind_name = map.get("kind").and_then(Value::as_str).unwrap_or("").to_owned();
     let api_version = map.get("apiVersion").and_then(Value::as_str).map(str::to_owned);
-    let kind = [Kind::Service, Kind::EndpointSlice]
+    let kind = [Kind::Service, Kind::EndpointSlice, Kind::Node]
         .into_iter()
         .find(|k| k.kind() == kind_name && api_version.as_deref().is_none_or(|v| v == k.api_version()))
         .ok_or_else(|| ApplyError::Unsupported {
@@ -1151,6 +1167,8 @@ fn route(path: &str) -> Route {
     let (kind, rest) = match segments.as_slice() {
         ["version"] => return Route::Version,
         ["healthz" | "readyz" | "livez"] => return Route::Health,
+        ["api", "v1", "nodes"] => return node_route(None),
+        ["api", "v1", "nodes", name] => return node_route(Some(name)),
         ["api", "v1", rest @ ..] => (Kind::Service, rest),
         ["apis", "discovery.k8s.io", "v1", rest @ ..] => (Kind::EndpointSlice, rest),
         _ => return Route::NotFound,
@@ -1166,6 +1184,15 @@ fn route(path: &str) -> Route {
         kind,
         namespace,
         name,
+    })
+}
+
+/// A Node path: cluster-scoped, so no namespace.
+fn node_route(name: Option<&str>) -> Route {
+    Route::Resource(Scope {
+        kind: Kind::Node,
+        namespace: None,
+        name: name.map(str::to_owned),
     })
 }
 
@@ -2547,6 +2574,73 @@ mod tests {
             2,
             "the compacted RV forced a relist"
         );
+    }
+
+    /// Nodes are cluster-scoped: listed, got and watched without a
+    /// namespace, one selected by a field selector on its name.
+    #[tokio::test]
+    async fn nodes_are_cluster_scoped_and_selected_by_name() {
+        let server = start_local();
+        let node = |name: &str, zone: &str| {
+            json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "namespace": "ignored",
+                             "labels": {"topology.kubernetes.io/zone": zone}},
+            })
+        };
+        server.apply(node("node-1", "zone-a"));
+        server.apply(node("node-2", "zone-b"));
+        let api: Api<Node> = Api::all(client(&server));
+        let listed = api
+            .list(&ListParams::default().fields("metadata.name=node-1"))
+            .await
+            .expect("listing one Node");
+        let names: Vec<String> = listed.items.iter().map(ResourceExt::name_any).collect();
+        assert_eq!(names, ["node-1"], "the field selector picks one Node");
+        assert_eq!(
+            listed.items[0].metadata.namespace, None,
+            "a Node has no namespace"
+        );
+        let got = api.get("node-2").await.expect("getting a Node");
+        assert_eq!(
+            got.labels()
+                .get("topology.kubernetes.io/zone")
+                .map(String::as_str),
+            Some("zone-b"),
+            "GET returns the Node"
+        );
+        assert!(
+            server.get("Node", "", "node-1").is_some(),
+            "stored without a namespace"
+        );
+
+        let params = WatchParams::default().fields("metadata.name=node-1");
+        let version = listed
+            .metadata
+            .resource_version
+            .clone()
+            .expect("list resourceVersion");
+        let mut events = Box::pin(api.watch(&params, &version).await.expect("watching"));
+        server.apply(node("node-2", "zone-c"));
+        server.apply(node("node-1", "zone-c"));
+        let event = timeout(STEP, events.next())
+            .await
+            .expect("an event in time")
+            .expect("the stream goes on")
+            .expect("a good event");
+        match event {
+            WatchEvent::Modified(node) => {
+                assert_eq!(node.name_any(), "node-1", "only the selected Node is watched");
+                assert_eq!(
+                    node.labels()
+                        .get("topology.kubernetes.io/zone")
+                        .map(String::as_str),
+                    Some("zone-c"),
+                    "its new label"
+                );
+            }
+            other => panic!("expected node-1 modified, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -3,7 +3,8 @@
 /// `PerCpuArray<u64>` with [`COUNT`] slots, indexed by the constants below.
 /// V2: `pass_to_pod_untouched` (the reverse-translation program on the way
 /// into pods), kube-proxy's refusals (an undefined port is refused, an
-/// unallocated address dropped) and the refusals' rate limit. V3: the
+/// unallocated address dropped) and the refusals' rate limit.
+/// V3: `drop_no_local_endpoints` (internalTrafficPolicy: Local), and the
 /// connection table's clashes and stale reply entries.
 pub const COUNTER_MAP: &str = "COUNTERS_V3";
 
@@ -43,8 +44,9 @@ counters! {
     DROP_REWRITE_FAILED = 14: "drop_rewrite_failed",
     PASS_TO_POD = 15: "pass_to_pod_untouched",
     DROP_REFUSAL_RATE_LIMITED = 16: "drop_refusal_rate_limited",
-    DROP_CT_CLASH = 17: "drop_conntrack_clash",
-    PASS_STALE_REPLY = 18: "pass_stale_reply_entry_removed",
+    DROP_NO_LOCAL_ENDPOINTS = 17: "drop_no_local_endpoints",
+    DROP_CT_CLASH = 18: "drop_conntrack_clash",
+    PASS_STALE_REPLY = 19: "pass_stale_reply_entry_removed",
 }
 
 /// `skb->mark` that asks the program to decide without side effects (no

@@ -20,6 +20,12 @@ pub const VIP_MAP: &str = "VIP_V1";
 /// The master entry of a service port.
 pub const MASTER_SLOT: u16 = 0;
 
+/// [`ServiceEntry::flags`] of a master entry with no slots: the service has
+/// endpoints, but none this node may use (`internalTrafficPolicy: Local` and
+/// all of them on other nodes), so new flows are dropped, as kube-proxy's
+/// "has no local endpoints" DROP, instead of refused.
+pub const FLAG_NO_LOCAL_ENDPOINTS: u16 = 1 << 0;
+
 #[repr(C)]
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable,
@@ -43,9 +49,11 @@ pub struct ServiceEntry {
     /// Slot entries: the backend ID (host order). Master entry: 0.
     pub backend_id: u32,
     /// Master entry: number of backend slots; 0 means "no endpoints" and the
-    /// datapath refuses new flows. Host byte order.
+    /// datapath refuses new flows (drops them with
+    /// [`FLAG_NO_LOCAL_ENDPOINTS`]). Host byte order.
     pub count: u16,
-    /// Reserved for per-service flags (affinity, traffic policy); host order.
+    /// Master entry: `FLAG_*` bits (others reserved, e.g. for affinity).
+    /// Slots: 0. Host order.
     pub flags: u16,
     /// Stable ID of the service port (host order, never 0), shared by the
     /// master and its slots; indexes per-service statistics.

@@ -333,6 +333,12 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     };
     choice.svc_id = master.svc_id;
     if master.count == 0 {
+        // Endpoints exist, only not on this node: kube-proxy drops rather
+        // than refuses, so clients time out as they would against a node
+        // that cannot reach the service.
+        if master.flags & redirector_common::service::FLAG_NO_LOCAL_ENDPOINTS != 0 {
+            return Err(Verdict::drop(counters::DROP_NO_LOCAL_ENDPOINTS));
+        }
         return refuse::port_unreachable(ctx, link, mode, &pkt, counters::REFUSED_NO_ENDPOINTS);
     }
 

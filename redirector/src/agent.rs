@@ -16,10 +16,11 @@ use crate::datapath::{self, Datapath, MapSizes, Maps};
 use crate::error::Chain;
 use crate::interfaces::{self, InterfaceGlobs, LinkEvent};
 use crate::metrics::{self, Metrics};
-use crate::model::{Frontend, Ipv4Cidr};
+use crate::model::{Frontend, Ipv4Cidr, NodeTopology};
 use crate::source::Update;
 use crate::source::kube::{self as kube_source, Change, KubeSource};
 use crate::source::manifests::ManifestStore;
+use crate::source::node::NodeWatch;
 use crate::source::service_cidrs::ServiceRanges;
 
 /// How often the manifest directory is checked for changes.
@@ -43,6 +44,9 @@ pub enum Source {
 
 pub struct AgentConfig {
     pub source: Source,
+    /// The node this agent runs on (`--node-name`): which endpoints are
+    /// local, and whose zone topology hints are read for.
+    pub node_name: Option<String>,
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
     pub interfaces: InterfaceGlobs,
@@ -87,7 +91,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     // The watchers list while the maps are created and the program verified
     // (off this thread): the two are the bulk of a cold start.
-    let mut feed = Feed::start(&config.source).await?;
+    let mut feed = Feed::start(&config.source, config.node_name.as_deref()).await?;
     let (bpffs, sizes) = (config.bpffs.clone(), config.map_sizes);
     let (mut datapath, maps) = match tokio::task::spawn_blocking(move || Datapath::load(&bpffs, &sizes)).await
     {
@@ -222,19 +226,26 @@ enum Feed {
         woke_by: Option<(Instant, Change)>,
         /// The service ranges last written (none before the first sync).
         ranges: Option<ServiceRanges>,
+        /// This node's Node (with `--node-name`): a zone change recomputes
+        /// every Service, as kube-proxy's full sync on a topology change.
+        node: Option<NodeWatch>,
     },
 }
 
 impl Feed {
-    async fn start(source: &Source) -> Result<Self, AgentError> {
+    async fn start(source: &Source, node_name: Option<&str>) -> Result<Self, AgentError> {
         Ok(match source {
-            Source::Manifests { dir, service_cidr } => Feed::Manifests {
-                dir: dir.clone(),
-                service_cidr: *service_cidr,
-                store: ManifestStore::default(),
-                seen: None,
-                poll: tokio::time::interval(MANIFEST_POLL),
-            },
+            Source::Manifests { dir, service_cidr } => {
+                let mut store = ManifestStore::default();
+                store.set_node_name(node_name.map(str::to_owned));
+                Feed::Manifests {
+                    dir: dir.clone(),
+                    service_cidr: *service_cidr,
+                    store,
+                    seen: None,
+                    poll: tokio::time::interval(MANIFEST_POLL),
+                }
+            }
             Source::Kubernetes {
                 connection,
                 service_proxy_name,
@@ -245,15 +256,18 @@ impl Feed {
                     "watching Services, EndpointSlices and ServiceCIDRs; nothing is programmed until all \
                      are listed"
                 );
+                let node = node_name.map(|name| NodeWatch::start(client.clone(), name));
+                let mut source = KubeSource::start(client, service_proxy_name.as_deref(), *service_cidr);
+                source.set_node(NodeTopology {
+                    name: node_name.map(str::to_owned),
+                    zone: None,
+                });
                 Feed::Kubernetes {
-                    source: Box::new(KubeSource::start(
-                        client,
-                        service_proxy_name.as_deref(),
-                        *service_cidr,
-                    )),
+                    source: Box::new(source),
                     ready: false,
                     woke_by: None,
                     ranges: None,
+                    node,
                 }
             }
         })
@@ -274,19 +288,37 @@ impl Feed {
                 source,
                 ready,
                 woke_by,
+                node,
                 ..
             } => {
                 if !*ready {
                     source.wait_until_ready().await;
                     *ready = true;
                     tracing::info!("initial lists complete");
+                    if let Some(node) = node {
+                        source.set_node(node.current());
+                    }
                     *woke_by = Some((Instant::now(), Change::Relisted));
                     return;
                 }
-                match source.changes.recv().await {
-                    Some(change) => *woke_by = Some(change),
-                    // The senders live in the watcher tasks, which never end.
-                    None => std::future::pending::<()>().await,
+                let node_changed = async {
+                    match node {
+                        Some(node) => node.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    change = source.changes.recv() => match change {
+                        Some(change) => *woke_by = Some(change),
+                        // The senders live in the watcher tasks, which never end.
+                        None => std::future::pending::<()>().await,
+                    },
+                    () = node_changed => {
+                        if let Some(node) = node {
+                            source.set_node(node.current());
+                        }
+                        *woke_by = Some((Instant::now(), Change::Relisted));
+                    }
                 }
             }
         }

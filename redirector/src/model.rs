@@ -117,14 +117,41 @@ impl fmt::Display for ServicePortName {
 }
 
 /// One programmed service port: its name, and the endpoints new flows may pick
-/// (sorted, without duplicates; empty means "refuse").
+/// (sorted, without duplicates; empty means "refuse" or "drop", as
+/// `no_endpoints` says).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     pub name: ServicePortName,
     pub endpoints: Vec<Endpoint>,
+    /// What new flows get while `endpoints` is empty; always
+    /// [`NoEndpoints::Reject`] when it is not, so equal behaviour compares equal.
+    pub no_endpoints: NoEndpoints,
     /// What operators see about it (`redirector get`/`describe`); not used
     /// for forwarding.
     pub info: ServiceInfo,
+}
+
+/// What kube-proxy does with new connections to a service port that has no
+/// endpoint to send them to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum NoEndpoints {
+    /// No usable endpoint anywhere: refused (REJECT, ICMP port unreachable),
+    /// so clients fail at once.
+    #[default]
+    Reject,
+    /// `internalTrafficPolicy: Local` while the endpoints are all on other
+    /// nodes: dropped silently, as kube-proxy's "has no local endpoints" DROP.
+    Drop,
+}
+
+/// The node an agent runs on, as far as choosing endpoints goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeTopology {
+    /// `--node-name`. Without it no endpoint is local (kube-proxy with an
+    /// empty hostname does the same).
+    pub name: Option<String>,
+    /// The Node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
 }
 
 /// The parts of a Service that explain a service port to an operator.
@@ -150,6 +177,57 @@ pub struct ServiceInfo {
     /// `metadata.creationTimestamp` (RFC 3339), for AGE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
+    /// `spec.internalTrafficPolicy`, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<String>,
+    /// `spec.externalTrafficPolicy`, when set (it governs node ports and
+    /// external addresses, which the datapath does not serve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<String>,
+    /// `spec.trafficDistribution`, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<String>,
+    /// Which topology hints this node followed when choosing the endpoints.
+    #[serde(default, skip_serializing_if = "TopologyMode::is_none")]
+    pub topology: TopologyMode,
+    /// The node the endpoints were chosen for, and its zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Endpoints exist, none on this node, and the policy is Local: new
+    /// connections are dropped ([`NoEndpoints::Drop`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_local_endpoints: bool,
+}
+
+/// Which endpoints a node prefers, from the hints the EndpointSlice
+/// controller wrote (kube-proxy's `topologyModeFromHints`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum TopologyMode {
+    /// Every ready endpoint, wherever it is.
+    #[default]
+    None,
+    /// The endpoints hinted for this node's zone (`hints.forZones`).
+    PreferSameZone,
+    /// The endpoints hinted for this node (`hints.forNodes`).
+    PreferSameNode,
+}
+
+impl TopologyMode {
+    pub fn is_none(&self) -> bool {
+        *self == TopologyMode::None
+    }
+}
+
+impl fmt::Display for TopologyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TopologyMode::None => "none",
+            TopologyMode::PreferSameZone => "PreferSameZone",
+            TopologyMode::PreferSameNode => "PreferSameNode",
+        })
+    }
 }
 
 /// Everything the datapath should hold, keyed by frontend.

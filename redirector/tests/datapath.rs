@@ -9,7 +9,9 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use common::packet::{ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, Parsed, RST, SYN, Spec, assert_checksums};
 use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
-use redirector::model::{Desired, Endpoint, Frontend, Ipv4Cidr, Protocol, ServicePort, ServicePortName};
+use redirector::model::{
+    Desired, Endpoint, Frontend, Ipv4Cidr, NoEndpoints, Protocol, ServicePort, ServicePortName,
+};
 use redirector_common::config::MAX_SERVICE_CIDRS;
 use redirector_common::counters;
 
@@ -25,6 +27,8 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 /// Another service whose only endpoint is `POD:8080`, as `VIP:80`'s.
 const VIP_SHARED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+/// internalTrafficPolicy: Local, every endpoint on another node.
+const VIP_NO_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 
@@ -44,6 +48,7 @@ impl Harness {
             .expect("service cidr");
         let mut desired = Desired::new();
         let port = |name: &str, eps: &[(Ipv4Addr, u16)]| ServicePort {
+            no_endpoints: Default::default(),
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -62,6 +67,13 @@ impl Harness {
         desired.insert(fe(VIP, 53, Protocol::Udp), port("dns", &[(POD, 5353)]));
         desired.insert(fe(VIP_EMPTY, 80, Protocol::Tcp), port("empty", &[]));
         desired.insert(fe(VIP_SHARED, 80, Protocol::Tcp), port("shared", &[(POD, 8080)]));
+        desired.insert(
+            fe(VIP_NO_LOCAL, 80, Protocol::Tcp),
+            ServicePort {
+                no_endpoints: NoEndpoints::Drop,
+                ..port("elsewhere", &[])
+            },
+        );
         let report = writer.sync(&desired);
         assert!(
             report.errors.is_empty(),
@@ -477,6 +489,24 @@ fn refuses_and_drops() {
             counter: counters::REFUSED_NO_ENDPOINTS,
         },
         Case {
+            name: "TCP to a Local-policy service with endpoints only on other nodes is dropped, not refused",
+            frame: Spec::tcp((CLIENT, 40003), (VIP_NO_LOCAL, 80), SYN).build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_NO_LOCAL_ENDPOINTS,
+        },
+        Case {
+            name: "any segment to it is dropped: there is no flow to follow",
+            frame: Spec::tcp((CLIENT, 40003), (VIP_NO_LOCAL, 80), ACK).build(),
+            expect: Expect::Dropped,
+            counter: counters::DROP_NO_LOCAL_ENDPOINTS,
+        },
+        Case {
+            name: "its address on a port it does not define is still refused",
+            frame: Spec::tcp((CLIENT, 40003), (VIP_NO_LOCAL, 81), SYN).build(),
+            expect: Expect::Refused { from: VIP_NO_LOCAL },
+            counter: counters::REFUSED_UNKNOWN_PORT,
+        },
+        Case {
             name: "a large UDP datagram to a port the service does not define",
             frame: Spec::udp((CLIENT, 41000), (VIP_EMPTY, 80), &[7u8; 300]).build(),
             expect: Expect::Refused { from: VIP_EMPTY },
@@ -544,6 +574,85 @@ fn refuses_and_drops() {
     }
 }
 
+/// The master entry's "no local endpoints" flag follows the model through
+/// every change of a port (and only an empty port drops), and a restarted
+/// agent finds it as it was.
+#[test]
+fn dropping_without_local_endpoints_follows_the_model() {
+    let mut h = Harness::new();
+    let frontend = fe(VIP_NO_LOCAL, 80, Protocol::Tcp);
+    let port = |endpoints: &[Ipv4Addr], no_endpoints| ServicePort {
+        no_endpoints,
+        ..service("elsewhere", endpoints)
+    };
+    let steps = [
+        (
+            "no endpoints anywhere: refused (the flag is cleared)",
+            port(&[], NoEndpoints::Reject),
+            Expect::Refused { from: VIP_NO_LOCAL },
+            counters::REFUSED_NO_ENDPOINTS,
+        ),
+        (
+            "endpoints only elsewhere: dropped (the flag is set, the count stays 0)",
+            port(&[], NoEndpoints::Drop),
+            Expect::Dropped,
+            counters::DROP_NO_LOCAL_ENDPOINTS,
+        ),
+        (
+            "a local endpoint: forwarded",
+            port(&[POD], NoEndpoints::Reject),
+            Expect::Translated {
+                src: (CLIENT, 0),
+                dst: (POD, 8080),
+            },
+            counters::FORWARD_NEW_FLOW,
+        ),
+        (
+            "the local endpoint gone: dropped again (count and flag in one write)",
+            port(&[], NoEndpoints::Drop),
+            Expect::Dropped,
+            counters::DROP_NO_LOCAL_ENDPOINTS,
+        ),
+    ];
+    for (index, (name, wanted, expect, counter)) in steps.into_iter().enumerate() {
+        let report = h.writer.sync_frontends(&[(frontend, &wanted)], &[]);
+        assert!(report.errors.is_empty(), "{name}: {:?}", report.errors);
+        // A fresh client port per step: no flow of an earlier step applies.
+        let sport = 43000 + index as u16;
+        let expect = match expect {
+            Expect::Translated { dst, .. } => Expect::Translated {
+                src: (CLIENT, sport),
+                dst,
+            },
+            other => other,
+        };
+        check(
+            &h,
+            Case {
+                name,
+                frame: Spec::tcp((CLIENT, sport), (VIP_NO_LOCAL, 80), SYN).build(),
+                expect,
+                counter,
+            },
+        );
+    }
+    let last = port(&[], NoEndpoints::Drop);
+    let Harness {
+        _bpffs: bpffs,
+        datapath,
+        writer,
+    } = h;
+    drop((datapath, writer));
+    let (_datapath, maps) = Datapath::load(bpffs.path(), &MapSizes::default()).expect("reload");
+    let mut writer = MapWriter::new(maps).expect("writer after restart");
+    let resumed = writer.sync_frontends(&[(frontend, &last)], &[]);
+    assert_eq!(
+        (resumed.writes, resumed.deletes),
+        (0, 0),
+        "a restart finds the flag as it was written and rewrites nothing"
+    );
+}
+
 #[test]
 fn new_connection_on_a_reused_tuple_leaves_a_removed_endpoint() {
     let mut h = Harness::new();
@@ -561,6 +670,7 @@ fn new_connection_on_a_reused_tuple_leaves_a_removed_endpoint() {
     desired.insert(
         fe(VIP, 80, Protocol::Tcp),
         ServicePort {
+            no_endpoints: Default::default(),
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -613,6 +723,7 @@ fn every_packet_is_counted_once() {
 
 fn service(name: &str, endpoints: &[Ipv4Addr]) -> ServicePort {
     ServicePort {
+        no_endpoints: Default::default(),
         info: Default::default(),
         name: ServicePortName {
             namespace: "default".into(),

@@ -370,6 +370,7 @@ fn cluster_role_grants_exactly_read_access_to_services_endpointslices_and_servic
             "servicecidrs",
             ["list", "watch"].into_iter().collect(),
         ),
+        ("", "nodes", read.into_iter().collect()),
     ]
     .into_iter()
     .collect();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use redirector::datapath::record::Snapshot;
+use redirector::model::{ServiceInfo, TopologyMode};
 
 use super::BpffsArg;
 use super::views::{Scope, field, key_values, list_endpoints, plural, services, sorted};
@@ -95,6 +96,9 @@ pub fn describe_service(
             &format!("{}/{proto}", record.info.target_port),
         );
         field(&mut out, "Endpoints", &list_endpoints(&sorted(&port.endpoints)));
+        if let Some(chosen) = chosen_here(&record.info) {
+            field(&mut out, "Chosen Here", &chosen);
+        }
         field(
             &mut out,
             "Traffic",
@@ -124,6 +128,19 @@ pub fn describe_service(
         ));
     }
     field(&mut out, "Session Affinity", &svc.info.session_affinity);
+    for (label, value) in [
+        ("Internal Traffic Policy", &svc.info.internal_traffic_policy),
+        ("External Traffic Policy", &svc.info.external_traffic_policy),
+        ("Traffic Distribution", &svc.info.traffic_distribution),
+    ] {
+        if let Some(value) = value {
+            field(&mut out, label, value);
+        }
+    }
+    if let Some(node) = &svc.info.node {
+        let zone = svc.info.zone.as_deref().unwrap_or("<none>");
+        field(&mut out, "Node", &format!("{node} (zone {zone})"));
+    }
     let drift = if drift.is_empty() {
         "none (the maps hold what the agent wants)".to_owned()
     } else {
@@ -131,6 +148,27 @@ pub fn describe_service(
     };
     field(&mut out, "Drift", &drift);
     Ok(out)
+}
+
+/// Which endpoints this node uses for a port and why, when that is not
+/// simply every ready endpoint.
+fn chosen_here(info: &ServiceInfo) -> Option<String> {
+    let local = info.internal_traffic_policy.as_deref() == Some("Local");
+    if info.no_local_endpoints {
+        return Some(
+            "none: every endpoint is on another node (internalTrafficPolicy: Local); new connections are \
+             dropped"
+                .to_owned(),
+        );
+    }
+    let zone = info.zone.as_deref().unwrap_or("<none>");
+    let node = info.node.as_deref().unwrap_or("<none>");
+    match info.topology {
+        _ if local => Some(format!("this node's ({node}; internalTrafficPolicy: Local)")),
+        TopologyMode::PreferSameZone => Some(format!("those hinted for zone {zone} (topology hints)")),
+        TopologyMode::PreferSameNode => Some(format!("those hinted for node {node} (topology hints)")),
+        TopologyMode::None => None,
+    }
 }
 
 #[cfg(test)]
@@ -175,5 +213,76 @@ Drift:                    none (the maps hold what the agent wants)
             err.contains("shop/nope") && err.contains("/x"),
             "unknown service names it: {err}"
         );
+    }
+
+    #[test]
+    fn describes_policies_and_what_this_node_uses() {
+        let with = |edit: &dyn Fn(&mut ServiceInfo)| {
+            let mut s = snapshot();
+            for port in &mut s.ports {
+                let record = port.record.as_mut().expect("fixture records");
+                record.info.node = Some("node-1".into());
+                record.info.zone = Some("zone-a".into());
+                edit(&mut record.info);
+            }
+            describe_service(&s, "shop", "web-app", Path::new("/x")).expect("described")
+        };
+        /// What, how the records change, what the output holds, what it does not.
+        type Row<'a> = (
+            &'a str,
+            &'a dyn Fn(&mut ServiceInfo),
+            &'a [&'a str],
+            &'a [&'a str],
+        );
+        let cases: [Row; 4] = [
+            (
+                "Local policy",
+                &|info| info.internal_traffic_policy = Some("Local".into()),
+                &[
+                    "Internal Traffic Policy:  Local\n",
+                    "Chosen Here:              this node's (node-1; internalTrafficPolicy: Local)\n",
+                    "Node:                     node-1 (zone zone-a)\n",
+                ],
+                &["External Traffic Policy", "Traffic Distribution"],
+            ),
+            (
+                "Local policy, endpoints only elsewhere",
+                &|info| {
+                    info.internal_traffic_policy = Some("Local".into());
+                    info.no_local_endpoints = true;
+                },
+                &["Chosen Here:              none: every endpoint is on another node"],
+                &[],
+            ),
+            (
+                "zone hints",
+                &|info| {
+                    info.traffic_distribution = Some("PreferClose".into());
+                    info.external_traffic_policy = Some("Cluster".into());
+                    info.topology = TopologyMode::PreferSameZone;
+                },
+                &[
+                    "Traffic Distribution:     PreferClose\n",
+                    "External Traffic Policy:  Cluster\n",
+                    "Chosen Here:              those hinted for zone zone-a (topology hints)\n",
+                ],
+                &["Internal Traffic Policy"],
+            ),
+            (
+                "every ready endpoint",
+                &|_| {},
+                &["Node:                     node-1 (zone zone-a)\n"],
+                &["Chosen Here", "Traffic Policy", "Traffic Distribution"],
+            ),
+        ];
+        for (what, edit, present, absent) in cases {
+            let text = with(edit);
+            for needle in present {
+                assert!(text.contains(needle), "{what}: {needle:?} in\n{text}");
+            }
+            for needle in absent {
+                assert!(!text.contains(needle), "{what}: no {needle:?} in\n{text}");
+            }
+        }
     }
 }

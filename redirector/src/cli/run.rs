@@ -18,6 +18,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         map_sizes: args.map_sizes(),
         source: args.source(),
         conntrack_timeouts: args.conntrack_timeouts(),
+        node_name: args.node_name.clone(),
         healthz_bind_address: args.healthz_bind_address.0,
         metrics_bind_address: args.metrics_bind_address.0,
         interfaces: args.interfaces,
@@ -45,7 +46,8 @@ pub struct RunArgs {
     /// API server address, overriding the config's (never a ClusterIP this agent programs).
     #[arg(long)]
     pub api_server: Option<String>,
-    /// This node's name (recorded for topology-aware routing; informational for now).
+    /// This node's name: endpoints whose nodeName it is are local (internalTrafficPolicy: Local,
+    /// PreferSameNode), and its Node's zone label selects zone hints.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// Serve Services labelled service.kubernetes.io/service-proxy-name=<this> (and only those).

@@ -247,8 +247,10 @@ pub(super) mod fixture {
             target_port: target.into(),
             port_index: index,
             created: Some("2026-11-27T00:00:00Z".into()),
+            ..ServiceInfo::default()
         };
         let sp = ServicePort {
+            no_endpoints: Default::default(),
             name: ServicePortName {
                 namespace: "shop".into(),
                 name: "web-app".into(),

@@ -196,6 +196,7 @@ mod tests {
 
     fn port(labels: usize) -> ServicePort {
         ServicePort {
+            no_endpoints: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
                 name: "web".into(),
@@ -221,6 +222,7 @@ mod tests {
                 target_port: "8080".into(),
                 port_index: 0,
                 created: None,
+                ..ServiceInfo::default()
             },
         }
     }

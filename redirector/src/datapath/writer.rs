@@ -13,8 +13,8 @@ use aya::maps::{MapError, PerCpuValues};
 use redirector_common::{
     config::{CONFIG_MAP, Config, MAX_SERVICE_CIDRS, ServiceCidr},
     service::{
-        BACKEND_MAP, Backend, MASTER_SLOT, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry,
-        ServiceKey, ServiceMeta, ServiceStats, VIP_MAP, VipEntry,
+        BACKEND_MAP, Backend, FLAG_NO_LOCAL_ENDPOINTS, MASTER_SLOT, SERVICE_MAP, SERVICE_META_MAP,
+        SERVICE_STATS_MAP, ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VIP_MAP, VipEntry,
     },
 };
 
@@ -22,7 +22,7 @@ use super::Maps;
 use super::batch;
 use super::maps::MapsError;
 use crate::datapath::record::PortRecord;
-use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, ServicePort, ServicePortName};
+use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, NoEndpoints, ServicePort, ServicePortName};
 
 /// Slots are numbered by a `u16`, slot 0 being the master entry.
 pub const MAX_ENDPOINTS_PER_PORT: usize = u16::MAX as usize;
@@ -100,6 +100,8 @@ struct Slot {
 #[derive(Clone, Debug)]
 struct Programmed {
     svc_id: u32,
+    /// The master entry's flags.
+    flags: u16,
     /// Slot `i + 1` holds `slots[i]`.
     slots: Vec<Slot>,
     /// Digest of the record last written to the metadata map (the record
@@ -329,8 +331,8 @@ impl MapWriter {
             .collect();
         let masters: Vec<(ServiceKey, ServiceEntry)> = planned
             .iter()
-            .map(|(fe, _, svc_id, slots)| {
-                let master = ServiceEntry::master(slots.len() as u16, *svc_id);
+            .map(|(fe, port, svc_id, slots)| {
+                let master = master_entry(slots.len(), *svc_id, master_flags(port));
                 (service_key(*fe, MASTER_SLOT), master)
             })
             .collect();
@@ -367,6 +369,7 @@ impl MapWriter {
                 fe,
                 Programmed {
                     svc_id,
+                    flags: master_flags(port),
                     slots,
                     meta: None,
                 },
@@ -406,8 +409,10 @@ impl MapWriter {
         let mut next_backend_id = self.next_backend_id;
         let new_slots = plan_slots(old_slots, &port.endpoints, || alloc_id(&mut next_backend_id));
         let meta = PortRecord::new(port).encode();
+        let flags = master_flags(port);
         if let Some(old) = &old
             && new_slots == old_slots
+            && old.flags == flags
         {
             // Forwarding unchanged; only what operators see may differ.
             if old.meta != Some(digest(&meta)) {
@@ -428,8 +433,8 @@ impl MapWriter {
         let mut undo = Vec::new();
         let result = self.write_service(
             fe,
-            svc_id,
-            old.is_some(),
+            master_entry(new_slots.len(), svc_id, flags),
+            old.as_ref().map(|o| o.flags),
             old_slots,
             &new_slots,
             &mut undo,
@@ -462,6 +467,7 @@ impl MapWriter {
             fe,
             Programmed {
                 svc_id,
+                flags,
                 slots: new_slots,
                 meta: old.and_then(|o| o.meta),
             },
@@ -487,7 +493,8 @@ impl MapWriter {
         Ok(())
     }
 
-    /// Backends, then changed slots, then the master entry.
+    /// Backends, then changed slots, then the master entry (when it is new,
+    /// or its count or flags change). `old_flags` is `None` for a new port.
     #[allow(
         clippy::too_many_arguments,
         reason = "one service port's parts, written in the order the datapath needs"
@@ -495,14 +502,15 @@ impl MapWriter {
     fn write_service(
         &mut self,
         fe: Frontend,
-        svc_id: u32,
-        existed: bool,
+        master: ServiceEntry,
+        old_flags: Option<u16>,
         old_slots: &[Slot],
         new_slots: &[Slot],
         undo: &mut Vec<Undo>,
         report: &mut SyncReport,
     ) -> Result<(), (&'static str, MapError)> {
         let old_ids: HashSet<u32> = old_slots.iter().map(|s| s.backend_id).collect();
+        let svc_id = master.svc_id;
         for slot in new_slots.iter().filter(|s| !old_ids.contains(&s.backend_id)) {
             self.maps
                 .backends
@@ -528,8 +536,7 @@ impl MapWriter {
             });
             report.writes += 1;
         }
-        if !existed || old_slots.len() != new_slots.len() {
-            let master = ServiceEntry::master(new_slots.len() as u16, svc_id);
+        if old_flags != Some(master.flags) || old_slots.len() != new_slots.len() {
             self.maps
                 .services
                 .insert(service_key(fe, MASTER_SLOT), master, 0)
@@ -678,6 +685,7 @@ impl MapWriter {
                 port.frontend,
                 Programmed {
                     svc_id: port.master.svc_id,
+                    flags: port.master.flags,
                     slots: slots
                         .into_iter()
                         .map(|(backend_id, endpoint)| Slot { backend_id, endpoint })
@@ -793,6 +801,23 @@ fn backend_entry(fe: Frontend, slot: &Slot) -> Backend {
 }
 
 /// The service map's entry for `slot`: its backend ID and address.
+/// The master entry of a service port with `slots` slots.
+fn master_entry(slots: usize, svc_id: u32, flags: u16) -> ServiceEntry {
+    ServiceEntry {
+        flags,
+        ..ServiceEntry::master(slots as u16, svc_id)
+    }
+}
+
+/// The master flags `port` needs: only an empty port has any.
+fn master_flags(port: &ServicePort) -> u16 {
+    if port.endpoints.is_empty() && port.no_endpoints == NoEndpoints::Drop {
+        FLAG_NO_LOCAL_ENDPOINTS
+    } else {
+        0
+    }
+}
+
 fn slot_entry(slot: &Slot, svc_id: u32) -> ServiceEntry {
     ServiceEntry::slot(
         slot.backend_id,

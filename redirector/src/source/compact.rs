@@ -5,7 +5,7 @@
 //! `Endpoint` is 352 bytes before its strings), and a cache holds every
 //! object of the cluster: at 10k Services × 10 endpoints the full types cost
 //! about 45 MiB of the agent's heap. Unknown fields (managedFields,
-//! annotations, status, topology) are skipped while parsing, which also
+//! annotations, status, targetRef) are skipped while parsing, which also
 //! makes the initial lists cheaper to decode.
 
 use std::borrow::Cow;
@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Deserialize;
 
-use super::endpoints::{SERVICE_NAME_LABEL, SliceView};
+use super::endpoints::{SERVICE_NAME_LABEL, SliceEndpoint, SliceView};
 
 /// The metadata fields read by the proxy and by the watcher's cache.
 #[derive(Default, Deserialize)]
@@ -64,6 +64,28 @@ struct CompactServiceSpec {
     ports: Option<Vec<ServicePort>>,
     selector: Vec<(String, String)>,
     session_affinity: Option<String>,
+    policies: Option<Box<PolicyFields>>,
+}
+
+/// The fields that change which endpoints a node uses; rarely set, so kept
+/// behind one pointer.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicyFields {
+    internal_traffic_policy: Option<String>,
+    external_traffic_policy: Option<String>,
+    traffic_distribution: Option<String>,
+    #[serde(rename = "externalIPs")]
+    external_ips: Option<Vec<String>>,
+}
+
+impl PolicyFields {
+    fn is_empty(&self) -> bool {
+        self.internal_traffic_policy.is_none()
+            && self.external_traffic_policy.is_none()
+            && self.traffic_distribution.is_none()
+            && self.external_ips.as_ref().is_none_or(Vec::is_empty)
+    }
 }
 
 #[derive(Deserialize)]
@@ -84,6 +106,8 @@ struct SpecFields {
     ports: Option<Vec<ServicePort>>,
     selector: Option<BTreeMap<String, String>>,
     session_affinity: Option<String>,
+    #[serde(flatten)]
+    policies: PolicyFields,
 }
 
 impl From<ServiceFields> for CompactService {
@@ -98,6 +122,7 @@ impl From<ServiceFields> for CompactService {
                 ports: s.ports,
                 selector: s.selector.unwrap_or_default().into_iter().collect(),
                 session_affinity: s.session_affinity,
+                policies: (!s.policies.is_empty()).then(|| Box::new(s.policies)),
             }),
         }
     }
@@ -118,13 +143,20 @@ impl CompactService {
                 labels: map_of(&self.labels),
                 ..self.metadata.clone()
             },
-            spec: self.spec.as_ref().map(|s| ServiceSpec {
-                type_: s.type_.clone(),
-                cluster_ip: s.cluster_ip.clone(),
-                ports: s.ports.clone(),
-                selector: map_of(&s.selector),
-                session_affinity: s.session_affinity.clone(),
-                ..ServiceSpec::default()
+            spec: self.spec.as_ref().map(|s| {
+                let policies = s.policies.as_deref().cloned().unwrap_or_default();
+                ServiceSpec {
+                    type_: s.type_.clone(),
+                    cluster_ip: s.cluster_ip.clone(),
+                    ports: s.ports.clone(),
+                    selector: map_of(&s.selector),
+                    session_affinity: s.session_affinity.clone(),
+                    internal_traffic_policy: policies.internal_traffic_policy,
+                    external_traffic_policy: policies.external_traffic_policy,
+                    traffic_distribution: policies.traffic_distribution,
+                    external_ips: policies.external_ips,
+                    ..ServiceSpec::default()
+                }
             }),
             status: None,
         }
@@ -181,12 +213,16 @@ impl CompactSlice {
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct CompactEndpoint {
     /// Only the first address is used (as kube-proxy does); all are kept so
     /// the object reads as it was written.
     #[serde(default)]
     addresses: Vec<String>,
     conditions: Option<EndpointConditions>,
+    node_name: Option<String>,
+    zone: Option<String>,
+    hints: Option<EndpointHints>,
 }
 
 impl SliceView for CompactSlice {
@@ -196,11 +232,14 @@ impl SliceView for CompactSlice {
     fn ports(&self) -> &[EndpointPort] {
         self.ports.as_deref().unwrap_or_default()
     }
-    fn endpoints(&self) -> impl Iterator<Item = (Option<&str>, Option<&EndpointConditions>)> {
-        self.endpoints
-            .iter()
-            .flatten()
-            .map(|ep| (ep.addresses.first().map(String::as_str), ep.conditions.as_ref()))
+    fn endpoints(&self) -> impl Iterator<Item = SliceEndpoint<'_>> {
+        self.endpoints.iter().flatten().map(|ep| SliceEndpoint {
+            address: ep.addresses.first().map(String::as_str),
+            conditions: ep.conditions.as_ref(),
+            node_name: ep.node_name.as_deref(),
+            zone: ep.zone.as_deref(),
+            hints: ep.hints.as_ref(),
+        })
     }
 }
 
@@ -257,7 +296,8 @@ mod tests {
                    "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
       "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
                "selector": {"app": "web"}, "sessionAffinity": "ClientIP",
-               "externalTrafficPolicy": "Local",
+               "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+               "trafficDistribution": "PreferClose", "externalIPs": ["192.0.2.1"],
                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "web", "nodePort": 30080}]},
       "status": {"loadBalancer": {}}
     }"#;
@@ -270,7 +310,8 @@ mod tests {
       "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
       "endpoints": [
         {"addresses": ["10.244.1.5"], "conditions": {"ready": true, "serving": true, "terminating": false},
-         "nodeName": "n1", "zone": "a", "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
+         "nodeName": "n1", "zone": "a", "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"},
+         "hints": {"forZones": [{"name": "a"}], "forNodes": [{"name": "n1"}]}},
         {"addresses": ["10.244.2.6"], "conditions": {"ready": false, "serving": true, "terminating": true}}
       ]
     }"#;
@@ -287,6 +328,19 @@ mod tests {
         assert_eq!(spec.ports, want.ports, "ports");
         assert_eq!(spec.selector, want.selector, "selector");
         assert_eq!(spec.session_affinity, want.session_affinity, "sessionAffinity");
+        assert_eq!(
+            spec.internal_traffic_policy, want.internal_traffic_policy,
+            "internalTrafficPolicy"
+        );
+        assert_eq!(
+            spec.external_traffic_policy, want.external_traffic_policy,
+            "externalTrafficPolicy"
+        );
+        assert_eq!(
+            spec.traffic_distribution, want.traffic_distribution,
+            "trafficDistribution"
+        );
+        assert_eq!(spec.external_ips, want.external_ips, "externalIPs");
         assert_eq!(api.metadata.labels, full.metadata.labels, "labels");
         let meta = compact.meta();
         assert_eq!(meta.name.as_deref(), Some("web"), "name");

@@ -1,20 +1,32 @@
 //! kube-proxy's endpoint rules, in one place for every source.
 //!
-//! A Service port is programmed with the endpoints kube-proxy would use: the
-//! ready ones, or, only while none is ready, the ones that are terminating but
-//! still serving (so connections drain gracefully instead of being refused).
+//! A Service port is programmed with the endpoints kube-proxy would use on
+//! this node (`pkg/proxy/topology.go`, `CategorizeEndpoints`):
+//! - the ready ones, or, only while none is ready, the ones that are
+//!   terminating but still serving (so connections drain gracefully instead
+//!   of being refused);
+//! - with `internalTrafficPolicy: Local`, only those on this node, with the
+//!   same ready → serving-terminating fallback among them; when there are
+//!   none here but some elsewhere, new flows are dropped, not refused;
+//! - otherwise narrowed by topology hints: `hints.forNodes` when every ready
+//!   endpoint has one and one names this node, else `hints.forZones` when
+//!   every ready endpoint has one and one names this node's zone, else all.
+//!
 //! Candidates come from EndpointSlices (a live cluster) or from whatever a
 //! source derives them from (Pods, legacy Endpoints in manifest files).
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort as K8sServicePort};
-use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{Endpoint, Frontend, Protocol, ServiceInfo, ServicePort, ServicePortName};
+use crate::model::{
+    Endpoint, Frontend, NoEndpoints, NodeTopology, Protocol, ServiceInfo, ServicePort, ServicePortName,
+    TopologyMode,
+};
 
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -24,6 +36,10 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// The EndpointSlice controller, as [`MANAGED_BY_LABEL`] names it.
 pub const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
+
+/// The Node label naming its zone: which zone hints a node follows, and the
+/// `zone` the EndpointSlice controller gives the endpoints of its Pods.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Namespace of an object whose manifest leaves it out, as `kubectl apply` does.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -61,32 +77,214 @@ impl From<&EndpointConditions> for Conditions {
     }
 }
 
-/// One possible endpoint of a service port, with its state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where an endpoint runs, and whom the EndpointSlice controller hinted it
+/// for (discovery/v1 `nodeName`, `zone`, `hints`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// `hints.forZones[].name`.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub node_hints: Vec<String>,
+}
+
+impl Placement {
+    /// `nodeName` and `zone` as written, and the names of `hints`.
+    pub fn new(node_name: Option<&str>, zone: Option<&str>, hints: Option<&EndpointHints>) -> Self {
+        let hints = hints.cloned().unwrap_or_default();
+        Self {
+            node_name: node_name.map(str::to_owned),
+            zone: zone.map(str::to_owned),
+            zone_hints: hints.for_zones.into_iter().flatten().map(|z| z.name).collect(),
+            node_hints: hints.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
+        }
+    }
+}
+
+/// One possible endpoint of a service port, with its state and placement.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Candidate {
     pub endpoint: Endpoint,
     pub conditions: Conditions,
+    pub placement: Placement,
 }
 
-/// The endpoints new flows may use: the ready candidates; only when none is
-/// ready, the serving-and-terminating ones; never the others. Sorted, without
-/// duplicates.
-pub fn select_endpoints(candidates: &[Candidate]) -> Vec<Endpoint> {
-    let pick = |keep: fn(&Conditions) -> bool| {
-        let mut chosen: Vec<Endpoint> = candidates
-            .iter()
-            .filter(|c| keep(&c.conditions))
-            .map(|c| c.endpoint)
-            .collect();
+impl Candidate {
+    /// Whether it runs on `node` (kube-proxy: `nodeName` equals a non-empty
+    /// hostname).
+    fn is_local(&self, node: &NodeTopology) -> bool {
+        node.name
+            .as_deref()
+            .is_some_and(|name| !name.is_empty() && self.placement.node_name.as_deref() == Some(name))
+    }
+
+    fn is_serving_terminating(&self) -> bool {
+        self.conditions.is_serving() && self.conditions.is_terminating()
+    }
+}
+
+/// A Service's traffic policies as they bear on one of its ports
+/// (kube-proxy's `ServicePort` `InternalPolicyLocal`, `ExternalPolicyLocal`,
+/// `ExternallyAccessible`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficPolicies {
+    /// `internalTrafficPolicy: Local`: traffic to the ClusterIP stays on its node.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`, for a port reachable from outside.
+    pub external_local: bool,
+    /// The port has a node port, or the Service external addresses.
+    pub externally_accessible: bool,
+}
+
+impl TrafficPolicies {
+    pub fn of(service: &Service, port: &K8sServicePort) -> Self {
+        let spec = service.spec.as_ref();
+        // kube-proxy counts load-balancer addresses too; they live in the
+        // status, which the watch caches do not keep. A LoadBalancer
+        // Service has node ports unless it opted out of them.
+        let externally_accessible = port.node_port.is_some_and(|p| p != 0)
+            || spec.is_some_and(|s| {
+                s.type_.as_deref() == Some("LoadBalancer")
+                    || s.external_ips.as_ref().is_some_and(|ips| !ips.is_empty())
+            });
+        let local = |policy: Option<&String>| policy.is_some_and(|p| p == "Local");
+        Self {
+            internal_local: local(spec.and_then(|s| s.internal_traffic_policy.as_ref())),
+            external_local: externally_accessible
+                && local(spec.and_then(|s| s.external_traffic_policy.as_ref())),
+            externally_accessible,
+        }
+    }
+
+    /// kube-proxy's `UsesClusterEndpoints`: traffic that may go anywhere
+    /// (external traffic needs them even under a Local policy, for clients
+    /// inside the cluster).
+    fn uses_cluster(&self) -> bool {
+        !self.internal_local || self.externally_accessible
+    }
+
+    /// kube-proxy's `UsesLocalEndpoints`.
+    fn uses_local(&self) -> bool {
+        self.internal_local || (self.external_local && self.externally_accessible)
+    }
+}
+
+/// A service port's endpoints sorted by kube-proxy's rules for one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Categorized {
+    /// For Cluster-policy traffic, topology applied; `None` when no traffic
+    /// of the port uses the Cluster policy.
+    pub cluster: Option<Vec<Endpoint>>,
+    /// For Local-policy traffic: this node's; `None` when no traffic uses
+    /// the Local policy.
+    pub local: Option<Vec<Endpoint>>,
+    /// Whether any endpoint anywhere could serve (ready, or serving and
+    /// terminating), even if none is usable from this node.
+    pub has_any: bool,
+    /// The topology hints the Cluster set followed.
+    pub topology: TopologyMode,
+}
+
+impl Categorized {
+    /// What traffic to the ClusterIP uses (kube-proxy's internal traffic
+    /// chain): the Local set under `internalTrafficPolicy: Local`, else the
+    /// Cluster set; with none, DROP if endpoints exist elsewhere, else REJECT.
+    pub fn internal(&self, policies: &TrafficPolicies) -> (Vec<Endpoint>, NoEndpoints) {
+        let chosen = if policies.internal_local {
+            &self.local
+        } else {
+            &self.cluster
+        };
+        let endpoints = chosen.clone().unwrap_or_default();
+        let no_endpoints = if endpoints.is_empty() && self.has_any {
+            NoEndpoints::Drop
+        } else {
+            NoEndpoints::Reject
+        };
+        (endpoints, no_endpoints)
+    }
+}
+
+/// kube-proxy's `CategorizeEndpoints` for `node`. Candidates naming the same
+/// endpoint count once: the first, unless a later one is local (the
+/// EndpointSlice cache's rule).
+pub fn categorize(candidates: &[Candidate], policies: &TrafficPolicies, node: &NodeTopology) -> Categorized {
+    let mut unique: Vec<&Candidate> = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        match unique.iter_mut().find(|c| c.endpoint == candidate.endpoint) {
+            Some(seen) if candidate.is_local(node) => *seen = candidate,
+            Some(_) => {}
+            None => unique.push(candidate),
+        }
+    }
+    let pick = |keep: &dyn Fn(&Candidate) -> bool| {
+        let mut chosen: Vec<Endpoint> = unique.iter().filter(|c| keep(c)).map(|c| c.endpoint).collect();
         chosen.sort_unstable();
-        chosen.dedup();
         chosen
     };
-    let ready = pick(Conditions::is_ready);
-    if !ready.is_empty() {
-        return ready;
+    let mut out = Categorized::default();
+    if unique.is_empty() {
+        return out;
     }
-    pick(|c| c.is_serving() && c.is_terminating())
+    if policies.uses_cluster() {
+        let mode = topology_mode(&unique, node);
+        let mut cluster = pick(&|c| c.conditions.is_ready() && available_for_topology(c, mode, node));
+        // Topology never leaves the ready ones out altogether (the mode is
+        // only chosen when some match), so nothing is ready anywhere.
+        if cluster.is_empty() {
+            cluster = pick(&Candidate::is_serving_terminating);
+        }
+        out.has_any = !cluster.is_empty();
+        out.cluster = Some(cluster);
+        out.topology = mode;
+    }
+    if policies.uses_local() {
+        out.has_any |= unique
+            .iter()
+            .any(|c| c.conditions.is_ready() || c.is_serving_terminating());
+        let local_ready = pick(&|c| c.is_local(node) && c.conditions.is_ready());
+        out.local = Some(if local_ready.is_empty() {
+            pick(&|c| c.is_local(node) && c.is_serving_terminating())
+        } else {
+            local_ready
+        });
+    }
+    out
+}
+
+/// kube-proxy's `topologyModeFromHints`: node hints when every ready
+/// endpoint has one and one names this node; else zone hints when every
+/// ready endpoint has one and one names this node's zone; else none.
+fn topology_mode(candidates: &[&Candidate], node: &NodeTopology) -> TopologyMode {
+    let ready: Vec<&&Candidate> = candidates.iter().filter(|c| c.conditions.is_ready()).collect();
+    if ready.is_empty() {
+        return TopologyMode::None;
+    }
+    let names = |hints: &[String], name: Option<&str>| name.is_some_and(|n| hints.iter().any(|h| h == n));
+    let all_have =
+        |hints: fn(&Placement) -> &Vec<String>| ready.iter().all(|c| !hints(&c.placement).is_empty());
+    let node_name = node.name.as_deref();
+    if all_have(|p| &p.node_hints) && ready.iter().any(|c| names(&c.placement.node_hints, node_name)) {
+        return TopologyMode::PreferSameNode;
+    }
+    let zone = node.zone.as_deref();
+    if all_have(|p| &p.zone_hints) && ready.iter().any(|c| names(&c.placement.zone_hints, zone)) {
+        return TopologyMode::PreferSameZone;
+    }
+    TopologyMode::None
+}
+
+/// kube-proxy's `availableForTopology`.
+fn available_for_topology(candidate: &Candidate, mode: TopologyMode, node: &NodeTopology) -> bool {
+    let named = |hints: &[String], name: &Option<String>| {
+        name.as_deref().is_some_and(|n| hints.iter().any(|h| h == n))
+    };
+    match mode {
+        TopologyMode::None => true,
+        TopologyMode::PreferSameNode => named(&candidate.placement.node_hints, &node.name),
+        TopologyMode::PreferSameZone => named(&candidate.placement.zone_hints, &node.zone),
+    }
 }
 
 /// Kubernetes' protocol spelling to ours; absent means TCP. `None` for
@@ -183,6 +381,17 @@ pub fn slice_belongs_to(slice: &EndpointSlice, namespace: &str, name: &str) -> b
             == Some(name)
 }
 
+/// What [`slice_candidates`] reads of one endpoint of an EndpointSlice.
+#[derive(Clone, Copy, Debug)]
+pub struct SliceEndpoint<'a> {
+    /// The first address (kube-proxy uses only that one).
+    pub address: Option<&'a str>,
+    pub conditions: Option<&'a EndpointConditions>,
+    pub node_name: Option<&'a str>,
+    pub zone: Option<&'a str>,
+    pub hints: Option<&'a EndpointHints>,
+}
+
 /// What [`slice_candidates`] reads of an EndpointSlice, so the API type and
 /// the watch cache's compact copy share one rule.
 pub trait SliceView {
@@ -190,8 +399,8 @@ pub trait SliceView {
     fn address_type(&self) -> &str;
     /// `ports`.
     fn ports(&self) -> &[EndpointPort];
-    /// Each endpoint's first address and its conditions.
-    fn endpoints(&self) -> impl Iterator<Item = (Option<&str>, Option<&EndpointConditions>)>;
+    /// `endpoints`.
+    fn endpoints(&self) -> impl Iterator<Item = SliceEndpoint<'_>>;
 }
 
 impl SliceView for EndpointSlice {
@@ -201,11 +410,14 @@ impl SliceView for EndpointSlice {
     fn ports(&self) -> &[EndpointPort] {
         self.ports.as_deref().unwrap_or_default()
     }
-    fn endpoints(&self) -> impl Iterator<Item = (Option<&str>, Option<&EndpointConditions>)> {
-        self.endpoints
-            .iter()
-            .flatten()
-            .map(|ep| (ep.addresses.first().map(String::as_str), ep.conditions.as_ref()))
+    fn endpoints(&self) -> impl Iterator<Item = SliceEndpoint<'_>> {
+        self.endpoints.iter().flatten().map(|ep| SliceEndpoint {
+            address: ep.addresses.first().map(String::as_str),
+            conditions: ep.conditions.as_ref(),
+            node_name: ep.node_name.as_deref(),
+            zone: ep.zone.as_deref(),
+            hints: ep.hints.as_ref(),
+        })
     }
 }
 
@@ -222,13 +434,14 @@ pub fn slice_candidates<S: SliceView>(port_name: &str, protocol: Protocol, slice
         // A port without a number means "all ports", which a service port
         // cannot map to; kube-proxy skips it too.
         for port in matching.filter_map(|p| p.port.and_then(port_number)) {
-            for (address, conditions) in slice.endpoints() {
-                let Some(addr) = address.and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+            for ep in slice.endpoints() {
+                let Some(addr) = ep.address.and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
                     continue;
                 };
                 out.push(Candidate {
                     endpoint: Endpoint { addr, port },
-                    conditions: conditions.map(Conditions::from).unwrap_or_default(),
+                    conditions: ep.conditions.map(Conditions::from).unwrap_or_default(),
+                    placement: Placement::new(ep.node_name, ep.zone, ep.hints),
                 });
             }
         }
@@ -237,11 +450,13 @@ pub fn slice_candidates<S: SliceView>(port_name: &str, protocol: Protocol, slice
 }
 
 /// Datapath entries for `service` at `cluster_ip`, one per programmable port,
-/// with endpoints selected from `candidates_for(port)`. A port without
-/// endpoints is still listed, with none, so the datapath refuses it.
+/// with the endpoints `node` uses among `candidates_for(port)`. A port
+/// without endpoints is still listed, with none, so the datapath refuses (or
+/// drops) its traffic.
 pub fn entries_with<'a>(
     service: &'a Service,
     cluster_ip: Ipv4Addr,
+    node: &NodeTopology,
     mut candidates_for: impl FnMut(&ProgrammablePort<'a>) -> Vec<Candidate>,
 ) -> Vec<(Frontend, ServicePort)> {
     let namespace = namespace_of(&service.metadata);
@@ -253,14 +468,30 @@ pub fn entries_with<'a>(
                 port: port.port,
                 protocol: port.protocol,
             };
+            let policies = TrafficPolicies::of(service, port.spec);
+            let categorized = categorize(&candidates_for(&port), &policies, node);
+            let (endpoints, no_endpoints) = categorized.internal(&policies);
+            let info = ServiceInfo {
+                // The Local set ignores topology.
+                topology: if policies.internal_local {
+                    TopologyMode::None
+                } else {
+                    categorized.topology
+                },
+                node: node.name.clone(),
+                zone: node.zone.clone(),
+                no_local_endpoints: no_endpoints == NoEndpoints::Drop,
+                ..service_info(service, &port)
+            };
             let service_port = ServicePort {
                 name: ServicePortName {
                     namespace: namespace.to_owned(),
                     name: name.to_owned(),
                     port: port.name.to_owned(),
                 },
-                endpoints: select_endpoints(&candidates_for(&port)),
-                info: service_info(service, &port),
+                endpoints,
+                no_endpoints,
+                info,
             };
             (frontend, service_port)
         })
@@ -294,6 +525,10 @@ pub fn service_info(service: &Service, port: &ProgrammablePort<'_>) -> ServiceIn
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.to_string()),
+        internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.clone()),
+        external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.clone()),
+        traffic_distribution: spec.and_then(|s| s.traffic_distribution.clone()),
+        ..ServiceInfo::default()
     }
 }
 
@@ -315,7 +550,7 @@ mod tests {
             .iter()
             .filter(|s| slice_belongs_to(s, namespace, name))
             .collect();
-        entries_with(service, cluster_ip, |port| {
+        entries_with(service, cluster_ip, &NodeTopology::default(), |port| {
             slice_candidates(port.name, port.protocol, &own)
         })
     }
@@ -335,6 +570,7 @@ mod tests {
                 serving,
                 terminating,
             },
+            placement: Placement::default(),
         }
     }
 
@@ -381,8 +617,628 @@ mod tests {
                 vec![ep(1, 80)],
             ),
         ];
+        let cluster = TrafficPolicies::default();
         for (what, candidates, want) in cases {
-            assert_eq!(&select_endpoints(candidates), want, "{what}");
+            let (got, _) = categorize(candidates, &cluster, &NodeTopology::default()).internal(&cluster);
+            assert_eq!(&got, want, "{what}");
+        }
+    }
+
+    /// This node in the kube-proxy tables below.
+    const NODE: &str = "node-1";
+
+    /// An endpoint as kube-proxy's tests write one (`BaseEndpointInfo`):
+    /// every condition false unless set.
+    struct Ep(Candidate);
+
+    fn at(addr: &str) -> Ep {
+        let (ip, port) = addr.split_once(':').expect("ADDRESS:PORT");
+        Ep(Candidate {
+            endpoint: Endpoint {
+                addr: ip.parse().expect("test address"),
+                port: port.parse().expect("test port"),
+            },
+            conditions: Conditions {
+                ready: Some(false),
+                serving: Some(false),
+                terminating: Some(false),
+            },
+            placement: Placement {
+                node_name: Some("node-2".into()),
+                ..Placement::default()
+            },
+        })
+    }
+
+    impl Ep {
+        fn ready(mut self) -> Self {
+            self.0.conditions.ready = Some(true);
+            self.0.conditions.serving = Some(true);
+            self
+        }
+        fn serving_terminating(mut self) -> Self {
+            self.0.conditions.serving = Some(true);
+            self.0.conditions.terminating = Some(true);
+            self
+        }
+        fn local(mut self) -> Self {
+            self.0.placement.node_name = Some(NODE.into());
+            self
+        }
+        fn zones(mut self, zones: &[&str]) -> Self {
+            self.0.placement.zone_hints = zones.iter().map(|z| (*z).to_owned()).collect();
+            self
+        }
+        fn nodes(mut self, nodes: &[&str]) -> Self {
+            self.0.placement.node_hints = nodes.iter().map(|n| (*n).to_owned()).collect();
+            self
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        zone: Option<&'static str>,
+        policies: TrafficPolicies,
+        endpoints: Vec<Ep>,
+        cluster: Option<&'static [&'static str]>,
+        local: Option<&'static [&'static str]>,
+        has_any: bool,
+    }
+
+    const CLUSTER: TrafficPolicies = TrafficPolicies {
+        internal_local: false,
+        external_local: false,
+        externally_accessible: false,
+    };
+    const ITP_LOCAL: TrafficPolicies = TrafficPolicies {
+        internal_local: true,
+        ..CLUSTER
+    };
+    /// A node port with externalTrafficPolicy: Local.
+    const ETP_LOCAL: TrafficPolicies = TrafficPolicies {
+        external_local: true,
+        externally_accessible: true,
+        ..CLUSTER
+    };
+    const NODE_PORT: TrafficPolicies = TrafficPolicies {
+        externally_accessible: true,
+        ..CLUSTER
+    };
+
+    /// kube-proxy's `TestCategorizeEndpoints` (pkg/proxy/topology_test.go),
+    /// as of the release where hints are followed whatever the Service's
+    /// annotations say, plus the node-hint cases of PreferSameNode.
+    #[test]
+    fn categorize_follows_kube_proxy() {
+        let zone_a = Some("zone-a");
+        let four_zoned = || {
+            vec![
+                at("10.1.2.3:80").zones(&["zone-a"]).ready(),
+                at("10.1.2.4:80").zones(&["zone-b"]).ready(),
+                at("10.1.2.5:80").zones(&["zone-c"]).ready(),
+                at("10.1.2.6:80").zones(&["zone-a"]).ready(),
+            ]
+        };
+        let cases = vec![
+            Case {
+                name: "zone hints: this zone's endpoints",
+                zone: zone_a,
+                policies: CLUSTER,
+                endpoints: four_zoned(),
+                cluster: Some(&["10.1.2.3:80", "10.1.2.6:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "externalTrafficPolicy: Local, topology ignored for Local endpoints",
+                zone: zone_a,
+                policies: ETP_LOCAL,
+                endpoints: vec![
+                    at("10.1.2.3:80").zones(&["zone-a"]).ready().local(),
+                    at("10.1.2.4:80").zones(&["zone-b"]).ready().local(),
+                    at("10.1.2.5:80").zones(&["zone-c"]).ready(),
+                    at("10.1.2.6:80").zones(&["zone-a"]).ready(),
+                ],
+                cluster: Some(&["10.1.2.3:80", "10.1.2.6:80"]),
+                local: Some(&["10.1.2.3:80", "10.1.2.4:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "internalTrafficPolicy: Local, topology ignored for Local endpoints",
+                zone: zone_a,
+                policies: TrafficPolicies {
+                    internal_local: true,
+                    ..NODE_PORT
+                },
+                endpoints: vec![
+                    at("10.1.2.3:80").zones(&["zone-a"]).ready().local(),
+                    at("10.1.2.4:80").zones(&["zone-b"]).ready().local(),
+                    at("10.1.2.5:80").zones(&["zone-c"]).ready(),
+                    at("10.1.2.6:80").zones(&["zone-a"]).ready(),
+                ],
+                cluster: Some(&["10.1.2.3:80", "10.1.2.6:80"]),
+                local: Some(&["10.1.2.3:80", "10.1.2.4:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "node without a zone label: no filtering",
+                zone: None,
+                policies: CLUSTER,
+                endpoints: vec![at("10.1.2.3:80").zones(&["zone-a"]).ready()],
+                cluster: Some(&["10.1.2.3:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "empty zone label: no filtering",
+                zone: Some(""),
+                policies: CLUSTER,
+                endpoints: vec![at("10.1.2.3:80").zones(&["zone-a"]).ready()],
+                cluster: Some(&["10.1.2.3:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "node in a different zone: no filtering",
+                zone: Some("zone-b"),
+                policies: CLUSTER,
+                endpoints: vec![at("10.1.2.3:80").zones(&["zone-a"]).ready()],
+                cluster: Some(&["10.1.2.3:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "unready endpoint",
+                zone: zone_a,
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.1.2.3:80").zones(&["zone-a"]).ready(),
+                    at("10.1.2.4:80").zones(&["zone-b"]).ready(),
+                    at("10.1.2.5:80").zones(&["zone-c"]).ready(),
+                    at("10.1.2.6:80").zones(&["zone-a"]),
+                ],
+                cluster: Some(&["10.1.2.3:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "only unready endpoints in this zone: no filtering",
+                zone: zone_a,
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.1.2.3:80").zones(&["zone-a"]),
+                    at("10.1.2.4:80").zones(&["zone-b"]).ready(),
+                    at("10.1.2.5:80").zones(&["zone-c"]).ready(),
+                    at("10.1.2.6:80").zones(&["zone-a"]),
+                ],
+                cluster: Some(&["10.1.2.4:80", "10.1.2.5:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "a ready endpoint without hints: no filtering",
+                zone: zone_a,
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.1.2.3:80").zones(&["zone-a"]).ready(),
+                    at("10.1.2.4:80").zones(&["zone-b"]).ready(),
+                    at("10.1.2.5:80").ready(),
+                    at("10.1.2.6:80").zones(&["zone-a"]).ready(),
+                ],
+                cluster: Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.5:80", "10.1.2.6:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "multiple hints per endpoint: any naming this zone",
+                zone: Some("zone-c"),
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.1.2.3:80").zones(&["zone-a", "zone-b", "zone-c"]).ready(),
+                    at("10.1.2.4:80").zones(&["zone-b", "zone-c"]).ready(),
+                    at("10.1.2.5:80").zones(&["zone-b", "zone-d"]).ready(),
+                    at("10.1.2.6:80").zones(&["zone-c"]).ready(),
+                ],
+                cluster: Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "conflicting topology and localness",
+                zone: zone_a,
+                policies: ETP_LOCAL,
+                endpoints: vec![
+                    at("10.0.0.0:80").zones(&["zone-a"]).ready().local(),
+                    at("10.0.0.1:80").zones(&["zone-b"]).ready().local(),
+                    at("10.0.0.2:80").zones(&["zone-a"]).ready(),
+                    at("10.0.0.3:80").zones(&["zone-b"]).ready(),
+                ],
+                cluster: Some(&["10.0.0.0:80", "10.0.0.2:80"]),
+                local: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "internalTrafficPolicy: Local, no endpoints",
+                zone: None,
+                policies: ITP_LOCAL,
+                endpoints: vec![],
+                cluster: None,
+                local: None,
+                has_any: false,
+            },
+            Case {
+                name: "internalTrafficPolicy: Local, all endpoints remote",
+                zone: None,
+                policies: ITP_LOCAL,
+                endpoints: vec![at("10.0.0.0:80").ready(), at("10.0.0.1:80").ready()],
+                cluster: None,
+                local: Some(&[]),
+                has_any: true,
+            },
+            Case {
+                name: "internalTrafficPolicy: Local, all endpoints local",
+                zone: None,
+                policies: ITP_LOCAL,
+                endpoints: vec![
+                    at("10.0.0.0:80").ready().local(),
+                    at("10.0.0.1:80").ready().local(),
+                ],
+                cluster: None,
+                local: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "internalTrafficPolicy: Local, some endpoints local",
+                zone: None,
+                policies: ITP_LOCAL,
+                endpoints: vec![at("10.0.0.0:80").ready().local(), at("10.0.0.1:80").ready()],
+                cluster: None,
+                local: Some(&["10.0.0.0:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "Cluster policy, endpoints not ready",
+                zone: None,
+                policies: CLUSTER,
+                endpoints: vec![at("10.0.0.0:80"), at("10.0.0.1:80")],
+                cluster: Some(&[]),
+                local: None,
+                has_any: false,
+            },
+            Case {
+                name: "Cluster policy, some endpoints ready",
+                zone: None,
+                policies: CLUSTER,
+                endpoints: vec![at("10.0.0.0:80"), at("10.0.0.1:80").ready()],
+                cluster: Some(&["10.0.0.1:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "Cluster policy, all endpoints terminating",
+                zone: None,
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.0.0.0:80").serving_terminating().local(),
+                    at("10.0.0.1:80").serving_terminating(),
+                ],
+                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "iTP: Local, eTP: Cluster, some endpoints local",
+                zone: None,
+                policies: TrafficPolicies {
+                    internal_local: true,
+                    ..NODE_PORT
+                },
+                endpoints: vec![at("10.0.0.0:80").ready().local(), at("10.0.0.1:80").ready()],
+                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                local: Some(&["10.0.0.0:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "iTP: Cluster, eTP: Local, some endpoints local",
+                zone: None,
+                policies: ETP_LOCAL,
+                endpoints: vec![at("10.0.0.0:80").ready().local(), at("10.0.0.1:80").ready()],
+                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                local: Some(&["10.0.0.0:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "iTP: Local, eTP: Local, all endpoints remote",
+                zone: None,
+                policies: TrafficPolicies {
+                    internal_local: true,
+                    ..ETP_LOCAL
+                },
+                endpoints: vec![at("10.0.0.0:80").ready(), at("10.0.0.1:80").ready()],
+                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                local: Some(&[]),
+                has_any: true,
+            },
+            Case {
+                name: "iTP: Local, eTP: Local, all endpoints remote and terminating",
+                zone: None,
+                policies: TrafficPolicies {
+                    internal_local: true,
+                    ..ETP_LOCAL
+                },
+                endpoints: vec![
+                    at("10.0.0.0:80").serving_terminating(),
+                    at("10.0.0.1:80").serving_terminating(),
+                ],
+                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                local: Some(&[]),
+                has_any: true,
+            },
+            Case {
+                name: "iTP: Cluster, eTP: Local, terminating endpoints: per-node fallback",
+                zone: None,
+                policies: ETP_LOCAL,
+                endpoints: vec![
+                    at("10.0.0.0:80").ready(),
+                    at("10.0.0.1:80").local(),
+                    at("10.0.0.2:80").serving_terminating().local(),
+                    at("10.0.0.3:80").serving_terminating(),
+                ],
+                cluster: Some(&["10.0.0.0:80"]),
+                local: Some(&["10.0.0.2:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "iTP: Local, terminating endpoints: per-node fallback",
+                zone: None,
+                policies: ITP_LOCAL,
+                endpoints: vec![
+                    at("10.0.0.0:80").ready(),
+                    at("10.0.0.1:80").local(),
+                    at("10.0.0.2:80").serving_terminating().local(),
+                ],
+                cluster: None,
+                local: Some(&["10.0.0.2:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "externalTrafficPolicy ignored if not externally accessible",
+                zone: None,
+                policies: TrafficPolicies {
+                    external_local: true,
+                    ..CLUSTER
+                },
+                endpoints: vec![at("10.0.0.0:80").ready(), at("10.0.0.1:80").ready().local()],
+                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "no cluster endpoints for an iTP: Local internal-only service",
+                zone: None,
+                policies: ITP_LOCAL,
+                endpoints: vec![at("10.0.0.0:80").ready(), at("10.0.0.1:80").ready().local()],
+                cluster: None,
+                local: Some(&["10.0.0.1:80"]),
+                has_any: true,
+            },
+            Case {
+                name: "PreferSameNode: the endpoints hinted for this node",
+                zone: zone_a,
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.1.2.3:80").zones(&["zone-a"]).nodes(&[NODE]).ready(),
+                    at("10.1.2.4:80").zones(&["zone-a"]).nodes(&["node-2"]).ready(),
+                    at("10.1.2.5:80").zones(&["zone-b"]).nodes(&["node-3"]).ready(),
+                ],
+                cluster: Some(&["10.1.2.3:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "PreferSameNode, none hinted for this node: zone hints",
+                zone: zone_a,
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.1.2.4:80").zones(&["zone-a"]).nodes(&["node-2"]).ready(),
+                    at("10.1.2.5:80").zones(&["zone-b"]).nodes(&["node-3"]).ready(),
+                ],
+                cluster: Some(&["10.1.2.4:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "PreferSameNode, a ready endpoint without node hint: zone hints",
+                zone: zone_a,
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.1.2.3:80").zones(&["zone-a"]).nodes(&[NODE]).ready(),
+                    at("10.1.2.4:80").zones(&["zone-a"]).ready(),
+                    at("10.1.2.5:80").zones(&["zone-b"]).nodes(&["node-3"]).ready(),
+                ],
+                cluster: Some(&["10.1.2.3:80", "10.1.2.4:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "PreferSameNode, node hints only and none for this node: all",
+                zone: zone_a,
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.1.2.4:80").nodes(&["node-2"]).ready(),
+                    at("10.1.2.5:80").nodes(&["node-3"]).ready(),
+                ],
+                cluster: Some(&["10.1.2.4:80", "10.1.2.5:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "hinted endpoints not ready anywhere: serving-terminating ones, topology ignored",
+                zone: zone_a,
+                policies: CLUSTER,
+                endpoints: vec![
+                    at("10.1.2.3:80").zones(&["zone-a"]).serving_terminating(),
+                    at("10.1.2.4:80").zones(&["zone-b"]).serving_terminating(),
+                ],
+                cluster: Some(&["10.1.2.3:80", "10.1.2.4:80"]),
+                local: None,
+                has_any: true,
+            },
+            Case {
+                name: "the same endpoint twice: a local copy wins",
+                zone: None,
+                policies: ITP_LOCAL,
+                endpoints: vec![at("10.0.0.0:80").ready(), at("10.0.0.0:80").ready().local()],
+                cluster: None,
+                local: Some(&["10.0.0.0:80"]),
+                has_any: true,
+            },
+        ];
+        let set = |addrs: &[&str]| -> Vec<Endpoint> {
+            let mut v: Vec<Endpoint> = addrs.iter().map(|a| at(a).0.endpoint).collect();
+            v.sort_unstable();
+            v
+        };
+        for case in cases {
+            let node = NodeTopology {
+                name: Some(NODE.into()),
+                zone: case.zone.map(str::to_owned),
+            };
+            let candidates: Vec<Candidate> = case.endpoints.into_iter().map(|e| e.0).collect();
+            let got = categorize(&candidates, &case.policies, &node);
+            assert_eq!(
+                got.cluster,
+                case.cluster.map(set),
+                "{}: cluster endpoints",
+                case.name
+            );
+            assert_eq!(got.local, case.local.map(set), "{}: local endpoints", case.name);
+            assert_eq!(got.has_any, case.has_any, "{}: has any endpoints", case.name);
+        }
+    }
+
+    /// What the ClusterIP does: kube-proxy's internal traffic chain and its
+    /// filter rule (REJECT "has no endpoints", DROP "has no local endpoints").
+    #[test]
+    fn cluster_ip_uses_the_internal_policy() {
+        let node = NodeTopology {
+            name: Some(NODE.into()),
+            zone: Some("zone-a".into()),
+        };
+        /// What, policies, endpoints, the ClusterIP's endpoints, its verdict without them.
+        type Row = (
+            &'static str,
+            TrafficPolicies,
+            Vec<Ep>,
+            &'static [&'static str],
+            NoEndpoints,
+        );
+        let cases: Vec<Row> = vec![
+            (
+                "Cluster: every ready endpoint",
+                CLUSTER,
+                vec![at("10.0.0.1:80").ready(), at("10.0.0.2:80").ready().local()],
+                &["10.0.0.1:80", "10.0.0.2:80"],
+                NoEndpoints::Reject,
+            ),
+            (
+                "Cluster, none usable: refused",
+                CLUSTER,
+                vec![at("10.0.0.1:80")],
+                &[],
+                NoEndpoints::Reject,
+            ),
+            (
+                "Local: this node's only",
+                ITP_LOCAL,
+                vec![at("10.0.0.1:80").ready(), at("10.0.0.2:80").ready().local()],
+                &["10.0.0.2:80"],
+                NoEndpoints::Reject,
+            ),
+            (
+                "Local, endpoints only elsewhere: dropped",
+                ITP_LOCAL,
+                vec![at("10.0.0.1:80").ready()],
+                &[],
+                NoEndpoints::Drop,
+            ),
+            (
+                "Local, only terminating endpoints elsewhere: dropped",
+                ITP_LOCAL,
+                vec![at("10.0.0.1:80").serving_terminating()],
+                &[],
+                NoEndpoints::Drop,
+            ),
+            (
+                "Local, no usable endpoint anywhere: refused",
+                ITP_LOCAL,
+                vec![at("10.0.0.1:80"), at("10.0.0.2:80").local()],
+                &[],
+                NoEndpoints::Reject,
+            ),
+            (
+                "Local, no endpoints: refused",
+                ITP_LOCAL,
+                vec![],
+                &[],
+                NoEndpoints::Reject,
+            ),
+            (
+                "Local ignores zone hints",
+                ITP_LOCAL,
+                vec![
+                    at("10.0.0.1:80").zones(&["zone-b"]).ready().local(),
+                    at("10.0.0.2:80").zones(&["zone-a"]).ready(),
+                ],
+                &["10.0.0.1:80"],
+                NoEndpoints::Reject,
+            ),
+            (
+                "externalTrafficPolicy: Local does not narrow the ClusterIP",
+                ETP_LOCAL,
+                vec![at("10.0.0.1:80").ready(), at("10.0.0.2:80").ready().local()],
+                &["10.0.0.1:80", "10.0.0.2:80"],
+                NoEndpoints::Reject,
+            ),
+        ];
+        for (what, policies, endpoints, want, want_verdict) in cases {
+            let candidates: Vec<Candidate> = endpoints.into_iter().map(|e| e.0).collect();
+            let (got, verdict) = categorize(&candidates, &policies, &node).internal(&policies);
+            let want: Vec<Endpoint> = want.iter().map(|a| at(a).0.endpoint).collect();
+            assert_eq!(got, want, "{what}: endpoints");
+            assert_eq!(verdict, want_verdict, "{what}: without endpoints");
+        }
+    }
+
+    #[test]
+    fn policies_are_read_from_the_service() {
+        let cases = [
+            ("{ports: [{port: 80}]}", CLUSTER),
+            ("{internalTrafficPolicy: Local, ports: [{port: 80}]}", ITP_LOCAL),
+            ("{internalTrafficPolicy: Cluster, ports: [{port: 80}]}", CLUSTER),
+            (
+                "{externalTrafficPolicy: Local, ports: [{port: 80}]}",
+                TrafficPolicies {
+                    external_local: false,
+                    ..CLUSTER
+                },
+            ),
+            (
+                "{type: NodePort, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}",
+                ETP_LOCAL,
+            ),
+            ("{externalIPs: [192.0.2.1], ports: [{port: 80}]}", NODE_PORT),
+            (
+                "{type: LoadBalancer, externalTrafficPolicy: Local, ports: [{port: 80}]}",
+                ETP_LOCAL,
+            ),
+        ];
+        for (spec, want) in cases {
+            let svc = service(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec: {spec}\n"
+            ));
+            let port = &svc.spec.as_ref().and_then(|s| s.ports.as_ref()).expect("ports")[0];
+            assert_eq!(TrafficPolicies::of(&svc, port), want, "spec {spec}");
         }
     }
 
@@ -502,6 +1358,7 @@ endpoints: [{addresses: ["fd00::1"]}]
                     protocol: Protocol::Tcp,
                 },
                 ServicePort {
+                    no_endpoints: NoEndpoints::Reject,
                     name: name("http"),
                     endpoints: vec![ep(1, 8080), ep(2, 8080)],
                     info: ServiceInfo::default(),
@@ -514,6 +1371,7 @@ endpoints: [{addresses: ["fd00::1"]}]
                     protocol: Protocol::Udp,
                 },
                 ServicePort {
+                    no_endpoints: NoEndpoints::Reject,
                     name: name("dns"),
                     endpoints: vec![ep(1, 5353)],
                     info: ServiceInfo::default(),
@@ -524,6 +1382,99 @@ endpoints: [{addresses: ["fd00::1"]}]
             got, want,
             "first address only, ready beats terminating, protocol and name must match, SCTP and foreign slices ignored"
         );
+    }
+
+    /// `nodeName` and `hints` are read from slices, and the Service's
+    /// policies and the node decide what the ClusterIP does.
+    #[test]
+    fn slices_placement_and_policies_reach_the_entries() {
+        let slice = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: s, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - addresses: [10.0.0.1]
+    nodeName: node-1
+    zone: zone-a
+    hints: {forZones: [{name: zone-a}], forNodes: [{name: node-1}]}
+  - addresses: [10.0.0.2]
+    nodeName: node-2
+    zone: zone-b
+    hints: {forZones: [{name: zone-b}], forNodes: [{name: node-2}]}
+"#;
+        let slices = slices(slice);
+        let own: Vec<&EndpointSlice> = slices.iter().collect();
+        let cases = [
+            (
+                "",
+                Some("node-1"),
+                None,
+                vec![ep(1, 8080)],
+                NoEndpoints::Reject,
+                TopologyMode::PreferSameNode,
+            ),
+            (
+                "",
+                Some("node-3"),
+                Some("zone-b"),
+                vec![ep(2, 8080)],
+                NoEndpoints::Reject,
+                TopologyMode::PreferSameZone,
+            ),
+            (
+                "",
+                None,
+                None,
+                vec![ep(1, 8080), ep(2, 8080)],
+                NoEndpoints::Reject,
+                TopologyMode::None,
+            ),
+            (
+                "internalTrafficPolicy: Local, ",
+                Some("node-2"),
+                None,
+                vec![ep(2, 8080)],
+                NoEndpoints::Reject,
+                TopologyMode::None,
+            ),
+            (
+                "internalTrafficPolicy: Local, ",
+                Some("node-3"),
+                Some("zone-a"),
+                vec![],
+                NoEndpoints::Drop,
+                TopologyMode::None,
+            ),
+            (
+                "internalTrafficPolicy: Local, ",
+                None,
+                None,
+                vec![],
+                NoEndpoints::Drop,
+                TopologyMode::None,
+            ),
+        ];
+        for (policy, node_name, zone, want, want_verdict, want_mode) in cases {
+            let svc = service(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{{policy}clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n"
+            ));
+            let node = NodeTopology {
+                name: node_name.map(str::to_owned),
+                zone: zone.map(str::to_owned),
+            };
+            let got = entries_with(&svc, Ipv4Addr::new(10, 96, 0, 1), &node, |port| {
+                slice_candidates(port.name, port.protocol, &own)
+            });
+            let what = format!("{policy}node {node_name:?} in zone {zone:?}");
+            assert_eq!(got.len(), 1, "{what}: one port");
+            let port = &got[0].1;
+            assert_eq!(port.endpoints, want, "{what}: endpoints");
+            assert_eq!(port.no_endpoints, want_verdict, "{what}: without endpoints");
+            assert_eq!(port.info.topology, want_mode, "{what}: topology shown");
+            assert_eq!(port.info.node.as_deref(), node_name, "{what}: node shown");
+        }
     }
 
     #[test]

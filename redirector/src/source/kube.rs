@@ -25,7 +25,7 @@ use super::compact::{CompactService, CompactSlice};
 use super::endpoints::{ClusterIp, cluster_ip, entries_with, namespace_of, slice_candidates};
 use super::service_cidrs::ServiceRanges;
 use super::{SourceObject, Update, Warning};
-use crate::model::{Frontend, Ipv4Cidr, NamespacedName, ServicePort};
+use crate::model::{Frontend, Ipv4Cidr, NamespacedName, NodeTopology, ServicePort};
 
 /// Services with this label belong to another proxy unless it names us.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -141,6 +141,8 @@ pub struct KubeSource {
     /// against the cache when used).
     /// (A Vec: nearly always one or two names, and a set's node is 300 bytes.)
     slices_of: HashMap<NamespacedName, Vec<String>>,
+    /// The node endpoints are chosen for ([`Self::set_node`]).
+    node: NodeTopology,
 }
 
 impl KubeSource {
@@ -173,7 +175,14 @@ impl KubeSource {
             frontends_of: HashMap::new(),
             owner_of: HashMap::new(),
             slices_of: HashMap::new(),
+            node: NodeTopology::default(),
         }
+    }
+
+    /// Chooses endpoints for `node` from now on; what is programmed already
+    /// changes only once every Service is computed again ([`Self::restart`]).
+    pub fn set_node(&mut self, node: NodeTopology) {
+        self.node = node;
     }
 
     /// Resolves once every cache holds a complete initial list (and the
@@ -243,7 +252,7 @@ impl KubeSource {
             let new = match self.services.get(&reference) {
                 Some(cached) => {
                     let own: Vec<&CompactSlice> = own.iter().map(AsRef::as_ref).collect();
-                    self.claim(&service, entries(&cached, &own), &mut update.warnings)
+                    self.claim(&service, entries(&cached, &own, &self.node), &mut update.warnings)
                 }
                 None => Vec::new(),
             };
@@ -328,11 +337,15 @@ fn slice_owner(slice: &CompactSlice) -> Option<NamespacedName> {
     })
 }
 
-/// The entries of one Service from its own slices.
-fn entries(service: &CompactService, own: &[&CompactSlice]) -> Vec<(Frontend, ServicePort)> {
+/// The entries of one Service from its own slices, for `node`.
+fn entries(
+    service: &CompactService,
+    own: &[&CompactSlice],
+    node: &NodeTopology,
+) -> Vec<(Frontend, ServicePort)> {
     let service = service.to_api();
     match cluster_ip(&service) {
-        ClusterIp::V4(ip) => entries_with(&service, ip, |p| slice_candidates(p.name, p.protocol, own)),
+        ClusterIp::V4(ip) => entries_with(&service, ip, node, |p| slice_candidates(p.name, p.protocol, own)),
         _ => Vec::new(),
     }
 }

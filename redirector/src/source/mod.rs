@@ -4,15 +4,16 @@
 //! and plays the part of the API server and the endpoints controllers.
 //! [`endpoints`] holds kube-proxy's rules for turning EndpointSlices into
 //! programmed endpoints, shared by every source so they cannot drift apart.
-//! [`kube`] watches the API server into caches of [`compact`] objects.
-//! [`service_cidrs`] says which ranges are service addresses, whose unused
-//! addresses the datapath drops.
+//! [`kube`] watches the API server into caches of [`compact`] objects, and
+//! [`node`] this node's Node for its zone. [`service_cidrs`] says which
+//! ranges are service addresses, whose unused addresses the datapath drops.
 //! Both sources hand the agent an [`Update`] and warn with a [`Warning`].
 
 pub mod compact;
 pub mod endpoints;
 pub mod kube;
 pub mod manifests;
+pub mod node;
 pub mod service_cidrs;
 mod warning;
 

@@ -17,6 +17,7 @@ pub enum ObjectKind {
     Pod,
     Endpoints,
     EndpointSlice,
+    Node,
 }
 
 impl fmt::Display for ObjectKind {
@@ -26,12 +27,14 @@ impl fmt::Display for ObjectKind {
             ObjectKind::Pod => "Pod",
             ObjectKind::Endpoints => "Endpoints",
             ObjectKind::EndpointSlice => "EndpointSlice",
+            ObjectKind::Node => "Node",
         })
     }
 }
 
-/// The object a warning is about: `Kind namespace/name`, and for the
-/// manifest source the file that defines it.
+/// The object a warning is about: `Kind namespace/name` (`Kind name` for
+/// cluster-scoped kinds, whose namespace is empty), and for the manifest
+/// source the file that defines it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceObject {
     pub kind: ObjectKind,
@@ -52,7 +55,11 @@ impl SourceObject {
 
 impl fmt::Display for SourceObject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.kind, self.name)?;
+        if self.name.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name.name)?;
+        } else {
+            write!(f, "{} {}", self.kind, self.name)?;
+        }
         match &self.file {
             Some(file) => write!(f, " ({})", file.display()),
             None => Ok(()),

@@ -408,6 +408,7 @@ fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, progres
         list.push((
             fe,
             redirector::model::ServicePort {
+                no_endpoints: Default::default(),
                 name: service_name(i),
                 endpoints: service_endpoints(i, config.endpoints),
                 info: Default::default(),

@@ -1,14 +1,15 @@
-//! A fake Kubernetes API server for tests: core/v1 Services,
+//! A fake Kubernetes API server for tests: core/v1 Services and Nodes,
 //! discovery.k8s.io/v1 EndpointSlices and networking.k8s.io/v1 ServiceCIDRs
-//! (cluster-scoped) over plain HTTP/1.1, speaking the real list/watch
-//! protocol closely enough for kube-rs's `watcher` (it is tested against
-//! kube-rs itself, see the tests at the bottom).
+//! (Nodes and ServiceCIDRs are cluster-scoped) over plain HTTP/1.1, speaking
+//! the real list/watch protocol closely enough for kube-rs's `watcher` (it is
+//! tested against kube-rs itself, see the tests at the bottom).
 //!
 //! What a client sees, as from a real kube-apiserver:
 //! - LIST `GET /api/v1/services`, `GET /api/v1/namespaces/{ns}/services` (same
 //!   for `/apis/discovery.k8s.io/v1/.../endpointslices`, and
-//!   `/apis/networking.k8s.io/v1/servicecidrs` without namespaces): a
-//!   `ServiceList` / `EndpointSliceList` / `ServiceCIDRList` with `metadata.resourceVersion`, `labelSelector`,
+//!   `/apis/networking.k8s.io/v1/servicecidrs` and `/api/v1/nodes` without
+//!   namespaces): a `ServiceList` / `EndpointSliceList` / `ServiceCIDRList` /
+//!   `NodeList` with `metadata.resourceVersion`, `labelSelector`,
 //!   `fieldSelector` (`metadata.name`, `metadata.namespace`), `limit` +
 //!   `continue` (pages are a consistent snapshot at the first page's
 //!   resourceVersion; an expired token is a 410), `resourceVersion` +
@@ -42,7 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::Deserialize;
@@ -70,10 +71,12 @@ enum Kind {
     Service,
     EndpointSlice,
     ServiceCidr,
+    /// Cluster-scoped: stored with an empty namespace.
+    Node,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::ServiceCidr];
+    const ALL: [Kind; 4] = [Kind::Service, Kind::EndpointSlice, Kind::ServiceCidr, Kind::Node];
 
     /// Accepts the kind, the plural and kubectl's short name, any case.
     fn parse(name: &str) -> Option<Self> {
@@ -81,6 +84,7 @@ impl Kind {
             "service" | "services" | "svc" => Some(Self::Service),
             "endpointslice" | "endpointslices" => Some(Self::EndpointSlice),
             "servicecidr" | "servicecidrs" => Some(Self::ServiceCidr),
+            "node" | "nodes" | "no" => Some(Self::Node),
             _ => None,
         }
     }
@@ -90,12 +94,13 @@ impl Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::ServiceCidr => "ServiceCIDR",
+            Self::Node => "Node",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Self::Service => "v1",
+            Self::Service | Self::Node => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
             Self::ServiceCidr => "networking.k8s.io/v1",
         }
@@ -106,6 +111,7 @@ impl Kind {
             Self::Service => "ServiceList",
             Self::EndpointSlice => "EndpointSliceList",
             Self::ServiceCidr => "ServiceCIDRList",
+            Self::Node => "NodeList",
         }
     }
 
@@ -114,12 +120,13 @@ impl Kind {
             Self::Service => "services",
             Self::EndpointSlice => "endpointslices",
             Self::ServiceCidr => "servicecidrs",
+            Self::Node => "nodes",
         }
     }
 
     fn group(self) -> &'static str {
         match self {
-            Self::Service => "",
+            Self::Service | Self::Node => "",
             Self::EndpointSlice => "discovery.k8s.io",
             Self::ServiceCidr => "networking.k8s.io",
         }
@@ -127,14 +134,14 @@ impl Kind {
 
     /// Objects of a cluster-scoped kind have no namespace (stored under "").
     fn namespaced(self) -> bool {
-        self != Self::ServiceCidr
+        !matches!(self, Self::ServiceCidr | Self::Node)
     }
 }
 
 /// Test helpers name kinds by string; an unknown one is a bug in the test.
 fn kind_arg(kind: &str) -> Kind {
     Kind::parse(kind).unwrap_or_else(|| {
-        panic!("FakeApiServer: unknown kind {kind:?} (expected Service, EndpointSlice or ServiceCIDR)")
+        panic!("FakeApiServer: unknown kind {kind:?} (expected Service, EndpointSlice, ServiceCIDR or Node)")
     })
 }
 
@@ -180,7 +187,7 @@ pub enum ApplyError {
     NotAnObject,
     #[error(
         "unsupported object {api_version:?}/{kind:?}: the fake serves v1 Service, \
-         discovery.k8s.io/v1 EndpointSlice and networking.k8s.io/v1 ServiceCIDR"
+         discovery.k8s.io/v1 EndpointSlice networking.k8s.io/v1 ServiceCIDR and v1 Node"
     )]
     Unsupported { api_version: String, kind: String },
     #[error("{kind} without metadata.name")]
@@ -708,6 +715,7 @@ fn apply_object(inner: &mut Inner, mut object: Value) -> Result<Value, ApplyErro
         Kind::Service => default_service(&mut object, existing.as_ref(), &inner.api),
         Kind::EndpointSlice => default_endpoint_slice(&mut object),
         Kind::ServiceCidr => {}
+        Kind::Node => {}
     }
     if let Some(old) = &existing {
         let mut unversioned = old.clone();
@@ -724,6 +732,7 @@ fn apply_object(inner: &mut Inner, mut object: Value) -> Result<Value, ApplyErro
         Kind::Service => serde_json::from_value::<Service>(object.clone()).map(drop),
         Kind::EndpointSlice => serde_json::from_value::<EndpointSlice>(object.clone()).map(drop),
         Kind::ServiceCidr => serde_json::from_value::<ServiceCIDR>(object.clone()).map(drop),
+        Kind::Node => serde_json::from_value::<Node>(object.clone()).map(drop),
     };
     typed.map_err(|source| ApplyError::Invalid {
         kind: kind.kind(),
@@ -1205,6 +1214,8 @@ fn route(path: &str) -> Route {
     let (kind, rest) = match segments.as_slice() {
         ["version"] => return Route::Version,
         ["healthz" | "readyz" | "livez"] => return Route::Health,
+        ["api", "v1", "nodes"] => return node_route(None),
+        ["api", "v1", "nodes", name] => return node_route(Some(name)),
         ["api", "v1", rest @ ..] => (Kind::Service, rest),
         ["apis", "discovery.k8s.io", "v1", rest @ ..] => (Kind::EndpointSlice, rest),
         ["apis", "networking.k8s.io", "v1", rest @ ..] => (Kind::ServiceCidr, rest),
@@ -1224,6 +1235,15 @@ fn route(path: &str) -> Route {
         kind,
         namespace,
         name,
+    })
+}
+
+/// A Node path: cluster-scoped, so no namespace.
+fn node_route(name: Option<&str>) -> Route {
+    Route::Resource(Scope {
+        kind: Kind::Node,
+        namespace: None,
+        name: name.map(str::to_owned),
     })
 }
 
@@ -2609,6 +2629,73 @@ mod tests {
             2,
             "the compacted RV forced a relist"
         );
+    }
+
+    /// Nodes are cluster-scoped: listed, got and watched without a
+    /// namespace, one selected by a field selector on its name.
+    #[tokio::test]
+    async fn nodes_are_cluster_scoped_and_selected_by_name() {
+        let server = start_local();
+        let node = |name: &str, zone: &str| {
+            json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "namespace": "ignored",
+                             "labels": {"topology.kubernetes.io/zone": zone}},
+            })
+        };
+        server.apply(node("node-1", "zone-a"));
+        server.apply(node("node-2", "zone-b"));
+        let api: Api<Node> = Api::all(client(&server));
+        let listed = api
+            .list(&ListParams::default().fields("metadata.name=node-1"))
+            .await
+            .expect("listing one Node");
+        let names: Vec<String> = listed.items.iter().map(ResourceExt::name_any).collect();
+        assert_eq!(names, ["node-1"], "the field selector picks one Node");
+        assert_eq!(
+            listed.items[0].metadata.namespace, None,
+            "a Node has no namespace"
+        );
+        let got = api.get("node-2").await.expect("getting a Node");
+        assert_eq!(
+            got.labels()
+                .get("topology.kubernetes.io/zone")
+                .map(String::as_str),
+            Some("zone-b"),
+            "GET returns the Node"
+        );
+        assert!(
+            server.get("Node", "", "node-1").is_some(),
+            "stored without a namespace"
+        );
+
+        let params = WatchParams::default().fields("metadata.name=node-1");
+        let version = listed
+            .metadata
+            .resource_version
+            .clone()
+            .expect("list resourceVersion");
+        let mut events = Box::pin(api.watch(&params, &version).await.expect("watching"));
+        server.apply(node("node-2", "zone-c"));
+        server.apply(node("node-1", "zone-c"));
+        let event = timeout(STEP, events.next())
+            .await
+            .expect("an event in time")
+            .expect("the stream goes on")
+            .expect("a good event");
+        match event {
+            WatchEvent::Modified(node) => {
+                assert_eq!(node.name_any(), "node-1", "only the selected Node is watched");
+                assert_eq!(
+                    node.labels()
+                        .get("topology.kubernetes.io/zone")
+                        .map(String::as_str),
+                    Some("zone-c"),
+                    "its new label"
+                );
+            }
+            other => panic!("expected node-1 modified, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -149,6 +149,7 @@ impl ServiceSet {
                     (
                         service_frontend(i),
                         ServicePort {
+                            no_endpoints: Default::default(),
                             name: service_name(i),
                             endpoints: service_endpoints(i, e),
                             info: Default::default(),

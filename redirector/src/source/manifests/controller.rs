@@ -1,22 +1,24 @@
 //! What the endpoints controllers, the cluster IP allocator and kube-proxy
 //! would do with the objects of a manifest directory: Services get an
-//! address, selectors pick Pods (a named targetPort resolved per Pod), and
-//! selector-less Services take hand-written Endpoints or EndpointSlices.
+//! address, selectors pick Pods (a named targetPort resolved per Pod, the
+//! Pod's node and that Node's zone recorded, hints written as
+//! `trafficDistribution` asks), and selector-less Services take
+//! hand-written Endpoints or EndpointSlices.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::read::Object;
-use crate::model::{Desired, Endpoint, Ipv4Cidr, NamespacedName, fnv1a};
+use crate::model::{Desired, Endpoint, Ipv4Cidr, NamespacedName, NodeTopology, fnv1a};
 use crate::source::endpoints::{
-    self as rules, Candidate, ClusterIp, Conditions, MANAGED_BY_LABEL, ProgrammablePort, SERVICE_NAME_LABEL,
-    SLICE_CONTROLLER, namespace_of,
+    self as rules, Candidate, ClusterIp, Conditions, MANAGED_BY_LABEL, Placement, ProgrammablePort,
+    SERVICE_NAME_LABEL, SLICE_CONTROLLER, ZONE_LABEL, namespace_of,
 };
 use crate::source::{ObjectKind, SourceObject, Warning};
 
@@ -25,9 +27,14 @@ use crate::source::{ObjectKind, SourceObject, Warning};
 pub(super) fn desired(
     files: &BTreeMap<PathBuf, Vec<Object>>,
     service_cidr: Ipv4Cidr,
+    node_name: Option<&str>,
 ) -> (Desired, Vec<Warning>) {
     let mut warnings = Vec::new();
     let index = Index::build(files, &mut warnings);
+    let node = NodeTopology {
+        name: node_name.map(str::to_owned),
+        zone: node_name.and_then(|name| index.zone_of(name)).map(str::to_owned),
+    };
     let cluster_ips = assign_cluster_ips(&index.services, service_cidr);
     let mut desired = Desired::new();
 
@@ -134,11 +141,14 @@ pub(super) fn desired(
             .map(|(_, p)| p.object)
             .collect();
         let publish_not_ready = spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false);
-        let entries = rules::entries_with(service, ip, |port| {
+        let hints = Hinting::of(service);
+        let entries = rules::entries_with(service, ip, &node, |port| {
             let mut candidates = rules::slice_candidates(port.name, port.protocol, &slices);
             match (selector, manual) {
                 (Some(selector), _) => {
-                    candidates.extend(pod_candidates(&pods, selector, port, publish_not_ready))
+                    let mut derived = pod_candidates(&pods, selector, port, publish_not_ready, &index);
+                    hints.apply(&mut derived);
+                    candidates.extend(derived)
                 }
                 (None, Some(ep)) => candidates.extend(endpoints_candidates(ep.object, port)),
                 (None, None) => {}
@@ -242,6 +252,8 @@ struct Index<'a> {
     pods: BTreeMap<NamespacedName, Found<'a, Pod>>,
     endpoints: BTreeMap<NamespacedName, Found<'a, Endpoints>>,
     slices: BTreeMap<NamespacedName, Found<'a, EndpointSlice>>,
+    /// Cluster-scoped: keyed with an empty namespace.
+    nodes: BTreeMap<NamespacedName, Found<'a, Node>>,
 }
 
 impl<'a> Index<'a> {
@@ -251,6 +263,7 @@ impl<'a> Index<'a> {
             pods: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             slices: BTreeMap::new(),
+            nodes: BTreeMap::new(),
         };
         for (path, objects) in files {
             for object in objects {
@@ -276,10 +289,21 @@ impl<'a> Index<'a> {
                         meta,
                         warnings,
                     ),
+                    Object::Node(o) => add(&mut index.nodes, ObjectKind::Node, path, o, meta, warnings),
                 }
             }
         }
         index
+    }
+
+    /// The zone label of Node `name`, if the manifests hold that Node.
+    fn zone_of(&self, name: &str) -> Option<&'a str> {
+        let key = NamespacedName {
+            namespace: String::new(),
+            name: name.to_owned(),
+        };
+        let labels = self.nodes.get(&key)?.object.metadata.labels.as_ref()?;
+        labels.get(ZONE_LABEL).map(String::as_str)
     }
 }
 
@@ -291,8 +315,12 @@ fn add<'a, T>(
     meta: &ObjectMeta,
     warnings: &mut Vec<Warning>,
 ) {
+    let namespace = match kind {
+        ObjectKind::Node => String::new(),
+        _ => namespace_of(meta).to_owned(),
+    };
     let name = NamespacedName {
-        namespace: namespace_of(meta).to_owned(),
+        namespace,
         name: meta.name.clone().unwrap_or_default(),
     };
     let found = Found { path, object };
@@ -339,12 +367,14 @@ fn assign_cluster_ips(
 }
 
 /// What the endpoints controller would derive for `port` from the Pods of the
-/// Service's namespace.
+/// Service's namespace: each Pod's node, and that Node's zone when the
+/// manifests hold it (hints are [`Hinting`]'s job).
 fn pod_candidates(
     pods: &[&Pod],
     selector: &BTreeMap<String, String>,
     port: &ProgrammablePort<'_>,
     publish_not_ready: bool,
+    index: &Index<'_>,
 ) -> Vec<Candidate> {
     let mut out = Vec::new();
     for pod in pods {
@@ -369,6 +399,7 @@ fn pod_candidates(
             .flatten()
             .any(|c| c.type_ == "Ready" && c.status == "True");
         let terminating = pod.metadata.deletion_timestamp.is_some();
+        let node_name = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
         out.push(Candidate {
             endpoint: Endpoint { addr, port: target },
             conditions: Conditions {
@@ -376,9 +407,52 @@ fn pod_candidates(
                 serving: Some(ready),
                 terminating: Some(terminating),
             },
+            placement: Placement::new(node_name, node_name.and_then(|n| index.zone_of(n)), None),
         });
     }
     out
+}
+
+/// The hints the EndpointSlice controller writes for a Service's endpoints
+/// (`endpointslice/trafficdist`): with `trafficDistribution` PreferClose or
+/// PreferSameZone, every ready endpoint is hinted for its own zone; with
+/// PreferSameNode, also for its own node; otherwise none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hinting {
+    None,
+    Zone,
+    ZoneAndNode,
+}
+
+impl Hinting {
+    fn of(service: &Service) -> Self {
+        let distribution = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.traffic_distribution.as_deref());
+        match distribution {
+            Some("PreferClose" | "PreferSameZone") => Hinting::Zone,
+            Some("PreferSameNode") => Hinting::ZoneAndNode,
+            _ => Hinting::None,
+        }
+    }
+
+    fn apply(self, candidates: &mut [Candidate]) {
+        for candidate in candidates {
+            let placement = &mut candidate.placement;
+            // The controller hints only endpoints whose `ready` is true.
+            if self == Hinting::None || candidate.conditions.ready != Some(true) {
+                placement.zone_hints.clear();
+                placement.node_hints.clear();
+                continue;
+            }
+            placement.zone_hints = placement.zone.iter().cloned().collect();
+            placement.node_hints = match self {
+                Hinting::ZoneAndNode => placement.node_name.iter().cloned().collect(),
+                _ => Vec::new(),
+            };
+        }
+    }
 }
 
 /// The Pod's IPv4 address: the primary one, or the first IPv4 one of a
@@ -427,6 +501,8 @@ fn endpoints_candidates(endpoints: &Endpoints, port: &ProgrammablePort<'_>) -> V
                             ready: Some(true),
                             ..Conditions::default()
                         },
+                        // What the EndpointSlice mirroring controller copies.
+                        placement: Placement::new(address.node_name.as_deref(), None, None),
                     });
                 }
             }

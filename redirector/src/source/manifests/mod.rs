@@ -25,9 +25,17 @@ use crate::model::{Desired, Ipv4Cidr};
 #[derive(Debug, Default)]
 pub struct ManifestStore {
     files: BTreeMap<PathBuf, Vec<Object>>,
+    /// The node endpoints are chosen for (`--node-name`).
+    node_name: Option<String>,
 }
 
 impl ManifestStore {
+    /// Chooses endpoints as the proxy of node `name` would (its zone comes
+    /// from the Node object of that name, if the manifests hold one).
+    pub fn set_node_name(&mut self, name: Option<String>) {
+        self.node_name = name;
+    }
+
     /// Re-reads every manifest file in `dir` (not recursive). A file with any
     /// error keeps its previous objects (none if it is new); files that are
     /// gone are dropped. If `dir` itself cannot be listed nothing changes, so a
@@ -70,7 +78,7 @@ impl ManifestStore {
     /// valid but will not do what they seem to. Services without a clusterIP
     /// get one from `service_cidr`.
     pub fn desired(&self, service_cidr: Ipv4Cidr) -> (Desired, Vec<Warning>) {
-        controller::desired(&self.files, service_cidr)
+        controller::desired(&self.files, service_cidr, self.node_name.as_deref())
     }
 
     /// [`Self::desired`] as an update: every service port of the directory.

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
@@ -74,6 +74,9 @@ pub(super) enum Object {
     Pod(Box<Pod>),
     Endpoints(Box<Endpoints>),
     EndpointSlice(Box<EndpointSlice>),
+    /// Read for its zone label (which endpoints are near this node, and
+    /// the zone of the endpoints of the Pods on it).
+    Node(Box<Node>),
 }
 
 impl Object {
@@ -83,6 +86,7 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Endpoints(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
         }
     }
 }
@@ -176,6 +180,7 @@ pub(super) fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, Vec<Man
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 decode(typed).map(|o| Object::EndpointSlice(Box::new(o)))
             }
+            ("v1", "Node") => decode(typed).map(|o| Object::Node(Box::new(o))),
             _ => {
                 tracing::debug!(
                     "{}: {object}: skipping {api_version} {kind}, which redirector does not use",

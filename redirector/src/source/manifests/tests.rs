@@ -3,7 +3,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use super::{ManifestError, ManifestStore};
-use crate::model::{Desired, Endpoint, Frontend, Ipv4Cidr, NamespacedName, Protocol, ServicePortName};
+use crate::model::{
+    Desired, Endpoint, Frontend, Ipv4Cidr, NamespacedName, NoEndpoints, Protocol, ServicePortName,
+};
 use crate::source::{ObjectKind, SourceObject, Warning};
 
 /// A scratch manifest directory, removed afterwards.
@@ -753,6 +755,26 @@ fn errors_name_file_object_and_field() {
             &["Service default/web", "spec.ports[0].name", "more than one port"],
         ),
         (
+            "internalTrafficPolicy",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {internalTrafficPolicy: local, ports: [{port: 80}]}\n",
+            &[
+                "Service default/web",
+                "spec.internalTrafficPolicy",
+                "Cluster, Local",
+                "\"local\"",
+            ],
+        ),
+        (
+            "trafficDistribution",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {trafficDistribution: Nearby, ports: [{port: 80}]}\n",
+            &[
+                "Service default/web",
+                "spec.trafficDistribution",
+                "PreferClose",
+                "Nearby",
+            ],
+        ),
+        (
             "pod IP",
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.1.2}\n",
             &["Pod shop/p", "status.podIP", "10.1.2"],
@@ -974,4 +996,163 @@ fn selector_service_endpoints_follow_pod_state() {
             "{what}"
         );
     }
+}
+
+/// A Node manifest, with its zone label when `zone` is given.
+fn node(name: &str, zone: Option<&str>) -> String {
+    let labels = zone
+        .map(|z| format!("  labels: {{topology.kubernetes.io/zone: {z}}}\n"))
+        .unwrap_or_default();
+    format!("---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n{labels}")
+}
+
+/// A running, ready web Pod scheduled on `node`.
+fn pod_on(name: &str, ip: &str, node: &str) -> String {
+    pod(name, Some(ip), "Running", "True", &[("web", 8080, "TCP")]).replace(
+        "spec:\n  containers:",
+        &format!("spec:\n  nodeName: {node}\n  containers:"),
+    )
+}
+
+/// What agents on different nodes program for the metrics port of `service`
+/// (10.96.0.10:9100), from the same manifests.
+fn per_node(test: &str, service: &str, objects: &str, nodes: &[(Option<&str>, Vec<Endpoint>, NoEndpoints)]) {
+    let files = [("svc.yaml", service), ("objects.yaml", objects)];
+    for (node_name, want, want_verdict) in nodes {
+        let mut store = load(test, &files);
+        store.set_node_name(node_name.map(str::to_owned));
+        let (desired, warnings) = store.desired(cidr());
+        assert!(
+            warnings.is_empty(),
+            "{test}: no warnings expected, got {warnings:?}"
+        );
+        let port = desired
+            .get(&frontend("10.96.0.10", 9100, Protocol::Tcp))
+            .unwrap_or_else(|| panic!("{test}: the port is programmed"));
+        assert_eq!(&port.endpoints, want, "{test}: endpoints on node {node_name:?}");
+        assert_eq!(
+            port.no_endpoints, *want_verdict,
+            "{test}: without endpoints, on node {node_name:?}"
+        );
+    }
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_to_the_pods_of_this_node() {
+    let service = WEB_SERVICE.replace(
+        "  clusterIP: 10.96.0.10\n",
+        "  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n",
+    );
+    let objects = [
+        pod_on("a", "10.1.0.1", "node-1"),
+        pod_on("b", "10.1.0.2", "node-2"),
+    ]
+    .concat();
+    per_node(
+        "itp-local",
+        &service,
+        &objects,
+        &[
+            (Some("node-1"), vec![ep("10.1.0.1", 9101)], NoEndpoints::Reject),
+            (Some("node-2"), vec![ep("10.1.0.2", 9101)], NoEndpoints::Reject),
+            (Some("node-3"), vec![], NoEndpoints::Drop),
+            (None, vec![], NoEndpoints::Drop),
+        ],
+    );
+    // Without the policy every node uses both.
+    per_node(
+        "itp-cluster",
+        WEB_SERVICE,
+        &objects,
+        &[(
+            Some("node-3"),
+            vec![ep("10.1.0.1", 9101), ep("10.1.0.2", 9101)],
+            NoEndpoints::Reject,
+        )],
+    );
+}
+
+#[test]
+fn traffic_distribution_hints_come_from_the_nodes_zones() {
+    let nodes = [
+        node("node-1", Some("zone-a")),
+        node("node-2", Some("zone-b")),
+        node("node-3", Some("zone-a")),
+        node("node-4", None),
+    ]
+    .concat();
+    let pods = [
+        pod_on("a", "10.1.0.1", "node-1"),
+        pod_on("b", "10.1.0.2", "node-2"),
+    ]
+    .concat();
+    let objects = format!("{nodes}{pods}");
+    let both = vec![ep("10.1.0.1", 9101), ep("10.1.0.2", 9101)];
+    let with = |distribution: &str| {
+        WEB_SERVICE.replace(
+            "  clusterIP: 10.96.0.10\n",
+            &format!("  clusterIP: 10.96.0.10\n  trafficDistribution: {distribution}\n"),
+        )
+    };
+    for distribution in ["PreferClose", "PreferSameZone"] {
+        per_node(
+            distribution,
+            &with(distribution),
+            &objects,
+            &[
+                (Some("node-1"), vec![ep("10.1.0.1", 9101)], NoEndpoints::Reject),
+                (Some("node-3"), vec![ep("10.1.0.1", 9101)], NoEndpoints::Reject),
+                (Some("node-2"), vec![ep("10.1.0.2", 9101)], NoEndpoints::Reject),
+                // No zone label, or no Node object: no zone to prefer.
+                (Some("node-4"), both.clone(), NoEndpoints::Reject),
+                (Some("node-9"), both.clone(), NoEndpoints::Reject),
+            ],
+        );
+    }
+    per_node(
+        "PreferSameNode",
+        &with("PreferSameNode"),
+        &objects,
+        &[
+            (Some("node-2"), vec![ep("10.1.0.2", 9101)], NoEndpoints::Reject),
+            // No endpoint on node-3: its zone's.
+            (Some("node-3"), vec![ep("10.1.0.1", 9101)], NoEndpoints::Reject),
+            (Some("node-4"), both.clone(), NoEndpoints::Reject),
+        ],
+    );
+    per_node(
+        "no trafficDistribution",
+        WEB_SERVICE,
+        &objects,
+        &[(Some("node-1"), both.clone(), NoEndpoints::Reject)],
+    );
+    // A ready Pod on a node without a zone gets no hint, so no node filters.
+    let unzoned = format!("{nodes}{pods}{}", pod_on("c", "10.1.0.3", "node-4"));
+    per_node(
+        "an endpoint without a zone",
+        &with("PreferClose"),
+        &unzoned,
+        &[(
+            Some("node-1"),
+            vec![ep("10.1.0.1", 9101), ep("10.1.0.2", 9101), ep("10.1.0.3", 9101)],
+            NoEndpoints::Reject,
+        )],
+    );
+}
+
+#[test]
+fn a_node_defined_twice_is_named_without_a_namespace() {
+    let (_, warnings) = desired(
+        "node-twice",
+        &[
+            ("a.yaml", &node("node-1", Some("zone-a"))),
+            ("b.yaml", &node("node-1", Some("zone-b"))),
+        ],
+    );
+    let messages: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(messages.len(), 1, "one warning: {messages:?}");
+    assert!(
+        messages[0].starts_with("Node node-1 (") && messages[0].contains("also defined in"),
+        "the Node is named as kubectl names it: {messages:?}"
+    );
 }

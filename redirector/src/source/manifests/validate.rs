@@ -29,6 +29,8 @@ pub(super) fn problems(object: &Object) -> Vec<Problem> {
         Object::Pod(pod) => validate_pod(pod, &mut problems),
         Object::Endpoints(endpoints) => validate_endpoints(endpoints, &mut problems),
         Object::EndpointSlice(slice) => validate_slice(slice, &mut problems),
+        // Only its name and labels are read; any value of either is valid.
+        Object::Node(_) => {}
     }
     problems.0
 }
@@ -96,6 +98,32 @@ fn validate_service(service: &Service, problems: &mut Problems) {
             "spec.clusterIP",
             format!("must be an IP address, \"None\" or empty, got {ip:?}"),
         );
+    }
+    for (field, value, allowed) in [
+        (
+            "spec.internalTrafficPolicy",
+            &spec.internal_traffic_policy,
+            &["Cluster", "Local"][..],
+        ),
+        (
+            "spec.externalTrafficPolicy",
+            &spec.external_traffic_policy,
+            &["Cluster", "Local"][..],
+        ),
+        (
+            "spec.trafficDistribution",
+            &spec.traffic_distribution,
+            &["PreferClose", "PreferSameZone", "PreferSameNode"][..],
+        ),
+    ] {
+        if let Some(value) = value
+            && !allowed.contains(&value.as_str())
+        {
+            problems.push(
+                field,
+                format!("must be one of {}, got {value:?}", allowed.join(", ")),
+            );
+        }
     }
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut names = HashSet::new();

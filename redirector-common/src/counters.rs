@@ -58,3 +58,5 @@ pub const EXPLAIN_CB_COUNTER: usize = 0;
 pub const EXPLAIN_CB_BACKEND: usize = 1;
 pub const EXPLAIN_CB_SLOT: usize = 2;
 pub const EXPLAIN_CB_SVC: usize = 3;
+/// 1 when session affinity chose the backend.
+pub const EXPLAIN_CB_AFFINITY: usize = 4;

@@ -46,7 +46,9 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ServiceEntry {
-    /// Slot entries: the backend ID (host order). Master entry: 0.
+    /// Slot entries: the backend ID (host order). Master entry: the session
+    /// affinity timeout in seconds, 0 for none (as Cilium's `lb4_service`
+    /// keeps it there).
     pub backend_id: u32,
     /// Master entry: number of backend slots; 0 means "no endpoints" and the
     /// datapath refuses new flows (drops them with
@@ -125,7 +127,39 @@ mod user {
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::VipEntry {}
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
+    unsafe impl aya::Pod for super::AffinityEntry {}
 }
+
+/// (service port, client address) → the backend the client's last new
+/// connection used, for `sessionAffinity: ClientIP`. Key [`AffinityKey`],
+/// value [`AffinityEntry`]; an LRU, since affinity is soft state (losing an
+/// entry only means the next connection picks again).
+pub const AFFINITY_MAP: &str = "AFFINITY_V1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AffinityKey {
+    /// Service port ID (host order).
+    pub svc_id: u32,
+    /// Client IPv4 address, network byte order.
+    pub client_addr: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AffinityEntry {
+    /// Backend ID (host order); the client keeps it while the backend exists.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// When the client last opened a connection to the service port
+    /// (`bpf_ktime_get_coarse_ns`, host order).
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 
 /// Per service port statistics, indexed by `svc_id`. `PerCpuArray<ServiceStats>`.
 pub const SERVICE_STATS_MAP: &str = "SVCSTATS_V1";

@@ -36,7 +36,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
@@ -44,7 +44,10 @@ use redirector_common::{
     config::Config,
     conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey, REFRESH_NS, seen, tcp_flags},
     counters,
-    service::{Backend, MASTER_SLOT, ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VipEntry},
+    service::{
+        AffinityEntry, AffinityKey, Backend, MASTER_SLOT, ServiceEntry, ServiceKey, ServiceMeta,
+        ServiceStats, VipEntry,
+    },
 };
 
 use packet::{Link, Packet};
@@ -66,6 +69,9 @@ static CONFIG_V2: Array<Config> = Array::pinned(1, 0);
 static COUNTERS_V3: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 #[map]
 static SVCSTATS_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(65536, 0);
+/// Soft state (losing an entry only means a new pick): an LRU.
+#[map]
+static AFFINITY_V1: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(65536, 0);
 /// Written and read by user space only; allocated per entry, not up front.
 #[map]
 static SVCMETA_V1: HashMap<u32, ServiceMeta> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
@@ -92,6 +98,8 @@ pub struct Choice {
     backend_id: u32,
     slot: u32,
     svc_id: u32,
+    /// Session affinity chose the backend.
+    affinity: bool,
 }
 
 impl Verdict {
@@ -152,6 +160,7 @@ fn from_pod(mut ctx: TcContext, link: Link) -> i32 {
             cb[counters::EXPLAIN_CB_BACKEND] = choice.backend_id;
             cb[counters::EXPLAIN_CB_SLOT] = choice.slot;
             cb[counters::EXPLAIN_CB_SVC] = choice.svc_id;
+            cb[counters::EXPLAIN_CB_AFFINITY] = u32::from(choice.affinity);
         }
     }
     verdict.action
@@ -301,6 +310,7 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
                 backend_id: entry_now.backend_id,
                 slot: 0,
                 svc_id: entry_now.svc_id,
+                affinity: false,
             };
             if mode == Mode::Live {
                 note_packet(entry, &entry_now, &tuple, &pkt);
@@ -342,10 +352,33 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         return refuse::port_unreachable(ctx, link, mode, &pkt, counters::REFUSED_NO_ENDPOINTS);
     }
 
-    let slot = pick_slot(master.count);
-    choice.slot = u32::from(slot);
-    let chosen = slot_entry(&pkt, slot)?;
+    // The master's backend_id field holds the affinity timeout (seconds).
+    let affinity = (master.backend_id != 0).then_some(AffinityKey {
+        svc_id: master.svc_id,
+        client_addr: pkt.saddr,
+    });
+    let chosen = match affinity.and_then(|key| affine_backend(&key, master.backend_id)) {
+        Some(kept) => {
+            choice.affinity = true;
+            kept
+        }
+        None => {
+            let slot = pick_slot(master.count);
+            choice.slot = u32::from(slot);
+            slot_entry(&pkt, slot)?
+        }
+    };
     choice.backend_id = chosen.backend_id;
+    if mode == Mode::Live
+        && let Some(key) = affinity
+    {
+        let used = AffinityEntry {
+            backend_id: chosen.backend_id,
+            _pad: 0,
+            last_used_ns: now_ns(),
+        };
+        let _ = AFFINITY_V1.insert(key, used, 0);
+    }
     if mode == Mode::Live {
         remember_flow(&pkt, &tuple, &chosen, master.svc_id, replaces)?;
     }
@@ -368,6 +401,26 @@ fn count_forward(ctx: &TcContext, mode: Mode, svc_id: u32, new_flow: bool) {
             (*stats).new_flows += u64::from(new_flow);
         }
     }
+}
+
+/// The backend a client's last new connection to the service port used, as
+/// a slot entry, while it exists and the client opened a connection within
+/// `timeout_s` (kube-proxy's `recent --rcheck --seconds`).
+#[inline(always)]
+fn affine_backend(key: &AffinityKey, timeout_s: u32) -> Option<ServiceEntry> {
+    // SAFETY: the entry is copied out at once.
+    let last = unsafe { AFFINITY_V1.get(key) }.copied()?;
+    if now_ns().saturating_sub(last.last_used_ns) >= u64::from(timeout_s) * 1_000_000_000 {
+        return None;
+    }
+    // SAFETY: the entry is copied out at once.
+    let backend = unsafe { BACKEND_V1.get(last.backend_id) }.copied()?;
+    Some(ServiceEntry::slot(
+        last.backend_id,
+        key.svc_id,
+        backend.addr,
+        backend.port,
+    ))
 }
 
 /// A new flow picks uniformly among the service port's slots.

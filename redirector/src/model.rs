@@ -126,9 +126,26 @@ pub struct ServicePort {
     /// What new flows get while `endpoints` is empty; always
     /// [`NoEndpoints::Reject`] when it is not, so equal behaviour compares equal.
     pub no_endpoints: NoEndpoints,
+    /// `sessionAffinity: ClientIP`: a client's new connections keep the
+    /// endpoint its last one used.
+    pub affinity: Option<ClientIpAffinity>,
     /// What operators see about it (`redirector get`/`describe`); not used
     /// for forwarding.
     pub info: ServiceInfo,
+}
+
+/// `sessionAffinity: ClientIP` with its timeout
+/// (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800): until a
+/// client has opened no connection for that long, its new ones go to the
+/// endpoint its last one used, as kube-proxy's `recent` match does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ClientIpAffinity {
+    pub timeout_seconds: u32,
+}
+
+impl ClientIpAffinity {
+    /// The API server's default timeout.
+    pub const DEFAULT_TIMEOUT_SECONDS: u32 = 10_800;
 }
 
 /// What kube-proxy does with new connections to a service port that has no
@@ -168,6 +185,9 @@ pub struct ServiceInfo {
     /// `None` or `ClientIP`.
     #[serde(default)]
     pub session_affinity: String,
+    /// With `ClientIP`: the timeout in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_seconds: Option<u32>,
     /// The port's `targetPort` as written: a number or a container port name.
     #[serde(default)]
     pub target_port: String,

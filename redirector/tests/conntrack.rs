@@ -333,3 +333,56 @@ fn udp_flows_move_off_a_removed_endpoint_at_once() {
         },
     );
 }
+
+/// `sessionAffinity: ClientIP` end to end: 20 connections from one client
+/// all reach the same endpoint, and the client moves when it leaves (that it
+/// stays there once the first endpoint is back, and the timeout, are in the
+/// datapath tests).
+#[test]
+fn session_affinity_holds_and_moves_when_the_endpoint_leaves() {
+    let (fx, client) = bed("ctaff", &[("web-a", POD_A), ("web-b", POD_B)]);
+    const STICKY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 22), 80);
+    fx.write_manifest(
+        "sticky.yaml",
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: sticky
+  namespace: default
+spec:
+  clusterIP: 10.96.0.22
+  selector:
+    app: web
+  sessionAffinity: ClientIP
+  sessionAffinityConfig:
+    clientIP:
+      timeoutSeconds: 600
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+",
+    );
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    let first = eventually("the sticky service", SYNC_TIMEOUT, || {
+        tcp_request(&client, STICKY).map_err(|e| e.to_string())
+    });
+    for attempt in 0..20 {
+        let answer = tcp_request(&client, STICKY).unwrap_or_else(|e| panic!("connection {attempt}: {e}"));
+        assert_eq!(
+            answer.pod, first.pod,
+            "connection {attempt} keeps the client's endpoint"
+        );
+    }
+    fx.remove_manifest(&format!("{}.yaml", first.pod));
+    let other = if first.pod == "web-a" { "web-b" } else { "web-a" };
+    eventually(
+        "the client moves off the removed endpoint",
+        SYNC_TIMEOUT,
+        || match tcp_request(&client, STICKY) {
+            Ok(a) if a.pod == other => Ok(()),
+            Ok(a) => Err(format!("still {}", a.pod)),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+}

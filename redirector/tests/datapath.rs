@@ -9,8 +9,10 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use common::packet::{ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, Parsed, RST, SYN, Spec, assert_checksums};
 use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
+use redirector::datapath::{Maps, explain, maps_pin_dir};
 use redirector::model::{
-    Desired, Endpoint, Frontend, Ipv4Cidr, NoEndpoints, Protocol, ServicePort, ServicePortName,
+    ClientIpAffinity, Desired, Endpoint, Frontend, Ipv4Cidr, NoEndpoints, Protocol, ServicePort,
+    ServicePortName,
 };
 use redirector_common::config::MAX_SERVICE_CIDRS;
 use redirector_common::counters;
@@ -33,7 +35,7 @@ const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 
 struct Harness {
-    _bpffs: common::Bpffs,
+    bpffs: common::Bpffs,
     datapath: Datapath,
     writer: MapWriter,
 }
@@ -49,6 +51,7 @@ impl Harness {
         let mut desired = Desired::new();
         let port = |name: &str, eps: &[(Ipv4Addr, u16)]| ServicePort {
             no_endpoints: Default::default(),
+            affinity: None,
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -81,7 +84,7 @@ impl Harness {
             report.errors
         );
         Self {
-            _bpffs: bpffs,
+            bpffs,
             datapath,
             writer,
         }
@@ -638,7 +641,7 @@ fn dropping_without_local_endpoints_follows_the_model() {
     }
     let last = port(&[], NoEndpoints::Drop);
     let Harness {
-        _bpffs: bpffs,
+        bpffs,
         datapath,
         writer,
     } = h;
@@ -671,6 +674,7 @@ fn new_connection_on_a_reused_tuple_leaves_a_removed_endpoint() {
         fe(VIP, 80, Protocol::Tcp),
         ServicePort {
             no_endpoints: Default::default(),
+            affinity: None,
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -724,6 +728,7 @@ fn every_packet_is_counted_once() {
 fn service(name: &str, endpoints: &[Ipv4Addr]) -> ServicePort {
     ServicePort {
         no_endpoints: Default::default(),
+        affinity: None,
         info: Default::default(),
         name: ServicePortName {
             namespace: "default".into(),
@@ -826,7 +831,7 @@ fn a_full_map_names_the_service_that_did_not_fit_and_the_rest_keeps_working() {
         "only the service that fit is programmed, nothing half-written"
     );
     let h = Harness {
-        _bpffs: bpffs,
+        bpffs,
         datapath,
         writer,
     };
@@ -894,7 +899,7 @@ fn new_ports_written_in_batches_fall_back_one_by_one_when_a_map_fills() {
         "addresses of ports that failed are withdrawn"
     );
     let h = Harness {
-        _bpffs: bpffs,
+        bpffs,
         datapath,
         writer,
     };
@@ -1153,4 +1158,116 @@ fn a_direct_connection_after_a_service_flow_is_left_alone() {
     for case in cases {
         check(&h, case);
     }
+}
+
+/// `sessionAffinity: ClientIP`: a client's new connections keep the
+/// endpoint its last one used, until the endpoint leaves or the client
+/// opened none for the timeout; other clients pick on their own.
+#[test]
+fn session_affinity_keeps_a_client_on_its_endpoint() {
+    let h = Harness::new();
+    let pod_2 = Ipv4Addr::new(10, 244, 1, 3);
+    let sticky = |timeout_seconds: u32, endpoints: &[Ipv4Addr]| ServicePort {
+        no_endpoints: Default::default(),
+        affinity: Some(ClientIpAffinity { timeout_seconds }),
+        info: Default::default(),
+        name: ServicePortName {
+            namespace: "default".into(),
+            name: format!("sticky-{timeout_seconds}"),
+            port: "p".into(),
+        },
+        endpoints: endpoints
+            .iter()
+            .map(|addr| Endpoint {
+                addr: *addr,
+                port: 8080,
+            })
+            .collect(),
+    };
+    let (long, short) = (Ipv4Addr::new(10, 96, 0, 30), Ipv4Addr::new(10, 96, 0, 31));
+    let program = |desired: &[(Ipv4Addr, ServicePort)]| {
+        let mut writer = MapWriter::new(Maps::from_pins(&maps_pin_dir(h.bpffs.path())).expect("pinned maps"))
+            .expect("a second writer");
+        let desired: Desired = desired
+            .iter()
+            .map(|(vip, port)| (fe(*vip, 80, Protocol::Tcp), port.clone()))
+            .collect();
+        let report = writer.sync(&desired);
+        assert!(report.errors.is_empty(), "programming: {:?}", report.errors);
+    };
+    program(&[
+        (long, sticky(10_800, &[POD, pod_2])),
+        (short, sticky(1, &[POD, pod_2])),
+    ]);
+
+    let endpoint_of = |client: Ipv4Addr, port: u16, vip: Ipv4Addr| -> Ipv4Addr {
+        let (verdict, out) = h.run(&Spec::tcp((client, port), (vip, 80), SYN).build());
+        assert_eq!(
+            verdict, TC_ACT_UNSPEC,
+            "a SYN to {vip} from {client}:{port} is let through"
+        );
+        Parsed::new(&out).dst
+    };
+    let first = endpoint_of(CLIENT, 50000, long);
+    for port in 50001..50020 {
+        assert_eq!(
+            endpoint_of(CLIENT, port, long),
+            first,
+            "connection from port {port} keeps {first}"
+        );
+    }
+    let explained = explain::run(
+        h.bpffs.path(),
+        "10.244.0.5:50100".parse().unwrap(),
+        "10.96.0.30:80".parse().unwrap(),
+        Protocol::Tcp,
+    )
+    .expect("explain");
+    assert!(explained.affinity, "explain says affinity chose");
+    assert_eq!(
+        explained.rewritten_to.map(|a| *a.ip()),
+        Some(first),
+        "explain names the same endpoint"
+    );
+
+    // The endpoint leaves: the client moves to the other and stays there.
+    let other = if first == POD { pod_2 } else { POD };
+    program(&[
+        (long, sticky(10_800, &[other])),
+        (short, sticky(1, &[POD, pod_2])),
+    ]);
+    assert_eq!(
+        endpoint_of(CLIENT, 50030, long),
+        other,
+        "moved off the removed endpoint"
+    );
+    program(&[
+        (long, sticky(10_800, &[POD, pod_2])),
+        (short, sticky(1, &[POD, pod_2])),
+    ]);
+    for port in 50031..50040 {
+        assert_eq!(
+            endpoint_of(CLIENT, port, long),
+            other,
+            "connection from port {port} stays on {other}"
+        );
+    }
+
+    // A one-second timeout: affinity decides at once, not once it passed.
+    let _ = endpoint_of(CLIENT, 50200, short);
+    let from = "10.244.0.5:50201".parse().unwrap();
+    let to = "10.96.0.31:80".parse().unwrap();
+    assert!(
+        explain::run(h.bpffs.path(), from, to, Protocol::Tcp)
+            .expect("explain")
+            .affinity,
+        "within the timeout"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    assert!(
+        !explain::run(h.bpffs.path(), from, to, Protocol::Tcp)
+            .expect("explain")
+            .affinity,
+        "after the timeout: a fresh pick"
+    );
 }

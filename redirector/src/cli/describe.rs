@@ -127,7 +127,14 @@ pub fn describe_service(
             record.want
         ));
     }
-    field(&mut out, "Session Affinity", &svc.info.session_affinity);
+    match svc.info.affinity_timeout_seconds {
+        Some(timeout) => field(
+            &mut out,
+            "Session Affinity",
+            &format!("{} (timeout {timeout}s)", svc.info.session_affinity),
+        ),
+        None => field(&mut out, "Session Affinity", &svc.info.session_affinity),
+    }
     for (label, value) in [
         ("Internal Traffic Policy", &svc.info.internal_traffic_policy),
         ("External Traffic Policy", &svc.info.external_traffic_policy),

@@ -109,6 +109,10 @@ pub fn explain(
         .copied()
         .unwrap_or("unknown");
     let why = match run.verdict {
+        counters::FORWARD_NEW_FLOW if run.affinity => format!(
+            "new flow: session affinity (ClientIP) keeps this client on {rewritten_to}, the endpoint its \
+             last connection used within the timeout; replies come back from {to}"
+        ),
         counters::FORWARD_NEW_FLOW => format!(
             "new flow: this run picked {} (slot {} of {}); each new flow picks uniformly at random, and \
              replies come back from {to}",

@@ -251,6 +251,7 @@ pub(super) mod fixture {
         };
         let sp = ServicePort {
             no_endpoints: Default::default(),
+            affinity: None,
             name: ServicePortName {
                 namespace: "shop".into(),
                 name: "web-app".into(),

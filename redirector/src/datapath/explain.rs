@@ -36,6 +36,8 @@ pub struct Explanation {
     pub backend_id: u32,
     pub slot: u32,
     pub svc_id: u32,
+    /// Session affinity chose the backend (the client's last connection's).
+    pub affinity: bool,
     /// Destination of the packet as the program left it; `None` when the
     /// program answered with something else (an ICMP error for a refusal).
     pub rewritten_to: Option<SocketAddrV4>,
@@ -74,6 +76,7 @@ pub fn run(
         backend_id: cb(counters::EXPLAIN_CB_BACKEND),
         slot: cb(counters::EXPLAIN_CB_SLOT),
         svc_id: cb(counters::EXPLAIN_CB_SVC),
+        affinity: cb(counters::EXPLAIN_CB_AFFINITY) != 0,
         rewritten_to: destination(&out, protocol),
     })
 }

@@ -197,6 +197,7 @@ mod tests {
     fn port(labels: usize) -> ServicePort {
         ServicePort {
             no_endpoints: Default::default(),
+            affinity: None,
             name: ServicePortName {
                 namespace: "default".into(),
                 name: "web".into(),

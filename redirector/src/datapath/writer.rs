@@ -100,8 +100,8 @@ struct Slot {
 #[derive(Clone, Debug)]
 struct Programmed {
     svc_id: u32,
-    /// The master entry's flags.
-    flags: u16,
+    /// What the master entry says beyond the slot count.
+    master: MasterParams,
     /// Slot `i + 1` holds `slots[i]`.
     slots: Vec<Slot>,
     /// Digest of the record last written to the metadata map (the record
@@ -332,7 +332,7 @@ impl MapWriter {
         let masters: Vec<(ServiceKey, ServiceEntry)> = planned
             .iter()
             .map(|(fe, port, svc_id, slots)| {
-                let master = master_entry(slots.len(), *svc_id, master_flags(port));
+                let master = master_entry(slots.len(), *svc_id, MasterParams::of(port));
                 (service_key(*fe, MASTER_SLOT), master)
             })
             .collect();
@@ -369,7 +369,7 @@ impl MapWriter {
                 fe,
                 Programmed {
                     svc_id,
-                    flags: master_flags(port),
+                    master: MasterParams::of(port),
                     slots,
                     meta: None,
                 },
@@ -409,10 +409,10 @@ impl MapWriter {
         let mut next_backend_id = self.next_backend_id;
         let new_slots = plan_slots(old_slots, &port.endpoints, || alloc_id(&mut next_backend_id));
         let meta = PortRecord::new(port).encode();
-        let flags = master_flags(port);
+        let params = MasterParams::of(port);
         if let Some(old) = &old
             && new_slots == old_slots
-            && old.flags == flags
+            && old.master == params
         {
             // Forwarding unchanged; only what operators see may differ.
             if old.meta != Some(digest(&meta)) {
@@ -433,8 +433,8 @@ impl MapWriter {
         let mut undo = Vec::new();
         let result = self.write_service(
             fe,
-            master_entry(new_slots.len(), svc_id, flags),
-            old.as_ref().map(|o| o.flags),
+            master_entry(new_slots.len(), svc_id, params),
+            old.as_ref().map(|o| o.master),
             old_slots,
             &new_slots,
             &mut undo,
@@ -467,7 +467,7 @@ impl MapWriter {
             fe,
             Programmed {
                 svc_id,
-                flags,
+                master: params,
                 slots: new_slots,
                 meta: old.and_then(|o| o.meta),
             },
@@ -494,7 +494,7 @@ impl MapWriter {
     }
 
     /// Backends, then changed slots, then the master entry (when it is new,
-    /// or its count or flags change). `old_flags` is `None` for a new port.
+    /// or its count or parameters change). `old_master` is `None` for a new port.
     #[allow(
         clippy::too_many_arguments,
         reason = "one service port's parts, written in the order the datapath needs"
@@ -503,7 +503,7 @@ impl MapWriter {
         &mut self,
         fe: Frontend,
         master: ServiceEntry,
-        old_flags: Option<u16>,
+        old_master: Option<MasterParams>,
         old_slots: &[Slot],
         new_slots: &[Slot],
         undo: &mut Vec<Undo>,
@@ -536,7 +536,7 @@ impl MapWriter {
             });
             report.writes += 1;
         }
-        if old_flags != Some(master.flags) || old_slots.len() != new_slots.len() {
+        if old_master != Some(MasterParams::of_entry(&master)) || old_slots.len() != new_slots.len() {
             self.maps
                 .services
                 .insert(service_key(fe, MASTER_SLOT), master, 0)
@@ -685,7 +685,7 @@ impl MapWriter {
                 port.frontend,
                 Programmed {
                     svc_id: port.master.svc_id,
-                    flags: port.master.flags,
+                    master: MasterParams::of_entry(&port.master),
                     slots: slots
                         .into_iter()
                         .map(|(backend_id, endpoint)| Slot { backend_id, endpoint })
@@ -802,19 +802,41 @@ fn backend_entry(fe: Frontend, slot: &Slot) -> Backend {
 
 /// The service map's entry for `slot`: its backend ID and address.
 /// The master entry of a service port with `slots` slots.
-fn master_entry(slots: usize, svc_id: u32, flags: u16) -> ServiceEntry {
+fn master_entry(slots: usize, svc_id: u32, params: MasterParams) -> ServiceEntry {
     ServiceEntry {
-        flags,
+        flags: params.flags,
+        backend_id: params.affinity_timeout,
         ..ServiceEntry::master(slots as u16, svc_id)
     }
 }
 
-/// The master flags `port` needs: only an empty port has any.
-fn master_flags(port: &ServicePort) -> u16 {
-    if port.endpoints.is_empty() && port.no_endpoints == NoEndpoints::Drop {
-        FLAG_NO_LOCAL_ENDPOINTS
-    } else {
-        0
+/// What a master entry says besides its slot count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MasterParams {
+    flags: u16,
+    /// Session affinity timeout in seconds, 0 for none.
+    affinity_timeout: u32,
+}
+
+impl MasterParams {
+    /// What `port` needs: only an empty port has flags.
+    fn of(port: &ServicePort) -> Self {
+        let flags = if port.endpoints.is_empty() && port.no_endpoints == NoEndpoints::Drop {
+            FLAG_NO_LOCAL_ENDPOINTS
+        } else {
+            0
+        };
+        Self {
+            flags,
+            affinity_timeout: port.affinity.map_or(0, |a| a.timeout_seconds),
+        }
+    }
+
+    fn of_entry(master: &ServiceEntry) -> Self {
+        Self {
+            flags: master.flags,
+            affinity_timeout: master.backend_id,
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{ClientIPConfig, Service, ServicePort, ServiceSpec, SessionAffinityConfig};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Deserialize;
@@ -64,6 +64,8 @@ struct CompactServiceSpec {
     ports: Option<Vec<ServicePort>>,
     selector: Vec<(String, String)>,
     session_affinity: Option<String>,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    affinity_timeout: Option<i32>,
     policies: Option<Box<PolicyFields>>,
 }
 
@@ -106,6 +108,7 @@ struct SpecFields {
     ports: Option<Vec<ServicePort>>,
     selector: Option<BTreeMap<String, String>>,
     session_affinity: Option<String>,
+    session_affinity_config: Option<SessionAffinityConfig>,
     #[serde(flatten)]
     policies: PolicyFields,
 }
@@ -122,6 +125,10 @@ impl From<ServiceFields> for CompactService {
                 ports: s.ports,
                 selector: s.selector.unwrap_or_default().into_iter().collect(),
                 session_affinity: s.session_affinity,
+                affinity_timeout: s
+                    .session_affinity_config
+                    .and_then(|c| c.client_ip)
+                    .and_then(|c| c.timeout_seconds),
                 policies: (!s.policies.is_empty()).then(|| Box::new(s.policies)),
             }),
         }
@@ -151,6 +158,11 @@ impl CompactService {
                     ports: s.ports.clone(),
                     selector: map_of(&s.selector),
                     session_affinity: s.session_affinity.clone(),
+                    session_affinity_config: s.affinity_timeout.map(|timeout| SessionAffinityConfig {
+                        client_ip: Some(ClientIPConfig {
+                            timeout_seconds: Some(timeout),
+                        }),
+                    }),
                     internal_traffic_policy: policies.internal_traffic_policy,
                     external_traffic_policy: policies.external_traffic_policy,
                     traffic_distribution: policies.traffic_distribution,
@@ -296,6 +308,7 @@ mod tests {
                    "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
       "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
                "selector": {"app": "web"}, "sessionAffinity": "ClientIP",
+               "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}},
                "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
                "trafficDistribution": "PreferClose", "externalIPs": ["192.0.2.1"],
                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "web", "nodePort": 30080}]},
@@ -328,6 +341,15 @@ mod tests {
         assert_eq!(spec.ports, want.ports, "ports");
         assert_eq!(spec.selector, want.selector, "selector");
         assert_eq!(spec.session_affinity, want.session_affinity, "sessionAffinity");
+        assert_eq!(
+            spec.session_affinity_config, want.session_affinity_config,
+            "sessionAffinityConfig"
+        );
+        assert_eq!(
+            crate::source::endpoints::client_ip_affinity(&api),
+            Some(crate::model::ClientIpAffinity { timeout_seconds: 600 }),
+            "the affinity the datapath gets"
+        );
         assert_eq!(
             spec.internal_traffic_policy, want.internal_traffic_policy,
             "internalTrafficPolicy"

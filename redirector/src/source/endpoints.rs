@@ -24,8 +24,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    Endpoint, Frontend, NoEndpoints, NodeTopology, Protocol, ServiceInfo, ServicePort, ServicePortName,
-    TopologyMode,
+    ClientIpAffinity, Endpoint, Frontend, NoEndpoints, NodeTopology, Protocol, ServiceInfo, ServicePort,
+    ServicePortName, TopologyMode,
 };
 
 /// The label tying an EndpointSlice to its Service.
@@ -481,6 +481,7 @@ pub fn entries_with<'a>(
                 node: node.name.clone(),
                 zone: node.zone.clone(),
                 no_local_endpoints: no_endpoints == NoEndpoints::Drop,
+                affinity_timeout_seconds: client_ip_affinity(service).map(|a| a.timeout_seconds),
                 ..service_info(service, &port)
             };
             let service_port = ServicePort {
@@ -491,11 +492,32 @@ pub fn entries_with<'a>(
                 },
                 endpoints,
                 no_endpoints,
+                affinity: client_ip_affinity(service),
                 info,
             };
             (frontend, service_port)
         })
         .collect()
+}
+
+/// `sessionAffinity: ClientIP` and its timeout, as kube-proxy reads them (the
+/// API server defaults the timeout; file mode gets the same default).
+pub fn client_ip_affinity(service: &Service) -> Option<ClientIpAffinity> {
+    let spec = service.spec.as_ref()?;
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(ClientIpAffinity::DEFAULT_TIMEOUT_SECONDS);
+    Some(ClientIpAffinity {
+        timeout_seconds: timeout,
+    })
 }
 
 /// What `redirector describe` shows about one port of `service`.
@@ -1359,6 +1381,7 @@ endpoints: [{addresses: ["fd00::1"]}]
                 },
                 ServicePort {
                     no_endpoints: NoEndpoints::Reject,
+                    affinity: None,
                     name: name("http"),
                     endpoints: vec![ep(1, 8080), ep(2, 8080)],
                     info: ServiceInfo::default(),
@@ -1372,6 +1395,7 @@ endpoints: [{addresses: ["fd00::1"]}]
                 },
                 ServicePort {
                     no_endpoints: NoEndpoints::Reject,
+                    affinity: None,
                     name: name("dns"),
                     endpoints: vec![ep(1, 5353)],
                     info: ServiceInfo::default(),

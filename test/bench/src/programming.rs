@@ -409,6 +409,7 @@ fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, progres
             fe,
             redirector::model::ServicePort {
                 no_endpoints: Default::default(),
+                affinity: None,
                 name: service_name(i),
                 endpoints: service_endpoints(i, config.endpoints),
                 info: Default::default(),

@@ -585,6 +585,7 @@ mod tests {
                 };
                 let sp = ServicePort {
                     no_endpoints: Default::default(),
+                    affinity: None,
                     name: spn("bench", &format!("svc-{i}"), "http"),
                     endpoints: (0..eps)
                         .map(|j| Endpoint {
@@ -712,6 +713,7 @@ mod tests {
         };
         let sp = ServicePort {
             no_endpoints: Default::default(),
+            affinity: None,
             name: spn("ns4", "svc4", "p80"),
             endpoints: vec![ep("10.180.0.4", 80), ep("10.180.0.5", 80)],
             info: Default::default(),
@@ -747,6 +749,7 @@ mod tests {
         // Three endpoints: probabilities 1/3, 1/2, then none.
         let sp3 = ServicePort {
             no_endpoints: Default::default(),
+            affinity: None,
             name: spn("ns", "three", "p"),
             endpoints: vec![ep("10.1.0.1", 80), ep("10.1.0.2", 80), ep("10.1.0.3", 80)],
             info: Default::default(),
@@ -788,6 +791,7 @@ mod tests {
         };
         let sp = ServicePort {
             no_endpoints: Default::default(),
+            affinity: None,
             name: spn("ns4", "svc4", "p80"),
             endpoints: vec![ep("10.180.0.4", 80), ep("10.180.0.5", 80)],
             info: Default::default(),

@@ -150,6 +150,7 @@ impl ServiceSet {
                         service_frontend(i),
                         ServicePort {
                             no_endpoints: Default::default(),
+                            affinity: None,
                             name: service_name(i),
                             endpoints: service_endpoints(i, e),
                             info: Default::default(),

@@ -775,6 +775,20 @@ fn errors_name_file_object_and_field() {
             ],
         ),
         (
+            "sessionAffinity",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {sessionAffinity: Sticky, ports: [{port: 80}]}\n",
+            &["Service default/web", "spec.sessionAffinity", "Sticky"],
+        ),
+        (
+            "affinity timeout",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}\n",
+            &[
+                "Service default/web",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                "got 0",
+            ],
+        ),
+        (
             "pod IP",
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.1.2}\n",
             &["Pod shop/p", "status.podIP", "10.1.2"],

@@ -79,6 +79,9 @@ fn is_port_name(name: &str) -> bool {
         && !name.contains("--")
 }
 
+/// The API server's bound on `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const MAX_AFFINITY_TIMEOUT_SECONDS: i32 = 86_400;
+
 fn validate_service(service: &Service, problems: &mut Problems) {
     let Some(spec) = &service.spec else { return };
     if let Some(t) = spec.type_.as_deref()
@@ -97,6 +100,26 @@ fn validate_service(service: &Service, problems: &mut Problems) {
         problems.push(
             "spec.clusterIP",
             format!("must be an IP address, \"None\" or empty, got {ip:?}"),
+        );
+    }
+    if let Some(affinity) = spec.session_affinity.as_deref()
+        && !matches!(affinity, "None" | "ClientIP")
+    {
+        problems.push(
+            "spec.sessionAffinity",
+            format!("must be None or ClientIP, got {affinity:?}"),
+        );
+    }
+    if let Some(timeout) = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        && !(1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(&timeout)
+    {
+        problems.push(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            format!("must be between 1 and {MAX_AFFINITY_TIMEOUT_SECONDS} (a day), got {timeout}"),
         );
     }
     for (field, value, allowed) in [

@@ -4,8 +4,9 @@
 /// V2: `pass_to_pod_untouched` (the reverse-translation program on the way
 /// into pods), kube-proxy's refusals (an undefined port is refused, an
 /// unallocated address dropped) and the refusals' rate limit.
-/// V3: `drop_no_local_endpoints` (internalTrafficPolicy: Local), and the
-/// connection table's clashes and stale reply entries.
+/// V3: `drop_no_local_endpoints` (internalTrafficPolicy: Local), the
+/// connection table's clashes and stale reply entries, and ICMP errors
+/// translated for a flow's client.
 pub const COUNTER_MAP: &str = "COUNTERS_V3";
 
 macro_rules! counters {
@@ -47,6 +48,7 @@ counters! {
     DROP_NO_LOCAL_ENDPOINTS = 17: "drop_no_local_endpoints",
     DROP_CT_CLASH = 18: "drop_conntrack_clash",
     PASS_STALE_REPLY = 19: "pass_stale_reply_entry_removed",
+    ICMP_ERROR_TRANSLATED = 20: "icmp_error_translated",
 }
 
 /// `skb->mark` that asks the program to decide without side effects (no

@@ -29,6 +29,7 @@
 #![no_std]
 #![no_main]
 
+mod icmp;
 mod packet;
 mod refuse;
 
@@ -62,7 +63,7 @@ static VIP_V1: HashMap<u32, VipEntry> = HashMap::pinned(16384, 0);
 /// A plain hash, preallocated: a full table refuses new flows and never
 /// evicts a live one; the agent's sweeper removes flows that ended.
 #[map]
-static CT_V2: HashMap<CtKey, CtEntry> = HashMap::pinned(262144, 0);
+pub(crate) static CT_V2: HashMap<CtKey, CtEntry> = HashMap::pinned(262144, 0);
 #[map]
 static CONFIG_V2: Array<Config> = Array::pinned(1, 0);
 #[map]
@@ -188,7 +189,12 @@ fn to_pod(ctx: &TcContext, link: Link) -> i32 {
 
 #[inline(always)]
 fn try_translate_reply(ctx: &TcContext, link: Link) -> Result<Verdict, Verdict> {
-    let pkt = packet::parse(ctx, link)?;
+    let pkt = match packet::parse(ctx, link) {
+        Err(not_tcp_udp) if not_tcp_udp.counter == counters::PASS_NOT_TCP_UDP => {
+            return icmp::translate_error(ctx, link);
+        }
+        parsed => parsed?,
+    };
     if pkt.is_fragment || pkt.l4_truncated {
         return Ok(Verdict::pass(counters::PASS_UNPARSABLE));
     }
@@ -277,7 +283,13 @@ fn count(verdict: Verdict) {
 /// the verdict and are handled alike.
 #[inline(always)]
 fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) -> Result<Verdict, Verdict> {
-    let pkt = packet::parse(ctx, link)?;
+    let pkt = match packet::parse(ctx, link) {
+        // An ICMP error an endpoint pod sends its client about the flow.
+        Err(not_tcp_udp) if not_tcp_udp.counter == counters::PASS_NOT_TCP_UDP => {
+            return icmp::translate_error(ctx, link);
+        }
+        parsed => parsed?,
+    };
 
     if pkt.is_fragment || pkt.l4_truncated {
         return if is_service_address(pkt.daddr) {

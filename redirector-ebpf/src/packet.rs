@@ -100,7 +100,7 @@ impl Packet {
 }
 
 #[inline(always)]
-fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
+pub(crate) fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
     let start = ctx.data();
     if start + offset + N > ctx.data_end() {
         return None;
@@ -112,7 +112,7 @@ fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
 /// Writes `value` at `offset` by direct packet access; `None` when the bytes
 /// are not in the linear area.
 #[inline(always)]
-fn write_at<T: Copy>(ctx: &TcContext, offset: usize, value: T) -> Option<()> {
+pub(crate) fn write_at<T: Copy>(ctx: &TcContext, offset: usize, value: T) -> Option<()> {
     let start = ctx.data();
     if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
         return None;
@@ -125,7 +125,7 @@ fn write_at<T: Copy>(ctx: &TcContext, offset: usize, value: T) -> Option<()> {
 
 /// Makes `len` bytes readable by direct access when the skb is non-linear.
 #[inline(always)]
-fn ensure_linear(ctx: &TcContext, len: usize) {
+pub(crate) fn ensure_linear(ctx: &TcContext, len: usize) {
     if ctx.data() + len > ctx.data_end() && ctx.len() as usize >= len {
         let _ = ctx.pull_data(len as u32);
     }

@@ -386,3 +386,66 @@ spec:
         },
     );
 }
+
+/// An endpoint's ICMP port unreachable reaches the client as the service's:
+/// UDP to a service whose endpoint has nothing on the target port is
+/// refused (ECONNREFUSED on the client's connected socket), not a timeout.
+#[test]
+fn udp_to_a_closed_endpoint_port_is_refused_by_the_service() {
+    let (fx, client) = bed("cticmp", &[("web-a", POD_A)]);
+    fx.write_manifest(
+        "closed.yaml",
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: closed
+  namespace: default
+spec:
+  clusterIP: 10.96.0.23
+  selector:
+    app: web
+  ports:
+  - name: dns
+    port: 53
+    protocol: UDP
+    targetPort: 9999
+",
+    );
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    eventually("the agent programmed the services", SYNC_TIMEOUT, || {
+        udp_request(&client, DNS).map(drop).map_err(|e| e.to_string())
+    });
+    let socket = common::in_netns(&client, || std::net::UdpSocket::bind("0.0.0.0:0")).expect("a UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    socket.connect("10.96.0.23:53").expect("connect");
+    socket.send(b"anyone?").expect("send");
+    let err = socket
+        .recv(&mut [0u8; 64])
+        .expect_err("nothing listens on the endpoint's port");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "the endpoint's port unreachable reached the client's socket: {err}"
+    );
+}
+
+/// Path-MTU discovery through a ClusterIP: the hop toward the endpoint has a
+/// smaller MTU than the client's link; its fragmentation-needed quotes the
+/// translated segment and must be translated back, or the client's large
+/// segments vanish.
+#[test]
+fn path_mtu_discovery_works_through_a_cluster_ip() {
+    let (fx, client) = bed("ctpmtu", &[("web-a", POD_A)]);
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    fx.set_node_link_mtu("web-a", 1000);
+    let mut connection = eventually("the service", SYNC_TIMEOUT, || {
+        Connection::open(&client, WEB).map_err(|e| e.to_string())
+    });
+    let large = "x".repeat(4000);
+    let answer = connection
+        .ask_with(&large)
+        .expect("a 4000-byte request over a 1000-byte hop is answered");
+    assert_eq!(answer.pod, "web-a");
+}

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
-use common::packet::{ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, Parsed, RST, SYN, Spec, assert_checksums};
+use common::packet::{
+    ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, Parsed, RST, SYN, Spec, assert_checksums, icmp_error, quoted,
+};
 use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
 use redirector::datapath::{Maps, explain, maps_pin_dir};
 use redirector::model::{
@@ -1269,5 +1271,97 @@ fn session_affinity_keeps_a_client_on_its_endpoint() {
             .expect("explain")
             .affinity,
         "after the timeout: a fresh pick"
+    );
+}
+
+/// ICMP errors about a translated flow reach its client as if the service
+/// had been the peer: the quoted packet's destination is the service again
+/// (so the client's kernel matches its socket), and so is the outer source
+/// when the endpoint itself sent the error. Whether the error leaves a local
+/// endpoint pod or enters the client pod.
+#[test]
+fn icmp_errors_about_a_flow_reach_its_client_translated() {
+    let h = Harness::new();
+    let router = Ipv4Addr::new(192, 0, 2, 1);
+    check(
+        &h,
+        Case {
+            name: "a UDP flow to the service",
+            frame: Spec::udp((CLIENT, 41500), (VIP, 53), b"query").build(),
+            expect: Expect::Translated {
+                src: (CLIENT, 41500),
+                dst: (POD, 5353),
+            },
+            counter: counters::FORWARD_NEW_FLOW,
+        },
+    );
+    // The datagram as the endpoint got it: what its ICMP error quotes.
+    let delivered = Spec::udp((CLIENT, 41500), (POD, 5353), b"query").build();
+    let quote = &delivered[14..];
+    let cases = [
+        ("the endpoint's port unreachable", POD, (3, 3), [0; 4], VIP),
+        (
+            "a router's fragmentation needed",
+            router,
+            (3, 4),
+            [0, 0, 0x05, 0x00],
+            router,
+        ),
+        ("a router's time exceeded", router, (11, 0), [0; 4], router),
+    ];
+    for (hook, place) in [
+        (Hook::FromPod, "leaving the endpoint pod"),
+        (Hook::ToPod, "entering the client pod"),
+    ] {
+        for (what, from, kind, rest, outer_source) in cases {
+            let name = format!("{what}, {place}");
+            let before = h.counters();
+            let (verdict, out) = h
+                .try_run(hook, &icmp_error(from, CLIENT, kind, rest, quote))
+                .expect("BPF_PROG_TEST_RUN");
+            assert_eq!(verdict, TC_ACT_UNSPEC, "{name}: let through");
+            assert_eq!(
+                h.counters()[counters::ICMP_ERROR_TRANSLATED as usize]
+                    - before[counters::ICMP_ERROR_TRANSLATED as usize],
+                1,
+                "{name}: counted"
+            );
+            let outer = Parsed::new(&out);
+            assert_eq!(
+                (outer.src, outer.dst),
+                (outer_source, CLIENT),
+                "{name}: outer addresses"
+            );
+            assert_checksums(&out, &name);
+            let (inner, sport, dport) = quoted(&out);
+            assert_eq!(
+                (Ipv4Addr::from(inner.source), sport),
+                (CLIENT, 41500),
+                "{name}: the quoted source is the client's"
+            );
+            assert_eq!(
+                (Ipv4Addr::from(inner.destination), dport),
+                (VIP, 53),
+                "{name}: the quoted destination is the service"
+            );
+            assert_eq!(
+                inner.header_checksum,
+                inner.calc_header_checksum(),
+                "{name}: quoted header checksum"
+            );
+        }
+    }
+    // An error about a flow the table does not hold passes as it is.
+    let stranger = Spec::udp((CLIENT, 41501), (POD, 5353), b"query").build();
+    let frame = icmp_error(POD, CLIENT, (3, 3), [0; 4], &stranger[14..]);
+    check_on(
+        &h,
+        Hook::ToPod,
+        Case {
+            name: "an ICMP error about no translated flow",
+            frame,
+            expect: Expect::Untouched,
+            counter: counters::PASS_NOT_TCP_UDP,
+        },
     );
 }

@@ -213,3 +213,36 @@ pub fn assert_checksums(frame: &[u8], case: &str) {
         other => panic!("{case}: unexpected transport {other:?}"),
     }
 }
+
+/// An ICMP error from `from` to `to` of `type_u8`/`code_u8` (bytes 5-8 as
+/// given: the next-hop MTU of a fragmentation-needed), quoting `quoted` (an
+/// IPv4 packet without its Ethernet header), as a host's kernel sends it.
+pub fn icmp_error(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    (type_u8, code_u8): (u8, u8),
+    bytes5to8: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv4(from.octets(), to.octets(), 64)
+        .icmpv4(Icmpv4Type::Unknown {
+            type_u8,
+            code_u8,
+            bytes5to8,
+        })
+        .write(&mut frame, quoted)
+        .expect("an ICMP error frame");
+    frame
+}
+
+/// The IPv4 header and the ports an ICMP error in `frame` quotes.
+pub fn quoted(frame: &[u8]) -> (Ipv4Header, u16, u16) {
+    let p = Parsed::new(frame);
+    let inner = &frame[p.l4 + 8..];
+    let (header, rest) = Ipv4Header::from_slice(inner).expect("a quoted IPv4 header");
+    let sport = u16::from_be_bytes([rest[0], rest[1]]);
+    let dport = u16::from_be_bytes([rest[2], rest[3]]);
+    (header, sport, dport)
+}

@@ -111,6 +111,8 @@ pub struct Fixture {
     pub node: String,
     servers: Vec<Server>,
     next_iface: u32,
+    /// Each host's netns and the node side of its link.
+    links: Vec<(String, String)>,
     pub bpffs: Bpffs,
     pub manifests: PathBuf,
 }
@@ -134,6 +136,7 @@ impl Fixture {
             node,
             servers: Vec::new(),
             next_iface: 0,
+            links: Vec::new(),
             manifests,
         }
     }
@@ -147,7 +150,20 @@ impl Fixture {
         self.next_iface += 1;
         new_netns(&netns);
         plug_pod(&self.node, &node_iface, &netns, addr);
+        self.links.push((netns.clone(), node_iface));
         netns
+    }
+
+    /// Sets the MTU of the node's side of the link to the host named `name`
+    /// (as a hop with a smaller MTU on the way to it).
+    pub fn set_node_link_mtu(&self, name: &str, mtu: u32) {
+        let netns = format!("{}-{name}", self.prefix);
+        let (_, iface) = self
+            .links
+            .iter()
+            .find(|(host, _)| *host == netns)
+            .unwrap_or_else(|| panic!("no host {name} on this node"));
+        ip(&["-n", &self.node, "link", "set", iface, "mtu", &mtu.to_string()]);
     }
 
     /// TCP and UDP servers on `port` in `netns` answering as `name`.
@@ -525,7 +541,12 @@ impl Connection {
     }
 
     pub fn ask(&mut self) -> std::io::Result<Answer> {
-        self.writer.write_all(b"hello\n")?;
+        self.ask_with("hello")
+    }
+
+    /// [`Connection::ask`] with `line` (no newline) as the request.
+    pub fn ask_with(&mut self, line: &str) -> std::io::Result<Answer> {
+        self.writer.write_all(format!("{line}\n").as_bytes())?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         if line.is_empty() {

@@ -69,6 +69,9 @@ static SVCSTATS_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(65536, 0);
 /// Written and read by user space only; allocated per entry, not up front.
 #[map]
 static SVCMETA_V1: HashMap<u32, ServiceMeta> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
+/// The agent's connection-table timeouts, for the CLI; user space only.
+#[map]
+static CT_TIMEOUTS_V1: Array<redirector_common::conntrack::CtTimeouts> = Array::pinned(1, 0);
 
 /// What happens to a packet, and which counter says so.
 #[must_use]

@@ -32,9 +32,9 @@ enum DescribeWhat {
 #[derive(Debug, thiserror::Error)]
 #[error("service {namespace}/{name} is not programmed in the datapath under {}", bpffs.display())]
 pub struct UnknownService {
-    namespace: String,
-    name: String,
-    bpffs: PathBuf,
+    pub(super) namespace: String,
+    pub(super) name: String,
+    pub(super) bpffs: PathBuf,
 }
 
 pub fn run(args: DescribeArgs) -> anyhow::Result<()> {

@@ -185,6 +185,13 @@ fn list_shows_flows_by_service_and_flush_removes_them() {
         "headers:\n{text}"
     );
 
+    // describe counts the flows per port.
+    let described = cli(&fx, &["describe", "service", "web"]);
+    assert!(
+        described.contains("Flows:                    1 (1 ESTABLISHED)\n"),
+        "describe: web's http port has the open connection:\n{described}"
+    );
+
     // --service keeps one Service's flows.
     let only_web = listed(&fx, &["--service", "default/web"]);
     assert!(

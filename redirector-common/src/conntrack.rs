@@ -231,10 +231,33 @@ impl FlowState {
     ];
 }
 
+/// Array of one [`CtTimeouts`]: the timeouts the agent's sweeper applies,
+/// published for the CLI (`redirector conntrack list` shows when each flow
+/// expires). Written and read by user space only.
+pub const CT_TIMEOUTS_MAP: &str = "CT_TIMEOUTS_V1";
+
+/// How long a flow may stay idle in each [`FlowState`], in whole seconds,
+/// host order. No padding: 7 × 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CtTimeouts {
+    pub tcp_syn_sent: u32,
+    pub tcp_established: u32,
+    pub tcp_close_wait: u32,
+    pub tcp_time_wait: u32,
+    pub tcp_close: u32,
+    pub udp: u32,
+    /// A replied UDP flow that is a stream.
+    pub udp_stream: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 7 * 4);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::CtKey {}
     // SAFETY: #[repr(C)], bytemuck::Pod (explicit padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::CtEntry {}
+    // SAFETY: #[repr(C)], bytemuck::Pod (u32 fields only, no padding).
+    unsafe impl aya::Pod for super::CtTimeouts {}
 }

@@ -76,6 +76,9 @@ static AFFINITY_V1: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(
 /// Written and read by user space only; allocated per entry, not up front.
 #[map]
 static SVCMETA_V1: HashMap<u32, ServiceMeta> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
+/// The agent's connection-table timeouts, for the CLI; user space only.
+#[map]
+static CT_TIMEOUTS_V1: Array<redirector_common::conntrack::CtTimeouts> = Array::pinned(1, 0);
 
 /// What happens to a packet, and which counter says so.
 #[must_use]

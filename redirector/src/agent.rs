@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use redirector_common::conntrack::CT_TIMEOUTS_MAP;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::conntrack;
@@ -127,6 +128,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             .map_err(listen_err(addr, "/metrics"))?;
     }
 
+    publish_timeouts(&config.bpffs, &config.conntrack_timeouts);
     match datapath::maps::conntrack_from_pins(&datapath::maps_pin_dir(&config.bpffs)) {
         Ok(table) => {
             tokio::spawn(sweep_forever(
@@ -160,6 +162,21 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         config.bpffs.display()
     );
     Ok(())
+}
+
+/// Tells `redirector conntrack list` the timeouts the sweeper applies, so it
+/// can say when each flow expires; without them it only says it cannot.
+fn publish_timeouts(bpffs: &Path, timeouts: &conntrack::Timeouts) {
+    let unpublished = |why: String| tracing::warn!("`redirector conntrack list` will not show expiry: {why}");
+    match datapath::maps::timeouts_from_pins(&datapath::maps_pin_dir(bpffs)) {
+        Ok(Some(mut map)) => {
+            if let Err(e) = conntrack::publish_timeouts(&mut map, timeouts) {
+                unpublished(Chain(&e).to_string());
+            }
+        }
+        Ok(None) => unpublished(format!("{CT_TIMEOUTS_MAP} is not pinned")),
+        Err(e) => unpublished(Chain(&e).to_string()),
+    }
 }
 
 /// Removes ended flows from the connection table every `interval`, off the

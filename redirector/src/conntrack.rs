@@ -7,10 +7,13 @@
 //! the pinned table; the CLI lists the same flows.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use redirector_common::conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey, FlowState};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
+use redirector_common::conntrack::{
+    CT_FORWARD, CT_REPLY, CT_TIMEOUTS_MAP, CtEntry, CtKey, CtTimeouts, FlowState,
+};
 
 use crate::datapath::batch;
 
@@ -31,6 +34,65 @@ pub struct Timeouts {
     pub udp: Duration,
     /// A replied UDP flow still active after [`UDP_STREAM_AFTER`].
     pub udp_stream: Duration,
+}
+
+/// Whole seconds, rounded up so a sub-second timeout does not read as none.
+fn whole_seconds(d: Duration) -> u32 {
+    let up = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
+    u32::try_from(up).unwrap_or(u32::MAX)
+}
+
+impl From<&Timeouts> for CtTimeouts {
+    fn from(t: &Timeouts) -> Self {
+        Self {
+            tcp_syn_sent: whole_seconds(t.tcp_syn_sent),
+            tcp_established: whole_seconds(t.tcp_established),
+            tcp_close_wait: whole_seconds(t.tcp_close_wait),
+            tcp_time_wait: whole_seconds(t.tcp_time_wait),
+            tcp_close: whole_seconds(t.tcp_close),
+            udp: whole_seconds(t.udp),
+            udp_stream: whole_seconds(t.udp_stream),
+        }
+    }
+}
+
+impl From<&CtTimeouts> for Timeouts {
+    fn from(t: &CtTimeouts) -> Self {
+        let secs = |s: u32| Duration::from_secs(s.into());
+        Self {
+            tcp_syn_sent: secs(t.tcp_syn_sent),
+            tcp_established: secs(t.tcp_established),
+            tcp_close_wait: secs(t.tcp_close_wait),
+            tcp_time_wait: secs(t.tcp_time_wait),
+            tcp_close: secs(t.tcp_close),
+            udp: secs(t.udp),
+            udp_stream: secs(t.udp_stream),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TimeoutsError {
+    #[error("publishing the connection table's timeouts in {CT_TIMEOUTS_MAP}")]
+    Write { source: MapError },
+    #[error("reading the connection table's timeouts from {CT_TIMEOUTS_MAP}")]
+    Read { source: MapError },
+}
+
+/// Writes the sweeper's timeouts where the CLI reads them.
+pub fn publish_timeouts(
+    map: &mut Array<MapData, CtTimeouts>,
+    timeouts: &Timeouts,
+) -> Result<(), TimeoutsError> {
+    map.set(0, CtTimeouts::from(timeouts), 0)
+        .map_err(|source| TimeoutsError::Write { source })
+}
+
+/// The timeouts an agent published; `None` if it never wrote them (the map
+/// starts zeroed).
+pub fn published_timeouts(map: &Array<MapData, CtTimeouts>) -> Result<Option<Timeouts>, TimeoutsError> {
+    let raw = map.get(&0, 0).map_err(|source| TimeoutsError::Read { source })?;
+    Ok((raw != CtTimeouts::default()).then(|| Timeouts::from(&raw)))
 }
 
 /// nf_conntrack's rule: a replied UDP flow still going this long after it
@@ -120,6 +182,38 @@ impl Flow {
     pub fn keys(&self) -> impl Iterator<Item = CtKey> + '_ {
         self.entries().map(|(key, _)| *key)
     }
+
+    /// The client's address and port.
+    pub fn client(&self) -> SocketAddrV4 {
+        match (&self.forward, &self.reply) {
+            (Some((key, _)), _) => socket(key.saddr, key.sport),
+            (None, Some((key, _))) => socket(key.daddr, key.dport),
+            (None, None) => socket(0, 0),
+        }
+    }
+
+    /// The service address the client connected to.
+    pub fn frontend(&self) -> SocketAddrV4 {
+        match (&self.forward, &self.reply) {
+            (Some((key, _)), _) => socket(key.daddr, key.dport),
+            (None, Some((_, entry))) => socket(entry.nat_addr, entry.nat_port),
+            (None, None) => socket(0, 0),
+        }
+    }
+
+    /// The endpoint the flow is pinned to.
+    pub fn endpoint(&self) -> SocketAddrV4 {
+        match (&self.forward, &self.reply) {
+            (Some((_, entry)), _) => socket(entry.nat_addr, entry.nat_port),
+            (None, Some((key, _))) => socket(key.saddr, key.sport),
+            (None, None) => socket(0, 0),
+        }
+    }
+}
+
+/// An address and port as the table holds them (network byte order).
+fn socket(addr: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr.to_ne_bytes()), u16::from_be(port))
 }
 
 /// Pairs the table's entries into flows. Two entries are one flow when each
@@ -221,6 +315,8 @@ pub enum SweepError {
     Read { source: std::io::Error },
     #[error("removing {count} ended flows' entries from the connection table")]
     Remove { count: usize, source: std::io::Error },
+    #[error("deleting {flows} flows from the connection table")]
+    Delete { flows: usize, source: std::io::Error },
 }
 
 /// Now on the clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
@@ -233,6 +329,16 @@ pub fn now_ns() -> u64 {
 pub fn read(table: &BpfHashMap<MapData, CtKey, CtEntry>) -> Result<Vec<Flow>, SweepError> {
     let entries = batch::lookup_all(table).map_err(|source| SweepError::Read { source })?;
     Ok(flows(entries))
+}
+
+/// Removes `flows`, both entries of each, as `conntrack -D` does: the next
+/// packet of a connection starts a new flow (and picks an endpoint again).
+pub fn delete(table: &mut BpfHashMap<MapData, CtKey, CtEntry>, flows: &[&Flow]) -> Result<(), SweepError> {
+    let keys: Vec<CtKey> = flows.iter().flat_map(|flow| flow.keys()).collect();
+    batch::delete_all(table, &keys).map_err(|source| SweepError::Delete {
+        flows: flows.len(),
+        source,
+    })
 }
 
 /// One sweep of the pinned table. A packet arriving between the read and the
@@ -310,6 +416,49 @@ mod tests {
         );
         assert_eq!(flows[0].last_seen_ns(), 9, "the later direction counts");
         assert_eq!(flows[0].state(), FlowState::TcpEstablished);
+    }
+
+    #[test]
+    fn a_flow_names_client_service_and_endpoint_from_either_entry() {
+        let entries = flow(proto::TCP, (seen::SYN, 5), Some((seen::SYN, 5)));
+        let client = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 40000);
+        let frontend = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+        let endpoint = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8080);
+        let whole = &flows(entries.clone())[0];
+        let reply_only = &flows(entries[1..].to_vec())[0];
+        assert!(reply_only.forward.is_none(), "the reply entry alone");
+        for (what, flow) in [("both entries", whole), ("reply entry only", reply_only)] {
+            assert_eq!(
+                (flow.client(), flow.frontend(), flow.endpoint()),
+                (client, frontend, endpoint),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn published_timeouts_are_whole_seconds_rounded_up() {
+        let t = Timeouts {
+            tcp_close: Duration::from_millis(300),
+            udp: Duration::from_millis(1500),
+            ..Timeouts::default()
+        };
+        let published = CtTimeouts::from(&t);
+        assert_eq!(
+            (published.tcp_established, published.tcp_close, published.udp),
+            (86_400, 1, 2),
+            "seconds, a fraction rounds up"
+        );
+        let back = Timeouts::from(&published);
+        assert_eq!(
+            back,
+            Timeouts {
+                tcp_close: Duration::from_secs(1),
+                udp: Duration::from_secs(2),
+                ..Timeouts::default()
+            },
+            "read back as whole seconds"
+        );
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! `redirector describe service NAME`, as `kubectl describe service`, plus
 //! traffic per port and any drift between what the agent wants and the maps.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use redirector::conntrack;
+use redirector::datapath::maps::conntrack_from_pins;
+use redirector::datapath::maps_pin_dir;
 use redirector::datapath::record::Snapshot;
 use redirector::model::{ServiceInfo, TopologyMode};
+use redirector_common::conntrack::FlowState;
 
 use super::BpffsArg;
 use super::views::{Scope, field, key_values, list_endpoints, plural, services, sorted};
@@ -32,9 +37,9 @@ enum DescribeWhat {
 #[derive(Debug, thiserror::Error)]
 #[error("service {namespace}/{name} is not programmed in the datapath under {}", bpffs.display())]
 pub struct UnknownService {
-    namespace: String,
-    name: String,
-    bpffs: PathBuf,
+    pub(super) namespace: String,
+    pub(super) name: String,
+    pub(super) bpffs: PathBuf,
 }
 
 pub fn run(args: DescribeArgs) -> anyhow::Result<()> {
@@ -44,8 +49,45 @@ pub fn run(args: DescribeArgs) -> anyhow::Result<()> {
         pins,
     } = args.what;
     let snapshot = Snapshot::read(&pins.bpffs).context("redirector describe")?;
-    print!("{}", describe_service(&snapshot, &namespace, &name, &pins.bpffs)?);
+    let flows = flows_by_port(&pins.bpffs);
+    print!(
+        "{}",
+        describe_service(&snapshot, &namespace, &name, &pins.bpffs, flows.as_ref())?
+    );
     Ok(())
+}
+
+/// Flows in the connection table, by service port ID and state.
+pub type FlowCounts = HashMap<u32, BTreeMap<FlowState, usize>>;
+
+/// Counts the connection table's flows (one batched read of the table); the
+/// description goes without them if the table cannot be read.
+fn flows_by_port(bpffs: &Path) -> Option<FlowCounts> {
+    let read = || -> anyhow::Result<Vec<conntrack::Flow>> {
+        let table = conntrack_from_pins(&maps_pin_dir(bpffs))?;
+        Ok(conntrack::read(&table)?)
+    };
+    let flows = read()
+        .inspect_err(|e| tracing::warn!("flows per port not shown: {e:#}"))
+        .ok()?;
+    let mut counts = FlowCounts::new();
+    for flow in &flows {
+        *counts
+            .entry(flow.svc_id())
+            .or_default()
+            .entry(flow.state())
+            .or_default() += 1;
+    }
+    Some(counts)
+}
+
+/// `3 (2 ESTABLISHED, 1 TIME_WAIT)`.
+fn flow_summary(by_state: &BTreeMap<FlowState, usize>) -> String {
+    let states: Vec<String> = by_state
+        .iter()
+        .map(|(state, n)| format!("{n} {}", state.name()))
+        .collect();
+    format!("{} ({})", by_state.values().sum::<usize>(), states.join(", "))
 }
 
 /// `redirector describe service NAME`, as `kubectl describe service`, plus
@@ -55,6 +97,7 @@ pub fn describe_service(
     namespace: &str,
     name: &str,
     bpffs: &Path,
+    flows: Option<&FlowCounts>,
 ) -> Result<String, UnknownService> {
     let scope = Scope::Namespace(namespace.to_owned());
     let svc = services(snapshot, &scope)
@@ -108,6 +151,11 @@ pub fn describe_service(
                 plural(port.stats.new_flows, "new flow")
             ),
         );
+        // Only ports with flows: like `Chosen Here`, the line is there when
+        // it says something.
+        if let Some(by_state) = flows.and_then(|f| f.get(&port.svc_id)) {
+            field(&mut out, "Flows", &flow_summary(by_state));
+        }
         if let Some(d) = port.drift() {
             drift.push(format!("{port_name}: {d}"));
         }
@@ -186,7 +234,7 @@ mod tests {
     #[test]
     fn describes_like_kubectl_with_traffic_and_drift() {
         let mut s = snapshot();
-        let text = describe_service(&s, "shop", "web-app", Path::new("/sys/fs/bpf")).unwrap();
+        let text = describe_service(&s, "shop", "web-app", Path::new("/sys/fs/bpf"), None).unwrap();
         let expected = "\
 Name:                     web-app
 Namespace:                shop
@@ -208,17 +256,40 @@ Drift:                    none (the maps hold what the agent wants)
 ";
         assert_eq!(text, expected, "describe service");
         s.ports[1].endpoints.pop();
-        let text = describe_service(&s, "shop", "web-app", Path::new("/x")).unwrap();
+        let text = describe_service(&s, "shop", "web-app", Path::new("/x"), None).unwrap();
         assert!(
             text.contains("Drift:                    http: the agent wants 2 endpoints, the maps hold 1"),
             "drift is stated: {text}"
         );
-        let err = describe_service(&s, "shop", "nope", Path::new("/x"))
+        let err = describe_service(&s, "shop", "nope", Path::new("/x"), None)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("shop/nope") && err.contains("/x"),
             "unknown service names it: {err}"
+        );
+    }
+
+    #[test]
+    fn counts_flows_per_port_by_state() {
+        let s = snapshot();
+        // The fixture's http port is service port 1, https 2.
+        let counts: FlowCounts = [(
+            1,
+            [(FlowState::TcpEstablished, 2), (FlowState::TcpTimeWait, 1)].into(),
+        )]
+        .into();
+        let text =
+            describe_service(&s, "shop", "web-app", Path::new("/x"), Some(&counts)).expect("described");
+        let flows: Vec<&str> = text.lines().filter(|l| l.starts_with("Flows:")).collect();
+        assert!(
+            text.contains("Traffic:                  7 packets, 2 new flows\nFlows:"),
+            "under the http port's traffic:\n{text}"
+        );
+        assert_eq!(
+            flows,
+            ["Flows:                    3 (2 ESTABLISHED, 1 TIME_WAIT)"],
+            "a line for the port with flows only:\n{text}"
         );
     }
 
@@ -232,7 +303,7 @@ Drift:                    none (the maps hold what the agent wants)
                 record.info.zone = Some("zone-a".into());
                 edit(&mut record.info);
             }
-            describe_service(&s, "shop", "web-app", Path::new("/x")).expect("described")
+            describe_service(&s, "shop", "web-app", Path::new("/x"), None).expect("described")
         };
         /// What, how the records change, what the output holds, what it does not.
         type Row<'a> = (

@@ -2,6 +2,7 @@
 //! the binary's edge, where errors get their context.
 
 mod cleanup;
+mod conntrack;
 mod counters;
 mod describe;
 mod env;
@@ -43,6 +44,8 @@ pub enum Command {
     Env(env::EnvArgs),
     /// What the loaded program would do with a new connection (no packet sent, no state left).
     Explain(explain::ExplainArgs),
+    /// List or delete the connection table's flows (like conntrack -L / -D).
+    Conntrack(conntrack::ConntrackArgs),
     /// Detach the datapath from every interface and free its maps (what a
     /// stopped agent leaves in place so restarts are hitless).
     Cleanup(cleanup::CleanupArgs),
@@ -57,6 +60,7 @@ impl Command {
             Command::Describe(args) => describe::run(args),
             Command::Env(args) => env::run(args),
             Command::Explain(args) => explain::run(args),
+            Command::Conntrack(args) => conntrack::run(args),
             Command::Cleanup(args) => cleanup::run(args),
         }
     }

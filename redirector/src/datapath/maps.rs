@@ -9,7 +9,7 @@ use crate::model::{Endpoint, Frontend, Protocol};
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
 use redirector_common::{
     config::{CONFIG_MAP, Config},
-    conntrack::{CT_MAP, CtEntry, CtKey},
+    conntrack::{CT_MAP, CT_TIMEOUTS_MAP, CtEntry, CtKey, CtTimeouts},
     counters::{self, COUNTER_MAP},
     service::{
         BACKEND_MAP, Backend, MASTER_SLOT, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry,
@@ -42,13 +42,36 @@ pub type ConntrackTable = HashMap<MapData, CtKey, CtEntry>;
 
 /// Opens only the connection table an agent pinned under `dir`.
 pub fn conntrack_from_pins(dir: &Path) -> Result<ConntrackTable, MapsError> {
-    let path = dir.join(CT_MAP);
+    let map = open_pin(dir, CT_MAP)?;
+    ConntrackTable::try_from(map).map_err(|source| MapsError::Layout { name: CT_MAP, source })
+}
+
+/// The connection table's timeouts, as the agent publishes them.
+pub type TimeoutsMap = Array<MapData, CtTimeouts>;
+
+/// Opens the timeouts an agent pinned under `dir`; `None` when there is no
+/// such pin (an agent from before they were published).
+pub fn timeouts_from_pins(dir: &Path) -> Result<Option<TimeoutsMap>, MapsError> {
+    if !dir.join(CT_TIMEOUTS_MAP).exists() {
+        return Ok(None);
+    }
+    let map = open_pin(dir, CT_TIMEOUTS_MAP)?;
+    TimeoutsMap::try_from(map)
+        .map(Some)
+        .map_err(|source| MapsError::Layout {
+            name: CT_TIMEOUTS_MAP,
+            source,
+        })
+}
+
+/// The map pinned as `name` under `dir`.
+fn open_pin(dir: &Path, name: &str) -> Result<Map, MapsError> {
+    let path = dir.join(name);
     let data = MapData::from_pin(&path).map_err(|source| MapsError::Pin {
         path: path.clone(),
         source,
     })?;
-    let map = Map::from_map_data(data).map_err(|source| MapsError::Pin { path, source })?;
-    ConntrackTable::try_from(map).map_err(|source| MapsError::Layout { name: CT_MAP, source })
+    Map::from_map_data(data).map_err(|source| MapsError::Pin { path, source })
 }
 
 pub struct Maps {
@@ -70,14 +93,7 @@ impl Maps {
 
     /// Opens the maps an agent pinned under `dir` (`<bpffs>/maps`).
     pub fn from_pins(dir: &Path) -> Result<Self, MapsError> {
-        Self::build(|name| {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path).map_err(|source| MapsError::Pin {
-                path: path.clone(),
-                source,
-            })?;
-            Map::from_map_data(data).map_err(|source| MapsError::Pin { path, source })
-        })
+        Self::build(|name| open_pin(dir, name))
     }
 
     fn build(mut open: impl FnMut(&'static str) -> Result<Map, MapsError>) -> Result<Self, MapsError> {

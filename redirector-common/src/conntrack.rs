@@ -18,6 +18,35 @@
 /// evicted idle open flows), entries carry what they have seen and when.
 pub const CT_MAP: &str = "CT_V2";
 
+/// The ports of fragmented datagrams, learned from their first fragment,
+/// for the later ones, which carry none (as Cilium's `cilium_ipv4_frag_datagrams`).
+/// Key [`FragKey`], value [`FragPorts`]; an LRU: a datagram's fragments
+/// follow each other closely.
+pub const FRAG_MAP: &str = "FRAG_V1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragKey {
+    /// Source and destination IPv4 addresses as on the wire, network byte order.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IP identification, network byte order.
+    pub id: u16,
+    /// [`crate::proto`] number.
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragPorts {
+    /// Source and destination ports of the datagram, network byte order.
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
+
 /// Forward entry: rewrite the destination to `nat_addr:nat_port`.
 pub const CT_FORWARD: u8 = 1;
 /// Reply entry: rewrite the source to `nat_addr:nat_port`.

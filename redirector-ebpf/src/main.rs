@@ -43,7 +43,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use redirector_common::{
     config::Config,
-    conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey, REFRESH_NS, seen, tcp_flags},
+    conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey, FragKey, FragPorts, REFRESH_NS, seen, tcp_flags},
     counters,
     service::{
         AffinityEntry, AffinityKey, Backend, MASTER_SLOT, ServiceEntry, ServiceKey, ServiceMeta,
@@ -51,7 +51,7 @@ use redirector_common::{
     },
 };
 
-use packet::{Link, Packet};
+use packet::{Fragment, Link, Packet};
 
 // Sizes here are defaults; the agent sets the real ones at load time.
 #[map]
@@ -70,6 +70,9 @@ static CONFIG_V2: Array<Config> = Array::pinned(1, 0);
 static COUNTERS_V3: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 #[map]
 static SVCSTATS_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(65536, 0);
+/// A datagram's fragments follow each other closely: an LRU.
+#[map]
+static FRAG_V1: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(8192, 0);
 /// Soft state (losing an entry only means a new pick): an LRU.
 #[map]
 static AFFINITY_V1: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(65536, 0);
@@ -192,13 +195,13 @@ fn to_pod(ctx: &TcContext, link: Link) -> i32 {
 
 #[inline(always)]
 fn try_translate_reply(ctx: &TcContext, link: Link) -> Result<Verdict, Verdict> {
-    let pkt = match packet::parse(ctx, link) {
+    let mut pkt = match packet::parse(ctx, link) {
         Err(not_tcp_udp) if not_tcp_udp.counter == counters::PASS_NOT_TCP_UDP => {
             return icmp::translate_error(ctx, link);
         }
         parsed => parsed?,
     };
-    if pkt.is_fragment || pkt.l4_truncated {
+    if pkt.l4_truncated || !ports_of_fragment(&mut pkt, Mode::Live) {
         return Ok(Verdict::pass(counters::PASS_UNPARSABLE));
     }
     let tuple = pkt.tuple();
@@ -267,6 +270,42 @@ fn note_packet(entry: *mut CtEntry, entry_now: &CtEntry, tuple: &CtKey, pkt: &Pa
     }
 }
 
+/// Fragments: the first one's ports are remembered for the later ones (in
+/// explain runs too little matters to remember); a later one gets them back.
+/// False when a later fragment's first was not seen: its ports are unknown.
+#[inline(always)]
+fn ports_of_fragment(pkt: &mut Packet, mode: Mode) -> bool {
+    let key = FragKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        id: pkt.ip_id,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    match pkt.fragment {
+        Fragment::None => true,
+        Fragment::First => {
+            if mode == Mode::Live {
+                let ports = FragPorts {
+                    sport: pkt.sport,
+                    dport: pkt.dport,
+                };
+                let _ = FRAG_V1.insert(key, ports, 0);
+            }
+            true
+        }
+        // SAFETY: the entry is copied out at once.
+        Fragment::Later => match unsafe { FRAG_V1.get(key) }.copied() {
+            Some(ports) => {
+                pkt.sport = ports.sport;
+                pkt.dport = ports.dport;
+                true
+            }
+            None => false,
+        },
+    }
+}
+
 #[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: a BPF helper without arguments.
@@ -286,7 +325,7 @@ fn count(verdict: Verdict) {
 /// the verdict and are handled alike.
 #[inline(always)]
 fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) -> Result<Verdict, Verdict> {
-    let pkt = match packet::parse(ctx, link) {
+    let mut pkt = match packet::parse(ctx, link) {
         // An ICMP error an endpoint pod sends its client about the flow.
         Err(not_tcp_udp) if not_tcp_udp.counter == counters::PASS_NOT_TCP_UDP => {
             return icmp::translate_error(ctx, link);
@@ -294,12 +333,12 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         parsed => parsed?,
     };
 
-    if pkt.is_fragment || pkt.l4_truncated {
+    if pkt.l4_truncated || !ports_of_fragment(&mut pkt, mode) {
         return if is_service_address(pkt.daddr) {
-            Err(Verdict::drop(if pkt.is_fragment {
-                counters::DROP_FRAGMENT
-            } else {
+            Err(Verdict::drop(if pkt.l4_truncated {
                 counters::DROP_TRUNCATED
+            } else {
+                counters::DROP_FRAGMENT
             }))
         } else {
             Ok(Verdict::pass(counters::PASS_UNPARSABLE))
@@ -337,6 +376,15 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         if entry_now.kind == CT_FORWARD {
             replaces = Some(tuple.partner(&entry_now));
         }
+    }
+    // A later fragment belongs to a datagram whose first fragment chose its
+    // flow; it never starts one.
+    if pkt.fragment == Fragment::Later {
+        return if is_service_address(pkt.daddr) {
+            Err(Verdict::drop(counters::DROP_FRAGMENT))
+        } else {
+            Ok(Verdict::pass(counters::PASS_UNPARSABLE))
+        };
     }
 
     // Not in the connection table. Most such packets are not for a service

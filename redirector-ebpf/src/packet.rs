@@ -16,7 +16,8 @@ const IP_DADDR_OFF: usize = 16;
 const IP_SADDR_OFF: usize = 12;
 const IP_CSUM_OFF: usize = 10;
 /// More-fragments flag and fragment offset, in host order.
-const IP_MF_OR_OFFSET: u16 = 0x3fff;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -45,6 +46,17 @@ impl Link {
     }
 }
 
+/// Where a packet stands among the fragments of its datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    None,
+    /// The first fragment: it carries the TCP/UDP header.
+    First,
+    /// A later fragment: no ports; they are recalled from the first.
+    Later,
+}
+
 /// The fields the datapath decides on, copied out of the packet.
 pub struct Packet {
     /// Where the IP header starts.
@@ -58,7 +70,9 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// IPv4 header length in bytes (20..=60).
     pub ip_hlen: usize,
-    pub is_fragment: bool,
+    /// The IP identification, as on the wire: ties fragments together.
+    pub ip_id: u16,
+    pub fragment: Fragment,
     /// Ports were not read: the L4 header is cut short.
     pub l4_truncated: bool,
 }
@@ -164,10 +178,15 @@ pub fn parse(ctx: &TcContext, link: Link) -> Result<Packet, Verdict> {
         proto: l4_proto,
         tcp_flags: 0,
         ip_hlen,
-        is_fragment: u16::from_be_bytes([ip[6], ip[7]]) & IP_MF_OR_OFFSET != 0,
+        ip_id: u16::from_ne_bytes([ip[4], ip[5]]),
+        fragment: match u16::from_be_bytes([ip[6], ip[7]]) {
+            frag if frag & IP_OFFSET != 0 => Fragment::Later,
+            frag if frag & IP_MF != 0 => Fragment::First,
+            _ => Fragment::None,
+        },
         l4_truncated: false,
     };
-    if pkt.is_fragment {
+    if pkt.fragment == Fragment::Later {
         return Ok(pkt);
     }
 
@@ -254,6 +273,14 @@ fn rewrite(
     new_port: u16,
 ) -> Result<(), Verdict> {
     let failed = Verdict::drop(counters::DROP_REWRITE_FAILED);
+    if pkt.fragment == Fragment::Later {
+        // No L4 header here: the first fragment's checksum covers the whole
+        // datagram and was fixed when it passed.
+        write_at(ctx, addr_off, new_addr).ok_or(failed)?;
+        return ctx
+            .l3_csum_replace(pkt.l3 + IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
+            .map_err(|_| failed);
+    }
     let csum_off = pkt.l4_csum_offset();
     let l4_flags = pkt.l4_csum_flags();
     // The new address and port are written directly (the headers were

@@ -449,3 +449,31 @@ fn path_mtu_discovery_works_through_a_cluster_ip() {
         .expect("a 4000-byte request over a 1000-byte hop is answered");
     assert_eq!(answer.pod, "web-a");
 }
+
+/// A 4000-byte UDP request and its 4000-byte reply over 1500-byte links:
+/// both are fragmented, and every fragment is translated.
+#[test]
+fn large_udp_datagrams_are_translated_both_ways() {
+    let (fx, client) = bed("ctfrag", &[("web-a", POD_A)]);
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    eventually("UDP to the service", SYNC_TIMEOUT, || {
+        udp_request(&client, DNS).map(drop).map_err(|e| e.to_string())
+    });
+    let socket = common::in_netns(&client, || std::net::UdpSocket::bind("0.0.0.0:0")).expect("a UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    socket.connect(DNS).expect("connect");
+    socket.send(&[b'q'; 4000]).expect("a 4000-byte request");
+    let mut reply = vec![0u8; 8192];
+    let len = socket
+        .recv(&mut reply)
+        .expect("the 4000-byte reply, from the service address");
+    assert_eq!(len, 4000, "the whole reply arrived");
+    let text = String::from_utf8_lossy(&reply[..len]);
+    assert!(
+        text.starts_with(&format!("pod=web-a client={CLIENT}:")),
+        "answered by the endpoint, which saw the client's address: {}",
+        &text[..60.min(text.len())]
+    );
+}

@@ -8,7 +8,8 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use common::packet::{
-    ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, Parsed, RST, SYN, Spec, assert_checksums, icmp_error, quoted,
+    ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, Parsed, RST, SYN, Spec, assert_checksums, fragments, icmp_error,
+    quoted, reassemble,
 };
 use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
 use redirector::datapath::{Maps, explain, maps_pin_dir};
@@ -102,7 +103,7 @@ impl Harness {
             Hook::FromPod => self.datapath.program(),
             Hook::ToPod => self.datapath.to_pod_program(),
         };
-        let mut out = vec![0u8; 512];
+        let mut out = vec![0u8; 2048];
         let result = program.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
@@ -448,9 +449,19 @@ fn passes_what_is_not_for_a_service() {
             counter: counters::PASS_NOT_TCP_UDP,
         },
         Case {
-            name: "a fragment not addressed to a service",
+            name: "a first fragment not addressed to a service",
             frame: Spec {
                 frag: 0x2000,
+                ..Spec::udp((CLIENT, 1), (OUTSIDE, 53), b"frag")
+            }
+            .build(),
+            expect: Expect::Untouched,
+            counter: counters::PASS_NOT_SERVICE,
+        },
+        Case {
+            name: "a later fragment not addressed to a service",
+            frame: Spec {
+                frag: 0x0010,
                 ..Spec::udp((CLIENT, 1), (OUTSIDE, 53), b"frag")
             }
             .build(),
@@ -536,17 +547,7 @@ fn refuses_and_drops() {
             counter: counters::REFUSED_UNKNOWN_PORT,
         },
         Case {
-            name: "a fragment to a service address",
-            frame: Spec {
-                frag: 0x2000,
-                ..Spec::udp((CLIENT, 41000), (VIP, 53), b"first")
-            }
-            .build(),
-            expect: Expect::Dropped,
-            counter: counters::DROP_FRAGMENT,
-        },
-        Case {
-            name: "a later fragment to a service address",
+            name: "a later fragment to a service address whose first was not seen",
             frame: Spec {
                 frag: 0x0010,
                 ..Spec::udp((CLIENT, 41000), (VIP, 53), b"later")
@@ -1364,4 +1365,63 @@ fn icmp_errors_about_a_flow_reach_its_client_translated() {
             counter: counters::PASS_NOT_TCP_UDP,
         },
     );
+}
+
+/// A datagram larger than the MTU, both ways: the first fragment carries the
+/// ports and opens (or follows) the flow; the later one, which has none, is
+/// translated from the ports the first left behind. Reassembled, each
+/// datagram has the translated addresses and ports and a valid checksum.
+#[test]
+fn fragmented_datagrams_are_translated_both_ways() {
+    let h = Harness::new();
+    let payload = vec![7u8; 3000];
+    let request = Spec::udp((CLIENT, 41600), (VIP, 53), &payload).build();
+    let reply = Spec::udp((POD, 5353), (CLIENT, 41600), &payload).build();
+    let cases = [
+        (
+            "a 3000-byte request",
+            Hook::FromPod,
+            request,
+            ((CLIENT, 41600), (POD, 5353)),
+            [counters::FORWARD_NEW_FLOW, counters::FORWARD_ESTABLISHED],
+        ),
+        (
+            "a 3000-byte reply, leaving the endpoint pod",
+            Hook::FromPod,
+            reply.clone(),
+            ((VIP, 53), (CLIENT, 41600)),
+            [counters::REPLY_TRANSLATED; 2],
+        ),
+        (
+            "a 3000-byte reply, entering the client pod",
+            Hook::ToPod,
+            reply,
+            ((VIP, 53), (CLIENT, 41600)),
+            [counters::REPLY_TRANSLATED; 2],
+        ),
+    ];
+    for (what, hook, datagram, (src, dst), counted) in cases {
+        let [first, later] = fragments(&datagram, 1480);
+        let mut out = Vec::new();
+        for (frame, counter, which) in [(first, counted[0], "first"), (later, counted[1], "later")] {
+            let before = h.counters();
+            let (verdict, translated) = h.try_run(hook, &frame).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(verdict, TC_ACT_UNSPEC, "{what}: {which} fragment let through");
+            assert_eq!(
+                h.counters()[counter as usize] - before[counter as usize],
+                1,
+                "{what}: {which} fragment counted as {}",
+                counters::LABELS[counter as usize]
+            );
+            out.push(translated);
+        }
+        let whole = reassemble(&out[0], &out[1]);
+        let p = Parsed::new(&whole);
+        assert_eq!(
+            ((p.src, p.sport), (p.dst, p.dport)),
+            (src, dst),
+            "{what}: translated"
+        );
+        assert_checksums(&whole, what);
+    }
 }

@@ -246,3 +246,51 @@ pub fn quoted(frame: &[u8]) -> (Ipv4Header, u16, u16) {
     let dport = u16::from_be_bytes([rest[2], rest[3]]);
     (header, sport, dport)
 }
+
+/// `frame` (Ethernet + IPv4 without options) cut in two IP fragments, the
+/// first carrying `first_len` bytes of the IP payload (a multiple of 8), as
+/// a sender's kernel fragments a datagram larger than the path MTU.
+pub fn fragments(frame: &[u8], first_len: usize) -> [Vec<u8>; 2] {
+    assert_eq!(first_len % 8, 0, "fragment payloads are cut at 8-byte boundaries");
+    let (header, payload) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 frame");
+    let payload = &payload[..header.payload_len().expect("a consistent length") as usize];
+    let piece = |offset: usize, bytes: &[u8], more: bool| {
+        let mut h = header.clone();
+        h.more_fragments = more;
+        h.fragment_offset = IpFragOffset::try_new((offset / 8) as u16).unwrap();
+        h.set_payload_len(bytes.len()).unwrap();
+        h.header_checksum = h.calc_header_checksum();
+        [&frame[..14], &h.to_bytes()[..], bytes].concat()
+    };
+    [
+        piece(0, &payload[..first_len], true),
+        piece(first_len, &payload[first_len..], false),
+    ]
+}
+
+/// The whole frame back from its two fragments (as the receiver reassembles
+/// it), so its addresses, ports and checksums can be read.
+pub fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
+    let (mut header, first_payload) = Ipv4Header::from_slice(&first[14..]).expect("the first fragment");
+    let (later_header, later_payload) = Ipv4Header::from_slice(&later[14..]).expect("the later fragment");
+    assert_eq!(
+        (header.source, header.destination),
+        (later_header.source, later_header.destination),
+        "both fragments carry the same addresses"
+    );
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "the first fragment's header checksum"
+    );
+    assert_eq!(
+        later_header.header_checksum,
+        later_header.calc_header_checksum(),
+        "the later fragment's header checksum"
+    );
+    let payload = [first_payload, later_payload].concat();
+    header.more_fragments = false;
+    header.set_payload_len(payload.len()).unwrap();
+    header.header_checksum = header.calc_header_checksum();
+    [&first[..14], &header.to_bytes()[..], &payload].concat()
+}

@@ -421,10 +421,16 @@ impl Server {
             }
         });
         let udp_thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while !udp_stop.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("pod={udp_name} client={peer}\n").as_bytes(), peer);
+                if let Ok((len, peer)) = udp.recv_from(&mut buf) {
+                    // As long as the request: a large one gets a reply that
+                    // is fragmented on its way back too.
+                    let mut answer = format!("pod={udp_name} client={peer}\n").into_bytes();
+                    if answer.len() < len {
+                        answer.resize(len, b'.');
+                    }
+                    let _ = udp.send_to(&answer, peer);
                 }
             }
         });

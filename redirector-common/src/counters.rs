@@ -6,7 +6,9 @@
 /// unallocated address dropped) and the refusals' rate limit.
 /// V3: `drop_no_local_endpoints` (internalTrafficPolicy: Local), and the
 /// connection table's clashes and stale reply entries.
-pub const COUNTER_MAP: &str = "COUNTERS_V3";
+/// V4: the outcomes of connect-time translation (`sock_*`), counted once per
+/// `connect`, `sendmsg`, `recvmsg` or `getpeername` call, not per packet.
+pub const COUNTER_MAP: &str = "COUNTERS_V4";
 
 macro_rules! counters {
     ($($name:ident = $index:literal : $label:literal,)+) => {
@@ -47,6 +49,16 @@ counters! {
     DROP_NO_LOCAL_ENDPOINTS = 17: "drop_no_local_endpoints",
     DROP_CT_CLASH = 18: "drop_conntrack_clash",
     PASS_STALE_REPLY = 19: "pass_stale_reply_entry_removed",
+    SOCK_CONNECT_TRANSLATED = 20: "sock_connect_translated",
+    SOCK_SENDMSG_TRANSLATED = 21: "sock_sendmsg_translated",
+    SOCK_REPLY_ADDRESS_RESTORED = 22: "sock_reply_address_restored",
+    SOCK_REFUSED_NO_ENDPOINTS = 23: "sock_refused_no_endpoints",
+    SOCK_REFUSED_UNKNOWN_PORT = 24: "sock_refused_unknown_port",
+    SOCK_REFUSED_NO_LOCAL_ENDPOINTS = 25: "sock_refused_no_local_endpoints",
+    SOCK_REFUSED_BACKEND_MISSING = 26: "sock_refused_backend_missing",
+    SOCK_REFUSED_REVERSE_FULL = 27: "sock_refused_reverse_insert_failed",
+    SOCK_PASS_NOT_SERVICE = 28: "sock_pass_not_service",
+    SOCK_PASS_OTHER_NETNS = 29: "sock_pass_other_netns",
 }
 
 /// `skb->mark` that asks the program to decide without side effects (no

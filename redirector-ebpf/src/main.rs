@@ -31,6 +31,7 @@
 
 mod packet;
 mod refuse;
+mod sock;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -63,7 +64,7 @@ static CT_V2: HashMap<CtKey, CtEntry> = HashMap::pinned(262144, 0);
 #[map]
 static CONFIG_V2: Array<Config> = Array::pinned(1, 0);
 #[map]
-static COUNTERS_V3: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+static COUNTERS_V4: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 #[map]
 static SVCSTATS_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(65536, 0);
 /// Written and read by user space only; allocated per entry, not up front.
@@ -257,7 +258,7 @@ fn now_ns() -> u64 {
 
 #[inline(always)]
 fn count(verdict: Verdict) {
-    if let Some(count) = COUNTERS_V3.get_ptr_mut(verdict.counter) {
+    if let Some(count) = COUNTERS_V4.get_ptr_mut(verdict.counter) {
         // SAFETY: a per-CPU slot: no other writer while the program runs.
         unsafe { *count += 1 };
     }

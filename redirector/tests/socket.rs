@@ -308,3 +308,77 @@ fn socket_lb_off_translates_no_socket() {
         "no connect was translated"
     );
 }
+
+/// The socket programs outlive the agent as the TC programs do: connects
+/// are translated while it is down and after it restarts (its links replace
+/// the old ones), and `redirector cleanup` detaches them.
+#[test]
+fn socket_translation_outlives_the_agent_until_cleanup() {
+    let (cluster, cgroup, _client) = bed("sr");
+    let mut agents = start_agents(&cluster, &cgroup, "host");
+    let node0 = cluster.nodes[0].netns.clone();
+    let bpffs = cluster.nodes[0].bpffs.path().to_owned();
+    let reaches_web = |what: &str| {
+        let result = cgroup.request(&node0, Request::Tcp, WEB);
+        let (pod, peer) = answered(&result, what);
+        assert!(
+            pod.starts_with("web-"),
+            "{what}: an endpoint answered: {}",
+            result.line
+        );
+        assert_eq!(peer, WEB, "{what}: getpeername shows the ClusterIP");
+    };
+    reaches_web("agent running");
+
+    assert!(agents.remove(0).stop(), "node 0's agent exits cleanly");
+    reaches_web("agent stopped");
+
+    let mut restarted = cluster.start_agent(
+        0,
+        agent_binary(),
+        &[
+            "--socket-lb",
+            "host",
+            "--cgroup-root",
+            cgroup.path().to_str().expect("UTF-8 temp dir"),
+        ],
+    );
+    restarted.wait_for_log("connect-time translation (Host sockets) attached", 1);
+    let (translated_before, passed_before) = (
+        counter(&bpffs, counters::SOCK_CONNECT_TRANSLATED),
+        counter(&bpffs, counters::SOCK_PASS_NOT_SERVICE),
+    );
+    reaches_web("agent restarted");
+    // Two programs on the hook would show as one translation and one pass
+    // (the second sees the endpoint): the old link must have been replaced.
+    assert_eq!(
+        (
+            counter(&bpffs, counters::SOCK_CONNECT_TRANSLATED),
+            counter(&bpffs, counters::SOCK_PASS_NOT_SERVICE)
+        ),
+        (translated_before + 1, passed_before),
+        "after the restart exactly one program runs per connect"
+    );
+    assert!(restarted.stop(), "the restarted agent exits cleanly");
+
+    let cleanup = std::process::Command::new("ip")
+        .args(["netns", "exec", &node0])
+        .arg(agent_binary())
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .output()
+        .expect("running redirector cleanup");
+    assert!(
+        cleanup.status.success(),
+        "redirector cleanup: {}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    let result = cgroup.request(&node0, Request::Tcp, WEB);
+    assert_eq!(
+        result.outcome.as_ref().map(|_| ()),
+        Err(&ENETUNREACH),
+        "after cleanup nothing is translated: {}",
+        result.line
+    );
+}

@@ -5,8 +5,10 @@
 /// into pods), kube-proxy's refusals (an undefined port is refused, an
 /// unallocated address dropped) and the refusals' rate limit.
 /// V3: `drop_no_local_endpoints` (internalTrafficPolicy: Local), the
-/// connection table's clashes and stale reply entries, and ICMP errors
-/// translated for a flow's client.
+/// connection table's clashes and stale reply entries, ICMP errors
+/// translated for a flow's client, and the outcomes of connect-time
+/// translation (`sock_*`), counted once per `connect`, `sendmsg`, `recvmsg`
+/// or `getpeername` call, not per packet.
 pub const COUNTER_MAP: &str = "COUNTERS_V3";
 
 macro_rules! counters {
@@ -49,6 +51,16 @@ counters! {
     DROP_CT_CLASH = 18: "drop_conntrack_clash",
     PASS_STALE_REPLY = 19: "pass_stale_reply_entry_removed",
     ICMP_ERROR_TRANSLATED = 20: "icmp_error_translated",
+    SOCK_CONNECT_TRANSLATED = 21: "sock_connect_translated",
+    SOCK_SENDMSG_TRANSLATED = 22: "sock_sendmsg_translated",
+    SOCK_REPLY_ADDRESS_RESTORED = 23: "sock_reply_address_restored",
+    SOCK_REFUSED_NO_ENDPOINTS = 24: "sock_refused_no_endpoints",
+    SOCK_REFUSED_UNKNOWN_PORT = 25: "sock_refused_unknown_port",
+    SOCK_REFUSED_NO_LOCAL_ENDPOINTS = 26: "sock_refused_no_local_endpoints",
+    SOCK_REFUSED_BACKEND_MISSING = 27: "sock_refused_backend_missing",
+    SOCK_REFUSED_REVERSE_FULL = 28: "sock_refused_reverse_insert_failed",
+    SOCK_PASS_NOT_SERVICE = 29: "sock_pass_not_service",
+    SOCK_PASS_OTHER_NETNS = 30: "sock_pass_other_netns",
 }
 
 /// `skb->mark` that asks the program to decide without side effects (no

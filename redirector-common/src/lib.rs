@@ -10,6 +10,7 @@ pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod service;
+pub mod sock;
 
 /// IANA protocol numbers, as they appear in the IPv4 header.
 pub mod proto {

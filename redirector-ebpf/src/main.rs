@@ -32,6 +32,7 @@
 mod icmp;
 mod packet;
 mod refuse;
+mod sock;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -428,7 +429,7 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         None => {
             let slot = pick_slot(master.count);
             choice.slot = u32::from(slot);
-            slot_entry(&pkt, slot)?
+            slot_entry(master_key, slot)?
         }
     };
     choice.backend_id = chosen.backend_id;
@@ -497,10 +498,10 @@ fn pick_slot(count: u16) -> u16 {
 /// follows. The writer writes slots before their master: a missing or empty
 /// slot means the maps are inconsistent.
 #[inline(always)]
-fn slot_entry(pkt: &Packet, slot: u16) -> Result<ServiceEntry, Verdict> {
+fn slot_entry(master_key: ServiceKey, slot: u16) -> Result<ServiceEntry, Verdict> {
     let missing = Verdict::drop(counters::DROP_BACKEND_MISSING);
     // SAFETY: the entry is copied out at once.
-    let entry = unsafe { SVC_V2.get(service_key(pkt, slot)) }
+    let entry = unsafe { SVC_V2.get(ServiceKey { slot, ..master_key }) }
         .copied()
         .ok_or(missing)?;
     if entry.backend_id == 0 {

@@ -12,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::conntrack;
 use crate::datapath::maps::ConntrackTable;
+use crate::datapath::socket::{SocketLb, SocketLbError};
 use crate::datapath::writer::{MapWriter, SyncReport};
 use crate::datapath::{self, Datapath, MapSizes, Maps};
 use crate::error::Chain;
@@ -54,6 +55,10 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     pub map_sizes: MapSizes,
     pub attach_mode: datapath::AttachMode,
+    /// Which sockets connect-time translation serves, and the cgroup its
+    /// programs attach to (default: the cgroup v2 mount).
+    pub socket_lb: SocketLb,
+    pub cgroup_root: Option<PathBuf>,
     pub conntrack_timeouts: conntrack::Timeouts,
     pub conntrack_sweep_interval: Duration,
 }
@@ -64,6 +69,8 @@ pub enum AgentError {
     Load(#[from] datapath::LoadError),
     #[error(transparent)]
     Sync(#[from] datapath::writer::SyncError),
+    #[error("connect-time translation (--socket-lb)")]
+    SocketLb(#[source] SocketLbError),
     #[error(transparent)]
     Interfaces(#[from] interfaces::InterfaceError),
     #[error("installing the {signal} handler")]
@@ -104,6 +111,21 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         datapath::maps_pin_dir(&config.bpffs).display()
     );
     datapath.set_attach_mode(config.attach_mode);
+    match datapath.set_socket_lb(config.socket_lb, config.cgroup_root.as_deref()) {
+        Ok(Some(cgroup)) => tracing::info!(
+            "connect-time translation ({:?} sockets) attached to cgroup {}",
+            config.socket_lb,
+            cgroup.display()
+        ),
+        Ok(None) => tracing::info!("connect-time translation is off"),
+        // The default, on a host (or in a mount namespace) without cgroup
+        // v2: pods are still served per packet.
+        Err(e @ SocketLbError::NoCgroup2) => tracing::warn!(
+            "connect-time translation is off: {}; the node's own processes do not reach services",
+            Chain(&e)
+        ),
+        Err(e) => return Err(AgentError::SocketLb(e)),
+    }
     if let Some(logs) = datapath.take_logs() {
         tokio::spawn(datapath::forward_logs(logs));
     }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use redirector::agent::{self, AgentConfig, Source};
 use redirector::conntrack::Timeouts;
+use redirector::datapath::socket::SocketLb;
 use redirector::datapath::{AttachMode, MapSizes};
 use redirector::interfaces::InterfaceGlobs;
 use redirector::model::Ipv4Cidr;
@@ -24,6 +25,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         interfaces: args.interfaces,
         bpffs: args.bpffs,
         attach_mode: args.tc_attach,
+        socket_lb: args.socket_lb,
+        cgroup_root: args.cgroup_root,
         conntrack_sweep_interval: args.conntrack_sweep_interval.0,
     };
     tokio::runtime::Builder::new_current_thread()
@@ -85,6 +88,16 @@ pub struct RunArgs {
     /// Either way they stay attached when the agent exits.
     #[arg(long, default_value = "auto")]
     pub tc_attach: AttachMode,
+    /// Connect-time translation (cgroup socket programs) for the sockets of
+    /// the host network namespace (host), of every network namespace (all),
+    /// or none (off). Pods are translated per packet unless `all` translated
+    /// their sockets already.
+    #[arg(long, default_value = "host")]
+    pub socket_lb: SocketLb,
+    /// The cgroup the socket programs attach to, and so serve with all
+    /// below it (default: the cgroup v2 mount found in /proc/mounts).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
     /// Connection table capacity (two entries per flow). A full table
     /// refuses new flows; it never evicts an open one.
     #[arg(long, default_value_t = MapSizes::default().flows)]

@@ -4,6 +4,7 @@ pub mod batch;
 pub mod explain;
 pub mod maps;
 pub mod record;
+pub mod socket;
 pub mod writer;
 
 use std::collections::BTreeMap;

@@ -9,6 +9,7 @@
 //! touched.
 
 pub mod apiserver;
+pub mod cgroup;
 pub mod cluster;
 pub mod foreign;
 pub mod kubeproxy;
@@ -300,6 +301,13 @@ impl Agent {
             .args(["--interfaces", NODE_IFACE_GLOB])
             .arg("--bpffs")
             .arg(bpffs)
+            // Socket programs attach only where a test asks, to its own
+            // cgroup (`cgroup::TestCgroup`), never to the host's hierarchy.
+            .args(if extra.contains(&"--socket-lb") {
+                &[][..]
+            } else {
+                &["--socket-lb", "off"][..]
+            })
             .args(extra)
             .env("RUST_LOG", "info")
             // Never a kubeconfig from the developer's environment.

@@ -1425,3 +1425,23 @@ fn fragmented_datagrams_are_translated_both_ways() {
         assert_checksums(&whole, what);
     }
 }
+
+/// An upgrade that changed a map's layout leaves the old version's pin
+/// behind (`CT_V1` when the table became `CT_V2`); the next load removes it,
+/// and keeps every pin of the maps it uses.
+#[test]
+fn a_load_removes_pins_of_older_map_layouts() {
+    let bpffs = common::Bpffs::new("rdt-stale");
+    let dir = maps_pin_dir(bpffs.path());
+    drop(Datapath::load(bpffs.path(), &MapSizes::default()).expect("first load"));
+    // An older layout's pin: a real pinned map under another version's name.
+    std::fs::rename(dir.join("AFFINITY_V1"), dir.join("AFFINITY_V0")).expect("renaming a pin");
+    drop(Datapath::load(bpffs.path(), &MapSizes::default()).expect("second load"));
+    assert!(
+        !dir.join("AFFINITY_V0").exists(),
+        "the older layout's pin is gone"
+    );
+    for name in ["AFFINITY_V1", "CT_V2", "SVC_V2", "COUNTERS_V3"] {
+        assert!(dir.join(name).exists(), "{name} is pinned");
+    }
+}

@@ -309,7 +309,7 @@ impl Datapath {
             .map_max_entries(SERVICE_META_MAP, sizes.service_ports)
             .load(crate::EBPF_OBJECT)
             .map_err(|source| LoadError::Object {
-                pin_dir,
+                pin_dir: pin_dir.clone(),
                 source: Box::new(source),
             })?;
         for name in HOOKS.iter().flat_map(|hook| [hook.program, hook.l3_program]) {
@@ -335,6 +335,7 @@ impl Datapath {
                 program: PROGRAM,
                 source: ProgramError::IOError(io::Error::other(e)),
             })?;
+        remove_stale_pins(&pin_dir, &ebpf);
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let logs = aya_log::EbpfLogger::init(&mut ebpf)
             .inspect_err(|e| tracing::warn!("the datapath's log records will not be shown: {}", Chain(e)))
@@ -514,6 +515,29 @@ impl Datapath {
             Attachment::Pinned(pin) => {
                 let _ = std::fs::remove_file(pin);
             }
+        }
+    }
+}
+
+/// Removes the pins of maps this object does not have: an older layout's
+/// (`CT_V1` once the table is `CT_V2`). Programs still attached from before
+/// keep their maps until they are swapped out; the pins only held memory.
+fn remove_stale_pins(pin_dir: &Path, ebpf: &Ebpf) {
+    let current: std::collections::HashSet<&str> = ebpf.maps().map(|(name, _)| name).collect();
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if current.contains(name) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                tracing::info!("removed the pin of map {name}: an older layout this datapath no longer uses")
+            }
+            Err(e) => tracing::warn!("removing the stale pin {}: {e}", entry.path().display()),
         }
     }
 }

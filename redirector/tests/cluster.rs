@@ -6,6 +6,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
+use common::manifests::{web_pod, web_service};
 use common::{agent_binary, eventually, tcp_request, udp_request};
 use redirector::datapath::{Maps, maps_pin_dir};
 use testbed::cluster::{Cluster, PodLink, PodNetwork, pod_address};
@@ -15,51 +16,6 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 const SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 const DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53);
 
-fn pod_yaml(name: &str, addr: Ipv4Addr, node: usize) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels:
-    app: web
-spec:
-  nodeName: node-{node}
-  containers:
-  - name: web
-    ports:
-    - name: http
-      containerPort: 8080
-status:
-  phase: Running
-  podIP: {addr}
-  conditions:
-  - type: Ready
-    status: \"True\"
-"
-    )
-}
-
-const WEB_SERVICE: &str = "apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: default
-spec:
-  clusterIP: 10.96.0.10
-  selector:
-    app: web
-  ports:
-  - name: http
-    port: 80
-    targetPort: 8080
-  - name: dns
-    port: 53
-    protocol: UDP
-    targetPort: 8080
-";
-
 /// A client pod on node 0 and the only endpoint on node 1.
 fn cross_node(tag: &str, network: PodNetwork) -> (Cluster, String) {
     let mut cluster = Cluster::new(tag, 2, network);
@@ -68,7 +24,11 @@ fn cross_node(tag: &str, network: PodNetwork) -> (Cluster, String) {
     cluster.serve(&web, "web-b", 8080);
     cluster.write_manifest(
         "web.yaml",
-        &format!("{}---\n{WEB_SERVICE}", pod_yaml("web-b", pod_address(1, 10), 1)),
+        &format!(
+            "{}---\n{}",
+            web_pod("web-b", pod_address(1, 10), Some(1)),
+            web_service("web", *SERVICE.ip())
+        ),
     );
     (cluster, client)
 }
@@ -284,9 +244,10 @@ fn pods_on_l3_interfaces_reach_services_both_ways() {
     cluster.write_manifest(
         "web.yaml",
         &format!(
-            "{}---\n{}---\n{WEB_SERVICE}",
-            pod_yaml("web-a", pod_address(0, 10), 0),
-            pod_yaml("web-b", pod_address(1, 10), 1)
+            "{}---\n{}---\n{}",
+            web_pod("web-a", pod_address(0, 10), Some(0)),
+            web_pod("web-b", pod_address(1, 10), Some(1)),
+            web_service("web", *SERVICE.ip())
         ),
     );
     let mut agents = cluster.start_agents(agent_binary(), &[]);

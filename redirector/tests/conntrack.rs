@@ -7,6 +7,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
+use common::manifests::{web_pod, web_service};
 use common::{Connection, Fixture, agent_binary, eventually, tcp_request, udp_request};
 use redirector::conntrack::{self, Flow};
 use redirector::datapath::maps::conntrack_from_pins;
@@ -22,51 +23,6 @@ const DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 20), 53);
 const WEB_TOO: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 21), 80);
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn pod(name: &str, addr: Ipv4Addr) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels:
-    app: web
-spec:
-  containers:
-  - name: web
-status:
-  phase: Running
-  podIP: {addr}
-  conditions:
-  - type: Ready
-    status: \"True\"
-"
-    )
-}
-
-fn service(name: &str, cluster_ip: Ipv4Addr) -> String {
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  clusterIP: {cluster_ip}
-  selector:
-    app: web
-  ports:
-  - name: http
-    port: 80
-    targetPort: 8080
-  - name: dns
-    port: 53
-    protocol: UDP
-    targetPort: 8080
-"
-    )
-}
-
 /// A client pod, `pods` serving 8080 (TCP and UDP), and the two Services.
 fn bed(tag: &str, pods: &[(&str, Ipv4Addr)]) -> (Fixture, String) {
     let mut fx = Fixture::new(tag);
@@ -74,14 +30,14 @@ fn bed(tag: &str, pods: &[(&str, Ipv4Addr)]) -> (Fixture, String) {
     for (name, addr) in pods {
         let netns = fx.add_host(name, *addr);
         fx.serve(&netns, name, 8080);
-        fx.write_manifest(&format!("{name}.yaml"), &pod(name, *addr));
+        fx.write_manifest(&format!("{name}.yaml"), &web_pod(name, *addr, None));
     }
     fx.write_manifest(
         "services.yaml",
         &format!(
             "{}---\n{}",
-            service("web", *WEB.ip()),
-            service("web-too", *WEB_TOO.ip())
+            web_service("web", *WEB.ip()),
+            web_service("web-too", *WEB_TOO.ip())
         ),
     );
     (fx, client)

@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Output;
 use std::time::Duration;
 
+use common::manifests::{web_pod, web_service};
 use common::{Connection, Fixture, agent_binary, eventually, udp_request};
 use serde_json::Value;
 
@@ -20,47 +21,6 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent's UDP timeout in this test: not the default (30 s), so the
 /// listed expiry shows the CLI reads the agent's timeouts.
 const UDP_TIMEOUT_SECS: u64 = 90;
-
-const POD_YAML: &str = "apiVersion: v1
-kind: Pod
-metadata:
-  name: web-a
-  namespace: default
-  labels:
-    app: web
-spec:
-  containers:
-  - name: web
-status:
-  phase: Running
-  podIP: 10.244.1.10
-  conditions:
-  - type: Ready
-    status: \"True\"
-";
-
-fn service(name: &str, cluster_ip: Ipv4Addr) -> String {
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  clusterIP: {cluster_ip}
-  selector:
-    app: web
-  ports:
-  - name: http
-    port: 80
-    targetPort: 8080
-  - name: dns
-    port: 53
-    protocol: UDP
-    targetPort: 8080
-"
-    )
-}
 
 fn run_cli(fx: &Fixture, args: &[&str]) -> Output {
     std::process::Command::new(agent_binary())
@@ -111,13 +71,13 @@ fn list_shows_flows_by_service_and_flush_removes_them() {
     let client = fx.add_host("client", CLIENT);
     let pod = fx.add_host("web-a", POD);
     fx.serve(&pod, "web-a", 8080);
-    fx.write_manifest("pod.yaml", POD_YAML);
+    fx.write_manifest("pod.yaml", &web_pod("web-a", POD, None));
     fx.write_manifest(
         "services.yaml",
         &format!(
             "{}---\n{}",
-            service("web", *WEB.ip()),
-            service("web-too", *DNS_TOO.ip())
+            web_service("web", *WEB.ip()),
+            web_service("web-too", *DNS_TOO.ip())
         ),
     );
     let timeout = format!("{UDP_TIMEOUT_SECS}s");

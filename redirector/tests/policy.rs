@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::time::Duration;
 
 use common::apiserver::FakeApiServer;
+use common::manifests::web_pod;
 use common::{Fixture, agent_binary, eventually, in_netns, tcp_request};
 use redirector::datapath::{Maps, maps_pin_dir};
 use redirector_common::counters;
@@ -21,31 +22,6 @@ const SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 20), 80
 /// New connections per client: with two endpoints to pick from at random,
 /// all of them reaching one by chance has odds of 1 in 2^11.
 const TRIES: usize = 12;
-
-/// A running, ready `app: web` Pod on node `node`.
-fn pod_yaml(name: &str, addr: Ipv4Addr, node: usize) -> String {
-    format!(
-        "---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels:
-    app: web
-spec:
-  nodeName: node-{node}
-  containers:
-  - name: web
-status:
-  phase: Running
-  podIP: {addr}
-  conditions:
-  - type: Ready
-    status: \"True\"
-"
-    )
-}
 
 fn node_yaml(node: usize, zone: &str) -> String {
     format!(
@@ -101,7 +77,7 @@ fn bed(
         let addr = pod_address(node, 10);
         let netns = cluster.add_pod(node, &name, addr);
         cluster.serve(&netns, &name, 8080);
-        pods.push_str(&pod_yaml(&name, addr, node));
+        pods.push_str(&format!("---\n{}", web_pod(&name, addr, Some(node))));
     }
     cluster.write_manifest("web.yaml", &format!("{manifests}{pods}"));
     let agents = (0..nodes)

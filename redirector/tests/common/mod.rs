@@ -5,6 +5,7 @@
     reason = "each test binary uses its own part of the shared support"
 )]
 
+pub mod manifests;
 pub mod packet;
 
 use std::path::Path;

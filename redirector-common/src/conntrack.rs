@@ -133,29 +133,59 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
 /// How stale `last_seen_ns` may get before a packet writes it again.
 pub const REFRESH_NS: u64 = 1_000_000_000;
 
+/// The source a hairpin flow's requests carry (a pod that reached a Service
+/// and was chosen as its endpoint), network byte order: 169.254.42.1, the
+/// address Cilium uses (`IPV4_LOOPBACK`). Link-local, so no pod or node has
+/// it; the pod answers it through its default route, back to its node.
+///
+/// A hairpin flow's entries are told by their keys, so the layout needs no
+/// flag: its forward entry's endpoint is its own source address, and its
+/// reply entry's destination is this address.
+pub const HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
+
 impl CtKey {
     /// The key of the other direction's entry, given this entry's value: the
     /// two keys of a flow name each other through their NAT addresses.
     pub const fn partner(&self, entry: &CtEntry) -> CtKey {
         match entry.kind {
-            // Forward (client → service): the reply comes from the backend.
+            // Forward (client → service): the reply comes from the backend,
+            // to the client or, for hairpin, to the hairpin address.
             CT_FORWARD => CtKey {
                 saddr: entry.nat_addr,
-                daddr: self.saddr,
+                daddr: if self.is_hairpin(entry) {
+                    HAIRPIN_ADDR
+                } else {
+                    self.saddr
+                },
                 sport: entry.nat_port,
                 dport: self.sport,
                 proto: self.proto,
                 _pad: [0; 3],
             },
-            // Reply (backend → client): the request went to the service.
+            // Reply (backend → client): the request went to the service,
+            // from the client or, for hairpin, from the backend itself.
             _ => CtKey {
-                saddr: self.daddr,
+                saddr: if self.is_hairpin(entry) {
+                    self.saddr
+                } else {
+                    self.daddr
+                },
                 daddr: entry.nat_addr,
                 sport: self.dport,
                 dport: entry.nat_port,
                 proto: self.proto,
                 _pad: [0; 3],
             },
+        }
+    }
+
+    /// Whether this entry is of a hairpin flow (see [`HAIRPIN_ADDR`]): a
+    /// forward entry whose endpoint is its client, or a reply entry to the
+    /// hairpin address.
+    pub const fn is_hairpin(&self, entry: &CtEntry) -> bool {
+        match entry.kind {
+            CT_FORWARD => entry.nat_addr == self.saddr,
+            _ => self.daddr == HAIRPIN_ADDR,
         }
     }
 }

@@ -8,7 +8,9 @@
 /// connection table's clashes and stale reply entries, ICMP errors
 /// translated for a flow's client, and the outcomes of connect-time
 /// translation (`sock_*`), counted once per `connect`, `sendmsg`, `recvmsg`
-/// or `getpeername` call, not per packet.
+/// or `getpeername` call, not per packet; the hairpin verdicts (a pod
+/// chosen as the endpoint of its own connection: its packets are sent back
+/// out of the interface they came in on).
 pub const COUNTER_MAP: &str = "COUNTERS_V3";
 
 macro_rules! counters {
@@ -61,6 +63,9 @@ counters! {
     SOCK_REFUSED_REVERSE_FULL = 28: "sock_refused_reverse_insert_failed",
     SOCK_PASS_NOT_SERVICE = 29: "sock_pass_not_service",
     SOCK_PASS_OTHER_NETNS = 30: "sock_pass_other_netns",
+    HAIRPIN_NEW_FLOW = 31: "hairpin_new_flow",
+    HAIRPIN_ESTABLISHED = 32: "hairpin_forward_established",
+    HAIRPIN_REPLY_TRANSLATED = 33: "hairpin_reply_translated",
 }
 
 /// `skb->mark` that asks the program to decide without side effects (no

@@ -29,6 +29,7 @@
 #![no_std]
 #![no_main]
 
+mod hairpin;
 mod icmp;
 mod packet;
 mod refuse;
@@ -353,7 +354,17 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         // SAFETY: the entry is copied out at once.
         let entry_now = unsafe { *entry };
         if entry_now.kind == CT_REPLY {
-            return translate_reply(ctx, &pkt, &tuple, entry, &entry_now, mode);
+            let verdict = translate_reply(ctx, &pkt, &tuple, entry, &entry_now, mode)?;
+            if verdict.counter == counters::REPLY_TRANSLATED && tuple.is_hairpin(&entry_now) {
+                return hairpin::send_reply_back(
+                    ctx,
+                    link,
+                    &pkt,
+                    tuple.saddr,
+                    counters::HAIRPIN_REPLY_TRANSLATED,
+                );
+            }
+            return Ok(verdict);
         }
         // A new connection on the tuple of a flow that closed, or whose
         // backend left, is a new flow.
@@ -372,6 +383,9 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
             }
             count_forward(ctx, mode, entry_now.svc_id, false);
             packet::rewrite_destination(ctx, &pkt, entry_now.nat_addr, entry_now.nat_port)?;
+            if tuple.is_hairpin(&entry_now) {
+                return hairpin::send_request_back(ctx, link, &pkt, counters::HAIRPIN_ESTABLISHED);
+            }
             return Ok(Verdict::pass(counters::FORWARD_ESTABLISHED));
         }
         if entry_now.kind == CT_FORWARD {
@@ -448,6 +462,9 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     }
     count_forward(ctx, mode, master.svc_id, true);
     packet::rewrite_destination(ctx, &pkt, chosen.backend_addr, chosen.backend_port)?;
+    if chosen.backend_addr == pkt.saddr {
+        return hairpin::send_request_back(ctx, link, &pkt, counters::HAIRPIN_NEW_FLOW);
+    }
     Ok(Verdict::pass(counters::FORWARD_NEW_FLOW))
 }
 
@@ -525,14 +542,6 @@ fn remember_flow(
     replaces: Option<CtKey>,
 ) -> Result<(), Verdict> {
     let now = now_ns();
-    let reply_key = CtKey {
-        saddr: slot.backend_addr,
-        daddr: pkt.saddr,
-        sport: slot.backend_port,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
     let reply = CtEntry {
         nat_addr: pkt.daddr,
         nat_port: pkt.dport,
@@ -551,6 +560,8 @@ fn remember_flow(
         seen: blank.seen_after(pkt.proto, pkt.tcp_flags),
         ..reply
     };
+    // The reply's tuple, hairpin included: the one the forward entry names.
+    let reply_key = tuple.partner(&forward);
     let full = Verdict::drop(counters::DROP_CT_FULL);
     let clash = Verdict::drop(counters::DROP_CT_CLASH);
     if CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)).is_err() {

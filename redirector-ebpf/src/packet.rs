@@ -225,6 +225,19 @@ fn l4_fields<const N: usize>(ctx: &TcContext, l4: usize) -> Option<(u16, u16, u8
     ))
 }
 
+/// A frame sent back to where it came from: its destination becomes its
+/// source (the pod's address) and its source the destination (the node
+/// side's), so the pod accepts it as from its gateway.
+#[inline(always)]
+pub fn swap_ethernet_addresses(ctx: &TcContext) -> Result<(), Verdict> {
+    let failed = Verdict::drop(counters::DROP_REWRITE_FAILED);
+    let macs: [u8; 12] = bytes_at(ctx, 0).ok_or(failed)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    write_at(ctx, 0, swapped).ok_or(failed)
+}
+
 /// Client → service: the destination becomes the backend.
 #[inline(always)]
 pub fn rewrite_destination(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), Verdict> {

@@ -187,7 +187,12 @@ impl Flow {
     pub fn client(&self) -> SocketAddrV4 {
         match (&self.forward, &self.reply) {
             (Some((key, _)), _) => socket(key.saddr, key.sport),
-            (None, Some((key, _))) => socket(key.daddr, key.dport),
+            // A hairpin flow's reply goes to the hairpin address, not the
+            // client: the forward key the entry names has the client.
+            (None, Some((key, entry))) => {
+                let forward = key.partner(entry);
+                socket(forward.saddr, forward.sport)
+            }
             (None, None) => socket(0, 0),
         }
     }
@@ -434,6 +439,65 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    #[test]
+    fn a_hairpin_flow_is_one_flow_named_by_its_client() {
+        // The pod 10.244.0.5 chosen as the endpoint of its own connection:
+        // its reply goes to the hairpin address.
+        let pod = [10, 244, 0, 5];
+        let fwd_key = key(pod, 40000, [10, 96, 0, 10], 80, proto::TCP);
+        let fwd = CtEntry {
+            nat_addr: u32::from_ne_bytes(pod),
+            nat_port: 8080u16.to_be(),
+            kind: CT_FORWARD,
+            seen: seen::SYN | seen::ACK,
+            backend_id: 1,
+            svc_id: 7,
+            created_ns: 0,
+            last_seen_ns: 5,
+        };
+        let rep_key = key(pod, 8080, [169, 254, 42, 1], 40000, proto::TCP);
+        let rep = CtEntry {
+            nat_addr: u32::from_ne_bytes([10, 96, 0, 10]),
+            nat_port: 80u16.to_be(),
+            kind: CT_REPLY,
+            seen: seen::SYN | seen::ACK,
+            ..fwd
+        };
+        assert_eq!(
+            fwd_key.partner(&fwd),
+            rep_key,
+            "the forward entry names the reply entry"
+        );
+        assert_eq!(
+            rep_key.partner(&rep),
+            fwd_key,
+            "the reply entry names the forward entry"
+        );
+        assert!(
+            fwd_key.is_hairpin(&fwd) && rep_key.is_hairpin(&rep),
+            "both entries are told as hairpin"
+        );
+        let whole = flows([(fwd_key, fwd), (rep_key, rep)]);
+        assert_eq!(whole.len(), 1, "one flow: {whole:?}");
+        assert_eq!(whole[0].state(), FlowState::TcpEstablished);
+        let client = SocketAddrV4::new(Ipv4Addr::from(pod), 40000);
+        let endpoint = SocketAddrV4::new(Ipv4Addr::from(pod), 8080);
+        let reply_only = &flows([(rep_key, rep)])[0];
+        for (what, flow) in [("both entries", &whole[0]), ("reply entry only", reply_only)] {
+            assert_eq!(
+                (flow.client(), flow.endpoint()),
+                (client, endpoint),
+                "{what}: the pod is client and endpoint"
+            );
+        }
+        // An ordinary flow's entries are not hairpin.
+        let ordinary = flow(proto::TCP, (seen::SYN, 5), Some((seen::SYN, 5)));
+        assert!(
+            ordinary.iter().all(|(key, entry)| !key.is_hairpin(entry)),
+            "a flow to another pod is not hairpin"
+        );
     }
 
     #[test]

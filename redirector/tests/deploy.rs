@@ -23,6 +23,8 @@ const SERVICE_ACCOUNT: &str = "redirector";
 const CLUSTER_ROLE: &str = "redirector";
 const CONTAINER: &str = "redirector";
 const BPFFS: &str = "/sys/fs/bpf";
+/// Where the DaemonSet mounts the host's cgroup v2 hierarchy (`--cgroup-root`).
+const CGROUP: &str = "/host/sys/fs/cgroup";
 const HEALTHZ_PATH: &str = "/healthz";
 const HEALTHZ_PORT: i32 = 10256;
 
@@ -630,8 +632,31 @@ fn daemonset_mounts_the_hosts_bpffs() {
         .collect();
     assert_eq!(
         mounts,
-        [BPFFS],
-        "{doc}: the bpffs is the only host path the agent needs"
+        [BPFFS, CGROUP],
+        "{doc}: the bpffs and the cgroup hierarchy are the only host paths the agent needs"
+    );
+    let cgroup = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == CGROUP)
+        .expect("the cgroup mount");
+    assert_eq!(cgroup.read_only, Some(true), "{doc}: {CGROUP} is read-only");
+    let cgroup_volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == cgroup.name)
+        .and_then(|v| v.host_path.as_ref())
+        .unwrap_or_else(|| panic!("{doc}: no hostPath volume {:?}", cgroup.name));
+    assert_eq!(
+        cgroup_volume.path, "/sys/fs/cgroup",
+        "{doc}: the host's cgroup hierarchy"
+    );
+    assert_eq!(
+        flag_value(doc, c, "--cgroup-root"),
+        CGROUP,
+        "{doc}: --cgroup-root must be the mounted hierarchy"
     );
     assert_eq!(
         flag_value(doc, c, "--bpffs"),

@@ -382,3 +382,123 @@ fn socket_translation_outlives_the_agent_until_cleanup() {
         result.line
     );
 }
+
+/// The per-packet path's counters on node 0: new flows and packets of
+/// established ones, translated by the TC programs.
+fn per_packet(bpffs: &Path) -> (u64, u64, u64) {
+    (
+        counter(bpffs, counters::FORWARD_NEW_FLOW),
+        counter(bpffs, counters::FORWARD_ESTABLISHED),
+        counter(bpffs, counters::REPLY_TRANSLATED),
+    )
+}
+
+fn socket_translations(bpffs: &Path) -> u64 {
+    counter(bpffs, counters::SOCK_CONNECT_TRANSLATED) + counter(bpffs, counters::SOCK_SENDMSG_TRANSLATED)
+}
+
+/// `--socket-lb all`: a pod's sockets are translated at connect time, so
+/// its flows carry the endpoint's address from the first packet and the
+/// TC programs have nothing to translate.
+#[test]
+fn with_all_pods_reach_services_through_their_sockets() {
+    let (cluster, cgroup, client) = bed("sa");
+    let mut agents = start_agents(&cluster, &cgroup, "all");
+    agents[0].wait_for_log("connect-time translation (All sockets) attached to cgroup", 1);
+    let bpffs = cluster.nodes[0].bpffs.path().to_owned();
+    let (per_packet_before, translated_before) = (per_packet(&bpffs), socket_translations(&bpffs));
+
+    let mut pods = BTreeSet::new();
+    let requests = [
+        (Request::Tcp, WEB),
+        (Request::UdpConnected, DNS),
+        (Request::UdpSendto, DNS),
+    ];
+    const ROUNDS: usize = 20;
+    for attempt in 0..ROUNDS {
+        for (request, to) in requests {
+            let result = cgroup.request(&client, request, to);
+            let (pod, peer) = answered(
+                &result,
+                &format!("{request:?} to {to} from a pod, attempt {attempt}"),
+            );
+            assert_eq!(peer, to, "{request:?}: the pod's socket shows the service");
+            pods.insert(pod);
+        }
+    }
+    assert_eq!(
+        pods,
+        ["web-a", "web-b"].map(str::to_owned).into(),
+        "the endpoints on node 0 and node 1 answered"
+    );
+    // The host network is served too.
+    let node0 = cluster.nodes[0].netns.clone();
+    let result = cgroup.request(&node0, Request::Tcp, KUBERNETES);
+    assert_eq!(
+        answered(&result, "the kubernetes Service from the node").0,
+        "apiserver"
+    );
+
+    assert_eq!(
+        per_packet(&bpffs),
+        per_packet_before,
+        "no flow took the per-packet path (forward_new_flow, forward_established, reply_translated)"
+    );
+    assert_eq!(
+        socket_translations(&bpffs) - translated_before,
+        (ROUNDS * requests.len() + 1) as u64,
+        "every connect and sendto was translated by the socket programs"
+    );
+}
+
+/// With `--socket-lb all`, a pod's open connection through a Service
+/// survives an agent restart, and new ones work while the agent is down.
+#[test]
+fn with_all_open_connections_survive_a_restart_and_new_ones_work_without_the_agent() {
+    let (cluster, cgroup, client) = bed("sw");
+    let mut agents = start_agents(&cluster, &cgroup, "all");
+    let bpffs = cluster.nodes[0].bpffs.path().to_owned();
+    let root = cgroup.path().to_str().expect("UTF-8 temp dir").to_owned();
+    let per_packet_before = per_packet(&bpffs);
+
+    let mut held = cgroup.hold(&client, WEB);
+    let (first, peer) = answered(&held.ask(), "the held connection, agent running");
+    assert_eq!(peer, WEB, "the held connection shows the service");
+    let still_answers = |held: &mut testbed::cgroup::HeldConnection, when: &str| {
+        let result = held.ask();
+        let (pod, peer) = answered(&result, &format!("the held connection, {when}"));
+        assert_eq!(
+            pod, first,
+            "{when}: the same endpoint answers on the open connection"
+        );
+        assert_eq!(peer, WEB, "{when}: the socket still shows the service");
+    };
+    let new_ones_work = |when: &str| {
+        for (request, to) in [(Request::Tcp, WEB), (Request::UdpSendto, DNS)] {
+            let result = cgroup.request(&client, request, to);
+            let (pod, peer) = answered(&result, &format!("a new {request:?} request, {when}"));
+            assert!(
+                pod.starts_with("web-"),
+                "{when}: an endpoint answered: {}",
+                result.line
+            );
+            assert_eq!(peer, to, "{when}: {request:?} shows the service");
+        }
+    };
+
+    assert!(agents.remove(0).stop(), "node 0's agent exits cleanly");
+    still_answers(&mut held, "agent stopped");
+    new_ones_work("agent stopped");
+
+    let mut restarted =
+        cluster.start_agent(0, agent_binary(), &["--socket-lb", "all", "--cgroup-root", &root]);
+    restarted.wait_for_log("connect-time translation (All sockets) attached", 1);
+    restarted.wait_for_log("synced 4 service ports", 1);
+    still_answers(&mut held, "agent restarted");
+    new_ones_work("agent restarted");
+    assert_eq!(
+        per_packet(&bpffs),
+        per_packet_before,
+        "the pod's flows never took the per-packet path"
+    );
+}

@@ -7,11 +7,12 @@
 //! same prefix on start).
 
 use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddrV4;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use rustix::mount::UnmountFlags;
@@ -74,57 +75,107 @@ impl TestCgroup {
             Request::UdpConnected => "udp-connected",
             Request::UdpSendto => "udp-sendto",
         };
+        let output = self
+            .client(netns, mode, to)
+            .output()
+            .unwrap_or_else(|e| panic!("starting sock-client in {netns}: {e}"));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        parse_result(stdout.trim(), &String::from_utf8_lossy(&output.stderr))
+    }
+
+    /// A TCP connection to `to` from a `sock-client` in network namespace
+    /// `netns`, inside this cgroup, kept open until dropped.
+    pub fn hold(&self, netns: &str, to: SocketAddrV4) -> HeldConnection {
+        let mut child = self
+            .client(netns, "tcp-hold", to)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting sock-client in {netns}: {e}"));
+        let stdin = child.stdin.take().expect("sock-client's stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("sock-client's stdout"));
+        HeldConnection { child, stdin, stdout }
+    }
+
+    /// `sock-client MODE TO` in `netns`, moved into this cgroup between fork
+    /// and exec.
+    fn client(&self, netns: &str, mode: &str, to: SocketAddrV4) -> Command {
         let procs_path = self.dir.join("cgroup.procs");
         let procs = File::options()
             .write(true)
             .open(&procs_path)
             .unwrap_or_else(|e| panic!("opening {}: {e}", procs_path.display()));
-        let procs_fd = procs.as_raw_fd();
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", netns])
             .arg(client_binary())
             .args([mode, &to.to_string()]);
         // SAFETY: the hook only calls write(2), async-signal-safe, on an fd
-        // the parent keeps open until the child has started.
+        // the closure owns (it lives as long as the Command, past the fork).
         unsafe {
             command.pre_exec(move || {
                 // "0" moves the writing process: the child, before it execs.
-                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        let output = command
-            .output()
-            .unwrap_or_else(|e| panic!("starting sock-client in {netns}: {e}"));
-        drop(procs);
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        let line = stdout.trim().to_owned();
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix(name))
-                .unwrap_or_else(|| {
-                    panic!(
-                        "sock-client printed no {name} ({line:?}; stderr {:?})",
-                        String::from_utf8_lossy(&output.stderr)
-                    )
-                })
-                .to_owned()
-        };
-        let elapsed = Duration::from_millis(field("ms=").parse().expect("ms= is a number"));
-        let outcome = if line.starts_with("ok ") {
-            let peer = field("peer=").parse().expect("peer= is an IPv4 address");
-            Ok((parse_answer(&line), peer))
-        } else {
-            Err(field("errno=").parse().expect("errno= is a number"))
-        };
-        ClientResult {
-            elapsed,
-            outcome,
-            line,
+        command
+    }
+}
+
+/// What one `sock-client` line says.
+fn parse_result(line: &str, stderr: &str) -> ClientResult {
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap_or_else(|| panic!("sock-client printed no {name} ({line:?}; stderr {stderr:?})"))
+            .to_owned()
+    };
+    let elapsed = Duration::from_millis(field("ms=").parse().expect("ms= is a number"));
+    let outcome = if line.starts_with("ok ") {
+        let peer = field("peer=").parse().expect("peer= is an IPv4 address");
+        Ok((parse_answer(line), peer))
+    } else {
+        Err(field("errno=").parse().expect("errno= is a number"))
+    };
+    ClientResult {
+        elapsed,
+        outcome,
+        line: line.to_owned(),
+    }
+}
+
+/// An open connection of a `sock-client` in a test cgroup
+/// ([`TestCgroup::hold`]); the client is killed on drop.
+pub struct HeldConnection {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl HeldConnection {
+    /// A request on the connection: its answer and the peer the socket
+    /// shows now, or the errno that ended it.
+    pub fn ask(&mut self) -> ClientResult {
+        if let Err(e) = self.stdin.write_all(b"ask\n") {
+            panic!("writing to sock-client (it exited?): {e}");
         }
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(n) if n > 0 => parse_result(line.trim(), "<not collected>"),
+            Ok(_) => panic!("sock-client ended without an answer"),
+            Err(e) => panic!("reading from sock-client: {e}"),
+        }
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

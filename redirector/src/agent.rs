@@ -2,9 +2,10 @@
 //! they come and go, and keep the maps in line with the source of services
 //! (manifest files, or the Kubernetes API).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use redirector_common::conntrack::CT_TIMEOUTS_MAP;
@@ -13,14 +14,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::conntrack;
 use crate::datapath::maps::ConntrackTable;
 use crate::datapath::socket::{SocketLb, SocketLbError};
-use crate::datapath::writer::{MapWriter, SyncReport};
+use crate::datapath::writer::{MapWriter, SyncError, SyncReport};
 use crate::datapath::{self, Datapath, MapSizes, Maps};
 use crate::error::Chain;
 use crate::interfaces::{self, InterfaceGlobs, LinkEvent};
 use crate::metrics::{self, Metrics};
-use crate::model::{Frontend, Ipv4Cidr, NodeTopology};
+use crate::model::{Frontend, Ipv4Cidr, NamespacedName, NodeTopology};
 use crate::source::Update;
-use crate::source::kube::{self as kube_source, Change, KubeSource};
+use crate::source::kube::{self as kube_source, Change, ChangeHook, KubeSource};
 use crate::source::manifests::ManifestStore;
 use crate::source::node::NodeWatch;
 use crate::source::service_cidrs::ServiceRanges;
@@ -50,6 +51,9 @@ pub struct AgentConfig {
     /// local, and whose zone topology hints are read for.
     pub node_name: Option<String>,
     pub healthz_bind_address: Option<SocketAddr>,
+    /// How long a queued change may wait for its sync before `/livez` and
+    /// `/healthz` fail (`--healthz-timeout`).
+    pub healthz_timeout: Duration,
     pub metrics_bind_address: Option<SocketAddr>,
     pub interfaces: InterfaceGlobs,
     pub bpffs: PathBuf,
@@ -97,9 +101,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             source,
         })?;
     }
+    // Before the watchers start: they report each change to it as they see it.
+    let metrics = Metrics::new(config.healthz_timeout);
     // The watchers list while the maps are created and the program verified
     // (off this thread): the two are the bulk of a cold start.
-    let mut feed = Feed::start(&config.source, config.node_name.as_deref()).await?;
+    let mut feed = Feed::start(&config.source, config.node_name.as_deref(), &metrics).await?;
     let (bpffs, sizes) = (config.bpffs.clone(), config.map_sizes);
     let (mut datapath, maps) = match tokio::task::spawn_blocking(move || Datapath::load(&bpffs, &sizes)).await
     {
@@ -135,7 +141,6 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         writer.set_service_cidrs(&ranges.cidrs)?;
         tracing::info!("service ranges: {ranges}");
     }
-    let metrics = Metrics::default();
     let listen_err = |addr, what| move |source| AgentError::Listen { addr, what, source };
     if let Some(addr) = config.healthz_bind_address {
         metrics::serve_health(addr, metrics.clone())
@@ -174,7 +179,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: exiting"); break; }
             Some(event) = links.recv() => on_link_event(&mut datapath, &config.interfaces, event),
-            () = feed.changed() => feed.sync(&mut writer, &metrics),
+            () = feed.changed(&metrics) => feed.sync(&mut writer, &metrics),
         }
     }
     // Links and maps stay pinned: traffic keeps flowing while the agent is
@@ -268,11 +273,15 @@ enum Feed {
         /// This node's Node (with `--node-name`): a zone change recomputes
         /// every Service, as kube-proxy's full sync on a topology change.
         node: Option<NodeWatch>,
+        /// Services a sync could not program every port of: computed and
+        /// written again at the next sync (kube-proxy retries a failed
+        /// sync), so a sync without errors means nothing is left out.
+        retry: BTreeSet<NamespacedName>,
     },
 }
 
 impl Feed {
-    async fn start(source: &Source, node_name: Option<&str>) -> Result<Self, AgentError> {
+    async fn start(source: &Source, node_name: Option<&str>, metrics: &Metrics) -> Result<Self, AgentError> {
         Ok(match source {
             Source::Manifests { dir, service_cidr } => {
                 let mut store = ManifestStore::default();
@@ -296,7 +305,15 @@ impl Feed {
                      are listed"
                 );
                 let node = node_name.map(|name| NodeWatch::start(client.clone(), name));
-                let mut source = KubeSource::start(client, service_proxy_name.as_deref(), *service_cidr);
+                if let Some(node) = &node {
+                    tokio::spawn(follow_eligibility(node.eligibility(), metrics.clone()));
+                }
+                let mut source = KubeSource::start(
+                    client,
+                    service_proxy_name.as_deref(),
+                    *service_cidr,
+                    queue_hook(metrics.clone()),
+                );
                 source.set_node(NodeTopology {
                     name: node_name.map(str::to_owned),
                     zone: None,
@@ -307,19 +324,23 @@ impl Feed {
                     woke_by: None,
                     ranges: None,
                     node,
+                    retry: BTreeSet::new(),
                 }
             }
         })
     }
 
-    /// Resolves when a sync is due.
-    async fn changed(&mut self) {
+    /// Resolves when a sync is due. Changes the loop notices itself (files,
+    /// the node's zone) are queued in `metrics` here; the watchers queue
+    /// theirs as they see them.
+    async fn changed(&mut self, metrics: &Metrics) {
         match self {
             Feed::Manifests { dir, seen, poll, .. } => loop {
                 poll.tick().await;
                 let now = fingerprint(dir);
                 if seen.as_ref() != Some(&now) {
                     *seen = Some(now);
+                    metrics.queued();
                     return;
                 }
             },
@@ -356,6 +377,7 @@ impl Feed {
                         if let Some(node) = node {
                             source.set_node(node.current());
                         }
+                        metrics.queued();
                         *woke_by = Some((Instant::now(), Change::Relisted));
                     }
                 }
@@ -392,16 +414,28 @@ impl Feed {
                 source,
                 woke_by,
                 ranges,
+                retry,
                 ..
             } => {
                 // Everything observed so far is covered by this sync.
                 let mut observed = started;
                 let mut changes = Vec::new();
+                // Slice changes' trigger times, observed once programmed.
+                let mut triggers = Vec::new();
                 let pending = std::iter::from_fn(|| source.changes.try_recv().ok());
                 for (at, change) in woke_by.take().into_iter().chain(pending) {
                     observed = observed.min(at);
+                    match &change {
+                        Change::Service(service) => metrics.service_change_taken(service),
+                        Change::Slice { service, trigger, .. } => {
+                            metrics.endpoint_change_taken();
+                            triggers.extend(trigger.map(|t| (service.clone(), t)));
+                        }
+                        Change::Relisted | Change::ServiceCidrs => {}
+                    }
                     changes.push(change);
                 }
+                changes.extend(std::mem::take(retry).into_iter().map(Change::Service));
                 // The first sync is a relist, so the ranges are written then.
                 if changes
                     .iter()
@@ -418,10 +452,47 @@ impl Feed {
                 } else {
                     report.absorb(write_update(writer, source.update(changes)));
                 }
+                retry.extend(report.errors.iter().filter_map(failed_service));
+                for (service, trigger) in triggers {
+                    // A slice of a Service left out is not programmed yet.
+                    if !retry.contains(&service) {
+                        metrics.observe_programmed(trigger);
+                    }
+                }
                 observed
             }
         };
         log_sync(&report, writer.programmed_count(), started, observed, metrics);
+    }
+}
+
+/// Tells `metrics` of each change the watchers see, as they see it.
+fn queue_hook(metrics: Metrics) -> ChangeHook {
+    Arc::new(move |change: &Change| match change {
+        Change::Service(service) => metrics.service_change_queued(service),
+        Change::Slice { .. } => metrics.endpoint_change_queued(),
+        Change::Relisted | Change::ServiceCidrs => metrics.queued(),
+    })
+}
+
+/// Passes the Node's eligibility on to `/healthz`.
+async fn follow_eligibility(mut eligible: tokio::sync::watch::Receiver<bool>, metrics: Metrics) {
+    loop {
+        metrics.set_node_eligible(*eligible.borrow_and_update());
+        if eligible.changed().await.is_err() {
+            // The sender lives in the watch task, which never ends.
+            return;
+        }
+    }
+}
+
+/// The Service whose port `error` left out, if it names one.
+fn failed_service(error: &SyncError) -> Option<NamespacedName> {
+    match error {
+        SyncError::MapFull { service, .. }
+        | SyncError::Write { service, .. }
+        | SyncError::TooManyEndpoints { service, .. } => Some(service.service()),
+        _ => None,
     }
 }
 
@@ -486,20 +557,16 @@ fn on_link_event(datapath: &mut Datapath, globs: &InterfaceGlobs, event: LinkEve
 }
 
 /// Logs and records one sync; `observed` is when the oldest change it covers
-/// was seen, so the log states the network programming latency.
-pub fn log_sync(
+/// was seen, so the log states how long it waited to be programmed (the
+/// metric counts from the EndpointSlice's trigger time instead).
+fn log_sync(
     report: &SyncReport,
     service_ports: usize,
     started: Instant,
     observed: Instant,
     metrics: &Metrics,
 ) {
-    metrics.record_sync(
-        started.elapsed(),
-        observed.elapsed(),
-        service_ports,
-        report.errors.len(),
-    );
+    metrics.record_sync(started, service_ports, report.errors.len());
     for error in &report.errors {
         tracing::error!("{}", Chain(error));
     }

@@ -3,7 +3,7 @@
 //! exactly read access to Services, EndpointSlices and ServiceCIDRs, and the
 //! DaemonSet runs the agent the way the README describes (host network, not
 //! privileged, only the datapath's capabilities, bpffs from the host,
-//! kube-proxy's healthz).
+//! kube-proxy's /livez and /healthz).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -25,7 +25,10 @@ const CONTAINER: &str = "redirector";
 const BPFFS: &str = "/sys/fs/bpf";
 /// Where the DaemonSet mounts the host's cgroup v2 hierarchy (`--cgroup-root`).
 const CGROUP: &str = "/host/sys/fs/cgroup";
-const HEALTHZ_PATH: &str = "/healthz";
+/// What each probe asks: liveness only whether the sync loop keeps up, so a
+/// Service that does not fit the maps never crash-loops the agents.
+const LIVENESS_PATH: &str = "/livez";
+const READINESS_PATH: &str = "/healthz";
 const HEALTHZ_PORT: i32 = 10256;
 
 /// A parsed manifest object, by kind.
@@ -666,24 +669,20 @@ fn daemonset_mounts_the_hosts_bpffs() {
 }
 
 #[test]
-fn daemonset_probes_healthz_on_kube_proxys_port() {
+fn daemonset_probes_livez_and_healthz_on_kube_proxys_port() {
     let docs = docs();
     let (doc, ds) = daemon_set(&docs);
     let c = container(doc, ds);
-    let probes: [(&str, &Option<Probe>); 2] = [
-        ("livenessProbe", &c.liveness_probe),
-        ("readinessProbe", &c.readiness_probe),
+    let probes: [(&str, &Option<Probe>, &str); 2] = [
+        ("livenessProbe", &c.liveness_probe, LIVENESS_PATH),
+        ("readinessProbe", &c.readiness_probe, READINESS_PATH),
     ];
-    for (name, probe) in probes {
+    for (name, probe, path) in probes {
         let get = probe
             .as_ref()
             .and_then(|p| p.http_get.as_ref())
             .unwrap_or_else(|| panic!("{doc}: no {name}.httpGet"));
-        assert_eq!(
-            get.path.as_deref(),
-            Some(HEALTHZ_PATH),
-            "{doc}: {name}.httpGet.path"
-        );
+        assert_eq!(get.path.as_deref(), Some(path), "{doc}: {name}.httpGet.path");
         assert_eq!(
             get.port,
             IntOrString::Int(HEALTHZ_PORT),

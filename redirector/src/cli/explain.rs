@@ -129,6 +129,12 @@ pub fn explain(
              (connection refused)"
                 .to_owned()
         }
+        counters::DROP_NO_LOCAL_ENDPOINTS => {
+            "dropped, no ICMP: the Service has internalTrafficPolicy: Local and none of its endpoints \
+             is on this node (those on other nodes are not used); as kube-proxy, the packet is dropped \
+             and the client's connection times out"
+                .to_owned()
+        }
         counters::DROP_UNALLOCATED_IP => format!(
             "dropped: {} is in the service CIDR but no service uses it (as kube-proxy drops it)",
             to.ip()
@@ -155,9 +161,46 @@ pub fn explain(
             )
         }
         counters::REPLY_TRANSLATED => "a reply of an established flow: its source is rewritten".to_owned(),
+        // The connection-table verdicts (drop_conntrack_clash,
+        // pass_stale_reply_entry_removed, icmp_error_translated) need a
+        // table write, a SYN-ACK or an ICMP error: a synthetic first packet
+        // run in explain mode never gets them.
         _ => format!("verdict {label}"),
     };
     let _ = writeln!(out, "verdict:   {label}");
     let _ = writeln!(out, "why:       {why}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drop_for_want_of_a_local_endpoint_says_so() {
+        let snapshot = Snapshot {
+            ports: Vec::new(),
+            unprogrammed: Vec::new(),
+        };
+        let run = Explanation {
+            verdict: counters::DROP_NO_LOCAL_ENDPOINTS,
+            action: 0,
+            backend_id: 0,
+            slot: 0,
+            svc_id: 0,
+            affinity: false,
+            rewritten_to: None,
+        };
+        let from = "10.244.0.5:40000".parse().expect("address");
+        let to = "10.96.0.10:80".parse().expect("address");
+        let text = explain(&snapshot, from, to, Protocol::Tcp, &run);
+        assert!(
+            text.contains("verdict:   drop_no_local_endpoints"),
+            "the verdict's label: {text}"
+        );
+        assert!(
+            text.contains("internalTrafficPolicy: Local") && text.contains("on this node"),
+            "the reason in words: {text}"
+        );
+    }
 }

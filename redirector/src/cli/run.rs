@@ -21,6 +21,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         conntrack_timeouts: args.conntrack_timeouts(),
         node_name: args.node_name.clone(),
         healthz_bind_address: args.healthz_bind_address.0,
+        healthz_timeout: args.healthz_timeout.0,
         metrics_bind_address: args.metrics_bind_address.0,
         interfaces: args.interfaces,
         bpffs: args.bpffs,
@@ -77,6 +78,11 @@ pub struct RunArgs {
     /// Where to serve /healthz and /livez ("" to disable); kube-proxy's default.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: BindAddress,
+    /// How long a change may wait for its sync before /livez fails, and for
+    /// every service port of it to be programmed before /healthz fails
+    /// (kube-proxy: twice its 30s sync period).
+    #[arg(long, default_value = "1m")]
+    pub healthz_timeout: GoDuration,
     /// Where to serve Prometheus /metrics ("" to disable); kube-proxy's default.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: BindAddress,

@@ -77,14 +77,45 @@ impl Collector for Scrape {
         encode_one(
             &mut encoder,
             "kubeproxy_network_programming_duration_seconds",
-            "In Cluster Network Programming Latency in seconds (change observed to maps written)",
+            "In Cluster Network Programming Latency in seconds",
             &agent.programming_latency,
         )?;
         encode_one(
             &mut encoder,
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "The last time proxy rules were successfully synced",
-            &ConstGauge::new(self.metrics.last_sync_seconds()),
+            &ConstGauge::new(self.metrics.last_programmed_seconds()),
+        )?;
+        encode_one(
+            &mut encoder,
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            &ConstGauge::new(self.metrics.last_queued_seconds()),
+        )?;
+        encode_one(
+            &mut encoder,
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            &agent.endpoint_changes,
+        )?;
+        encode_one(
+            &mut encoder,
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            &agent.service_changes,
+        )?;
+        let (endpoints_pending, services_pending) = self.metrics.pending();
+        encode_one(
+            &mut encoder,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            &ConstGauge::new(endpoints_pending),
+        )?;
+        encode_one(
+            &mut encoder,
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            &ConstGauge::new(services_pending),
         )?;
         encode_one(
             &mut encoder,

@@ -3,12 +3,13 @@
 //! where they exist.
 
 mod exposition;
+mod health;
 mod server;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{Method, StatusCode};
 use prometheus_client::metrics::counter::Counter;
@@ -17,9 +18,12 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpListener;
 
 use self::exposition::Exposition;
+pub use self::health::{DEFAULT_TIMEOUT as DEFAULT_HEALTH_TIMEOUT, TO_BE_DELETED_TAINT};
+use self::health::{HealthState, Verdict};
 use self::server::{Limits, Reply};
 use crate::conntrack::SweepReport;
 use crate::datapath::Maps;
+use crate::model::NamespacedName;
 use redirector_common::conntrack::FlowState;
 
 /// Bucket bounds (seconds) shared by the duration histograms, as kube-proxy's
@@ -28,12 +32,29 @@ const BUCKETS: [f64; 15] = [
     0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192, 16.384,
 ];
 
+/// kube-proxy's `network_programming_duration_seconds` buckets: 0, 0.25 s,
+/// 0.5 s, every second to 59 s, every 5 s to 115 s, every 30 s to 5 min.
+fn programming_buckets() -> impl Iterator<Item = f64> {
+    [0.0, 0.25, 0.5]
+        .into_iter()
+        .chain((1..=59).map(f64::from))
+        .chain((60..=115).step_by(5).map(f64::from))
+        .chain((120..=300).step_by(30).map(f64::from))
+}
+
 struct Inner {
     sync_duration: Histogram,
     programming_latency: Histogram,
     sync_errors: Counter,
     service_ports: Gauge,
-    health: Mutex<Health>,
+    health: Mutex<HealthState>,
+    /// Trigger times before this are not observed: kube-proxy's
+    /// `trackerStartTime` (the initial list would report the age of the
+    /// cluster's slices).
+    started: SystemTime,
+    queue: Mutex<Queue>,
+    endpoint_changes: Counter,
+    service_changes: Counter,
     conntrack_sweep_duration: Histogram,
     conntrack_expired: Counter,
     conntrack_early_dropped: Counter,
@@ -41,10 +62,14 @@ struct Inner {
     conntrack_flows: Mutex<BTreeMap<FlowState, usize>>,
 }
 
+/// Changes queued by the watchers and not yet taken by a sync.
 #[derive(Default)]
-struct Health {
-    last_sync: Option<SystemTime>,
-    last_sync_ok: bool,
+struct Queue {
+    /// EndpointSlice changes (kube-proxy counts each one).
+    endpoints: i64,
+    /// Services with a change waiting, and how many (kube-proxy counts the
+    /// Services).
+    services: HashMap<NamespacedName, u32>,
 }
 
 /// Shared between the sync loop (writer) and the HTTP endpoints (readers).
@@ -55,13 +80,25 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::new(DEFAULT_HEALTH_TIMEOUT)
+    }
+}
+
+impl Metrics {
+    /// `health_timeout`: how long a queued change may wait for a sync before
+    /// the agent reports itself unhealthy (`--healthz-timeout`).
+    pub fn new(health_timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 sync_duration: Histogram::new(BUCKETS),
-                programming_latency: Histogram::new(BUCKETS),
+                programming_latency: Histogram::new(programming_buckets()),
                 sync_errors: Counter::default(),
                 service_ports: Gauge::default(),
-                health: Mutex::default(),
+                health: Mutex::new(HealthState::new(health_timeout)),
+                started: SystemTime::now(),
+                queue: Mutex::default(),
+                endpoint_changes: Counter::default(),
+                service_changes: Counter::default(),
                 conntrack_sweep_duration: Histogram::new(BUCKETS),
                 conntrack_expired: Counter::default(),
                 conntrack_early_dropped: Counter::default(),
@@ -69,20 +106,71 @@ impl Default for Metrics {
             }),
         }
     }
-}
 
-impl Metrics {
-    /// Records one sync: how long it took, how long since the oldest change
-    /// it covers was observed, and whether every service port was programmed.
-    pub fn record_sync(&self, took: Duration, latency: Duration, service_ports: usize, errors: usize) {
+    /// A change the maps must follow was observed (a relist, a node or
+    /// range change, a manifest reload); called as it is observed, so a
+    /// stuck sync loop still shows.
+    pub fn queued(&self) {
+        self.health().queued(Instant::now(), SystemTime::now());
+    }
+
+    /// A Service changed (`kubeproxy_sync_proxy_rules_service_changes_*`).
+    pub fn service_change_queued(&self, service: &NamespacedName) {
+        self.inner.service_changes.inc();
+        *self.queue().services.entry(service.clone()).or_default() += 1;
+        self.queued();
+    }
+
+    /// An EndpointSlice changed (`kubeproxy_sync_proxy_rules_endpoint_changes_*`).
+    pub fn endpoint_change_queued(&self) {
+        self.inner.endpoint_changes.inc();
+        self.queue().endpoints += 1;
+        self.queued();
+    }
+
+    /// A sync took a Service change off the queue.
+    pub fn service_change_taken(&self, service: &NamespacedName) {
+        let mut queue = self.queue();
+        if let Some(count) = queue.services.get_mut(service) {
+            *count -= 1;
+            if *count == 0 {
+                queue.services.remove(service);
+            }
+        }
+    }
+
+    /// A sync took an EndpointSlice change off the queue.
+    pub fn endpoint_change_taken(&self) {
+        let mut queue = self.queue();
+        queue.endpoints = (queue.endpoints - 1).max(0);
+    }
+
+    /// Records one sync that began at `started`: how long it took, the
+    /// service ports in the maps, and how many could not be programmed.
+    pub fn record_sync(&self, started: Instant, service_ports: usize, errors: usize) {
         let m = &self.inner;
-        m.sync_duration.observe(took.as_secs_f64());
-        m.programming_latency.observe(latency.as_secs_f64());
+        m.sync_duration.observe(started.elapsed().as_secs_f64());
         m.sync_errors.inc_by(errors as u64);
         m.service_ports.set(service_ports as i64);
-        let mut health = self.health();
-        health.last_sync = Some(SystemTime::now());
-        health.last_sync_ok = errors == 0;
+        self.health().synced(started, errors == 0, SystemTime::now());
+    }
+
+    /// An EndpointSlice change whose `endpoints.kubernetes.io/last-change-trigger-time`
+    /// is `trigger` is now in the maps (kube-proxy's network programming
+    /// latency). Trigger times from before the agent started are not
+    /// observed, as kube-proxy's; a trigger in the future (clock skew
+    /// between the control plane and this node) counts as 0.
+    pub fn observe_programmed(&self, trigger: SystemTime) {
+        if trigger <= self.inner.started {
+            return;
+        }
+        let latency = SystemTime::now().duration_since(trigger).unwrap_or_default();
+        self.inner.programming_latency.observe(latency.as_secs_f64());
+    }
+
+    /// This node's Node is (not) being deleted or tainted for deletion.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.health().set_node_eligible(eligible);
     }
 
     /// Records one sweep of the connection table.
@@ -94,31 +182,40 @@ impl Metrics {
         *m.conntrack_flows.lock().unwrap_or_else(|e| e.into_inner()) = report.flows.clone();
     }
 
-    /// kube-proxy's meaning: healthy once the rules were synced and the last
-    /// sync succeeded.
-    pub fn healthy(&self) -> bool {
-        let health = self.health();
-        health.last_sync.is_some() && health.last_sync_ok
+    fn verdict(&self) -> Verdict {
+        self.health().verdict(Instant::now())
     }
 
-    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+    fn health(&self) -> std::sync::MutexGuard<'_, HealthState> {
         self.inner.health.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn health_body(&self) -> String {
-        let last = self.health().last_sync.map(rfc3339).unwrap_or_default();
-        format!(
-            "{{\"lastUpdated\": \"{last}\",\"currentTime\": \"{}\"}}",
-            rfc3339(SystemTime::now())
-        )
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.inner.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Seconds since the epoch of the last sync, 0 before the first.
-    fn last_sync_seconds(&self) -> f64 {
-        self.health().last_sync.map_or(0.0, |t| {
-            t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
-        })
+    /// Seconds since the epoch of the last sync without errors, 0 before
+    /// the first.
+    fn last_programmed_seconds(&self) -> f64 {
+        epoch_seconds(self.health().last_programmed())
     }
+
+    /// Seconds since the epoch of the last queued change, 0 before the first.
+    fn last_queued_seconds(&self) -> f64 {
+        epoch_seconds(self.health().last_queued())
+    }
+
+    /// The pending gauges: EndpointSlice changes and Services.
+    fn pending(&self) -> (i64, i64) {
+        let queue = self.queue();
+        (queue.endpoints, queue.services.len() as i64)
+    }
+}
+
+fn epoch_seconds(t: Option<SystemTime>) -> f64 {
+    t.map_or(0.0, |t| {
+        t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    })
 }
 
 /// Serves `/healthz` and `/livez`.
@@ -140,18 +237,40 @@ pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics, maps: Option<Maps
     Ok(())
 }
 
+/// kube-proxy's bodies: `lastUpdated` is the current time while healthy
+/// (its compatibility rule), else the last sync that counts for the probe;
+/// `/healthz` adds `nodeEligible`.
 fn health_reply(metrics: &Metrics, method: &Method, path: &str) -> Reply {
-    match (method, path) {
-        (&Method::GET, "/healthz" | "/livez") => {
-            let status = if metrics.healthy() {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            (status, "application/json", metrics.health_body())
-        }
-        _ => not_found(),
+    if method != Method::GET {
+        return not_found();
     }
+    let verdict = metrics.verdict();
+    let now = SystemTime::now();
+    let (healthy, last, eligible) = match path {
+        "/healthz" => (
+            verdict.healthz,
+            metrics.health().last_programmed(),
+            Some(verdict.node_eligible),
+        ),
+        "/livez" => (verdict.livez, metrics.health().last_synced(), None),
+        _ => return not_found(),
+    };
+    let last = if healthy { Some(now) } else { last };
+    let mut body = format!(
+        "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\"",
+        last.map(rfc3339).unwrap_or_default(),
+        rfc3339(now)
+    );
+    if let Some(eligible) = eligible {
+        body.push_str(&format!(", \"nodeEligible\": {eligible}"));
+    }
+    body.push('}');
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, "application/json", body)
 }
 
 fn metrics_reply(exposition: &Exposition, method: &Method, path: &str) -> Reply {
@@ -197,53 +316,181 @@ mod tests {
     }
 
     #[test]
-    fn health_follows_the_last_sync() {
+    fn sync_metrics_follow_the_syncs() {
         let m = Metrics::default();
-        assert!(!m.healthy(), "not healthy before the first sync");
-        m.record_sync(Duration::from_millis(3), Duration::from_millis(5), 4, 0);
-        assert!(m.healthy(), "healthy after a successful sync");
-        m.record_sync(Duration::from_millis(3), Duration::from_millis(5), 4, 1);
-        assert!(
-            !m.healthy(),
-            "unhealthy when the last sync left a service unprogrammed"
-        );
+        m.record_sync(Instant::now(), 4, 0);
+        m.record_sync(Instant::now(), 4, 1);
         let text = Exposition::new(m, None).render();
         for needle in [
             "kubeproxy_sync_proxy_rules_duration_seconds_count 2",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.008\"} 2",
             "redirector_sync_errors_total 1",
+            "kubeproxy_network_programming_duration_seconds_count 0",
         ] {
             assert!(text.contains(needle), "metrics contain {needle:?}:\n{text}");
         }
     }
 
     #[test]
-    fn health_endpoints_answer_as_kube_proxys() {
+    fn programming_latency_counts_from_the_trigger_time() {
+        let mut m = Metrics::default();
+        let now = SystemTime::now();
+        // The agent started 10 s ago.
+        let started = now - Duration::from_secs(10);
+        Arc::get_mut(&mut m.inner).expect("the only handle").started = started;
+        m.observe_programmed(started - Duration::from_secs(5));
+        m.observe_programmed(now - Duration::from_millis(1_700));
+        m.observe_programmed(now + Duration::from_secs(30));
+        let text = Exposition::new(m, None).render();
+        for needle in [
+            // The trigger before the agent started is not observed.
+            "kubeproxy_network_programming_duration_seconds_count 2",
+            // 1.7 s ago lands in le=2 but not le=1; a future one at 0.
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0\"} 1",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 1",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"2\"} 2",
+        ] {
+            assert!(text.contains(needle), "metrics contain {needle:?}:\n{text}");
+        }
+        let buckets = text
+            .lines()
+            .filter(|l| l.starts_with("kubeproxy_network_programming_duration_seconds_bucket"))
+            .count();
+        assert_eq!(
+            buckets,
+            3 + 59 + 12 + 7 + 1,
+            "kube-proxy's programming buckets and +Inf:\n{text}"
+        );
+    }
+
+    #[test]
+    fn change_counters_and_pending_gauges_follow_kube_proxys() {
         let m = Metrics::default();
+        let web = NamespacedName {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let db = NamespacedName {
+            namespace: "default".into(),
+            name: "db".into(),
+        };
+        m.service_change_queued(&web);
+        m.service_change_queued(&web);
+        m.service_change_queued(&db);
+        m.endpoint_change_queued();
+        m.endpoint_change_queued();
+        let gauge = |text: &str, name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in:\n{text}"))
+        };
+        let text = Exposition::new(m.clone(), None).render();
+        for (name, value) in [
+            ("kubeproxy_sync_proxy_rules_service_changes_total", 3.0),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_total", 2.0),
+            ("kubeproxy_sync_proxy_rules_service_changes_pending", 2.0),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_pending", 2.0),
+        ] {
+            assert_eq!(gauge(&text, name), value, "{name}");
+        }
+        assert!(
+            gauge(&text, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 1e9,
+            "the last queued change's time"
+        );
+        m.service_change_taken(&web);
+        m.endpoint_change_taken();
+        let text = Exposition::new(m.clone(), None).render();
+        assert_eq!(
+            gauge(&text, "kubeproxy_sync_proxy_rules_service_changes_pending"),
+            2.0,
+            "web still has a change waiting"
+        );
+        assert_eq!(
+            gauge(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+            1.0,
+            "one slice change left"
+        );
+        m.service_change_taken(&web);
+        m.service_change_taken(&db);
+        m.endpoint_change_taken();
+        let text = Exposition::new(m, None).render();
+        assert_eq!(
+            gauge(&text, "kubeproxy_sync_proxy_rules_service_changes_pending"),
+            0.0,
+            "all taken"
+        );
+        assert_eq!(
+            gauge(&text, "kubeproxy_sync_proxy_rules_service_changes_total"),
+            3.0,
+            "totals never go down"
+        );
+    }
+
+    /// `lastUpdated` in a body.
+    fn last_updated(body: &str) -> &str {
+        body.strip_prefix("{\"lastUpdated\": \"")
+            .and_then(|rest| rest.split_once('"'))
+            .map(|(last, _)| last)
+            .unwrap_or_else(|| panic!("no lastUpdated in {body}"))
+    }
+
+    #[test]
+    fn health_endpoints_answer_as_kube_proxys() {
+        let m = Metrics::new(Duration::ZERO);
         for path in ["/healthz", "/livez"] {
             let (status, content_type, body) = health_reply(&m, &Method::GET, path);
+            assert_eq!(status, StatusCode::OK, "{path}: healthy while starting: {body}");
+            assert_eq!(content_type, "application/json");
+            assert!(
+                last_updated(&body).parse::<jiff::Timestamp>().is_ok(),
+                "{path}: lastUpdated is the current time while healthy: {body}"
+            );
+        }
+        let (_, _, body) = health_reply(&m, &Method::GET, "/healthz");
+        assert!(body.ends_with(", \"nodeEligible\": true}"), "{body}");
+        let (_, _, body) = health_reply(&m, &Method::GET, "/livez");
+        assert!(!body.contains("nodeEligible"), "/livez leaves it out: {body}");
+
+        // With a zero timeout, a queued change is late at once.
+        m.queued();
+        for path in ["/healthz", "/livez"] {
+            let (status, _, body) = health_reply(&m, &Method::GET, path);
             assert_eq!(
                 status,
                 StatusCode::SERVICE_UNAVAILABLE,
-                "{path} before the first sync"
+                "{path}: a change waits: {body}"
             );
-            assert_eq!(content_type, "application/json");
-            assert!(
-                body.starts_with("{\"lastUpdated\": \"\",\"currentTime\": \""),
-                "{body}"
-            );
+            assert_eq!(last_updated(&body), "", "{path}: never synced: {body}");
         }
-        m.record_sync(Duration::ZERO, Duration::ZERO, 1, 0);
+        m.record_sync(Instant::now(), 1, 1);
+        let (status, _, body) = health_reply(&m, &Method::GET, "/livez");
+        assert_eq!(status, StatusCode::OK, "the loop took the change: {body}");
         let (status, _, body) = health_reply(&m, &Method::GET, "/healthz");
-        assert_eq!(status, StatusCode::OK, "after a successful sync");
-        let last = body
-            .strip_prefix("{\"lastUpdated\": \"")
-            .and_then(|rest| rest.split_once('"'))
-            .map(|(last, _)| last)
-            .unwrap_or_default();
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a service port was left out: {body}"
+        );
+        m.record_sync(Instant::now(), 1, 0);
+        let (status, _, body) = health_reply(&m, &Method::GET, "/healthz");
+        assert_eq!(status, StatusCode::OK, "everything programmed: {body}");
+
+        m.set_node_eligible(false);
+        let (status, _, body) = health_reply(&m, &Method::GET, "/healthz");
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node being deleted: {body}"
+        );
+        assert!(body.ends_with(", \"nodeEligible\": false}"), "{body}");
         assert!(
-            last.parse::<jiff::Timestamp>().is_ok(),
-            "lastUpdated {last:?} in {body}"
+            last_updated(&body).parse::<jiff::Timestamp>().is_ok(),
+            "lastUpdated is the last successful sync: {body}"
+        );
+        assert_eq!(
+            health_reply(&m, &Method::GET, "/livez").0,
+            StatusCode::OK,
+            "/livez ignores node eligibility"
         );
         for (method, path) in [(Method::GET, "/metrics"), (Method::POST, "/healthz")] {
             assert_eq!(
@@ -257,7 +504,10 @@ mod tests {
     #[test]
     fn metrics_page_keeps_the_names_types_and_help_texts() {
         let m = Metrics::default();
-        m.record_sync(Duration::from_millis(3), Duration::from_millis(5), 7, 2);
+        // Begun 3 ms ago.
+        let started = Instant::now() - Duration::from_millis(3);
+        m.record_sync(started, 7, 2);
+        m.record_sync(started, 7, 0);
         let exposition = Exposition::new(m, None);
         let (status, content_type, text) = metrics_reply(&exposition, &Method::GET, "/metrics");
         assert_eq!(status, StatusCode::OK);
@@ -269,16 +519,26 @@ mod tests {
             "# HELP kubeproxy_sync_proxy_rules_duration_seconds SyncProxyRules latency in seconds",
             "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"} 0",
-            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1",
-            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"} 1",
-            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 1",
-            "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.016\"} 2",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 2",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 2",
             "# HELP kubeproxy_network_programming_duration_seconds In Cluster Network Programming Latency \
-             in seconds (change observed to maps written)",
+             in seconds",
             "# TYPE kubeproxy_network_programming_duration_seconds histogram",
             "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time proxy rules were \
              successfully synced",
             "# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
+            "# HELP kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds The last time a sync of proxy \
+             rules was queued",
+            "# TYPE kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge",
+            "# HELP kubeproxy_sync_proxy_rules_endpoint_changes_total Cumulative proxy rules Endpoint changes",
+            "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes_total counter",
+            "# HELP kubeproxy_sync_proxy_rules_service_changes_total Cumulative proxy rules Service changes",
+            "# TYPE kubeproxy_sync_proxy_rules_service_changes_total counter",
+            "# HELP kubeproxy_sync_proxy_rules_endpoint_changes_pending Pending proxy rules Endpoint changes",
+            "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes_pending gauge",
+            "# HELP kubeproxy_sync_proxy_rules_service_changes_pending Pending proxy rules Service changes",
+            "# TYPE kubeproxy_sync_proxy_rules_service_changes_pending gauge",
             "# HELP redirector_sync_errors_total Service ports that could not be programmed, summed over syncs",
             "# TYPE redirector_sync_errors_total counter",
             "redirector_sync_errors_total 2",
@@ -302,7 +562,7 @@ mod tests {
             .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds "))
             .and_then(|v| v.parse().ok())
             .unwrap_or_default();
-        assert!(last > 1e9, "the last sync's time: {last}");
+        assert!(last > 1e9, "the last successful sync's time: {last}");
         assert_eq!(
             metrics_reply(&exposition, &Method::GET, "/healthz").0,
             StatusCode::NOT_FOUND

@@ -6,10 +6,13 @@
 //! object of the cluster: at 10k Services × 10 endpoints the full types cost
 //! about 45 MiB of the agent's heap. Unknown fields (managedFields,
 //! annotations, status, targetRef) are skipped while parsing, which also
-//! makes the initial lists cheaper to decode.
+//! makes the initial lists cheaper to decode. Of a slice's annotations only
+//! `endpoints.kubernetes.io/last-change-trigger-time` is kept, for the
+//! network programming latency.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{ClientIPConfig, Service, ServicePort, ServiceSpec, SessionAffinityConfig};
@@ -30,6 +33,17 @@ struct MetaFields {
     uid: Option<String>,
     creation_timestamp: Option<Time>,
     deletion_timestamp: Option<Time>,
+    /// Slices only: the one annotation read (the others are skipped
+    /// while parsing).
+    annotations: Option<TriggerAnnotation>,
+}
+
+/// The EndpointSlice controller's annotation saying when the change a slice
+/// reflects (a Pod or Service update) happened.
+#[derive(Default, Deserialize)]
+struct TriggerAnnotation {
+    #[serde(rename = "endpoints.kubernetes.io/last-change-trigger-time")]
+    trigger_time: Option<String>,
 }
 
 impl From<MetaFields> for ObjectMeta {
@@ -185,6 +199,9 @@ pub struct CompactSlice {
     address_type: String,
     ports: Option<Vec<EndpointPort>>,
     endpoints: Option<Vec<CompactEndpoint>>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, if set and an
+    /// RFC 3339 time.
+    trigger_time: Option<SystemTime>,
 }
 
 #[derive(Deserialize)]
@@ -207,12 +224,22 @@ impl From<SliceFields> for CompactSlice {
             .labels
             .take()
             .and_then(|mut labels| labels.remove(SERVICE_NAME_LABEL));
+        // As kube-proxy's `getLastChangeTriggerTime`: an unparsable value is
+        // as none.
+        let trigger_time = fields
+            .metadata
+            .annotations
+            .take()
+            .and_then(|a| a.trigger_time)
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .map(SystemTime::from);
         CompactSlice {
             metadata: fields.metadata.into(),
             service_name,
             address_type: fields.address_type,
             ports: fields.ports,
             endpoints: fields.endpoints,
+            trigger_time,
         }
     }
 }
@@ -221,6 +248,12 @@ impl CompactSlice {
     /// The Service it belongs to: its `kubernetes.io/service-name` label.
     pub fn service_name(&self) -> Option<&str> {
         self.service_name.as_deref()
+    }
+
+    /// When the change this version of the slice reflects happened
+    /// (`endpoints.kubernetes.io/last-change-trigger-time`).
+    pub fn trigger_time(&self) -> Option<SystemTime> {
+        self.trigger_time
     }
 }
 
@@ -318,7 +351,9 @@ mod tests {
     const SLICE: &str = r#"{
       "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
       "metadata": {"name": "web-abc", "namespace": "shop", "resourceVersion": "8",
-                   "labels": {"kubernetes.io/service-name": "web"}},
+                   "labels": {"kubernetes.io/service-name": "web"},
+                   "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-27T10:00:01Z",
+                                   "other": "x"}},
       "addressType": "IPv4",
       "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
       "endpoints": [
@@ -400,6 +435,24 @@ mod tests {
             "both endpoints are candidates"
         );
         assert_eq!(compact.service_name(), Some("web"), "the Service's name label");
+        assert_eq!(
+            compact.trigger_time(),
+            Some(SystemTime::from(
+                "2026-11-27T10:00:01Z"
+                    .parse::<k8s_openapi::jiff::Timestamp>()
+                    .expect("a time")
+            )),
+            "the trigger time annotation"
+        );
+        assert_eq!(compact.meta().annotations, None, "no annotation map is kept");
+        for (annotation, why) in [("", "absent"), ("\"yesterday\"", "not a time")] {
+            let json = SLICE.replace(
+                "\"2026-11-27T10:00:01Z\"",
+                if annotation.is_empty() { "null" } else { annotation },
+            );
+            let slice: CompactSlice = serde_json::from_str(&json).expect("parses");
+            assert_eq!(slice.trigger_time(), None, "trigger time {why}");
+        }
         assert_eq!(compact.meta().name.as_deref(), Some("web-abc"), "name");
         assert_eq!(
             compact.meta().resource_version.as_deref(),

@@ -11,9 +11,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::ListParams;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -118,14 +119,39 @@ fn parse_url(url: &str) -> Result<http::Uri, KubeSourceError> {
 pub enum Change {
     /// A Service.
     Service(NamespacedName),
-    /// An EndpointSlice (by name) of a Service.
-    Slice(NamespacedName, String),
+    /// An EndpointSlice of a Service.
+    Slice {
+        service: NamespacedName,
+        name: String,
+        /// Its `endpoints.kubernetes.io/last-change-trigger-time`; none for a
+        /// deletion, whose annotation dates the slice's last update, not the
+        /// deletion (kube-proxy ignores it too).
+        trigger: Option<SystemTime>,
+    },
     /// A ServiceCIDR, or their cache replaced by a (re)list: the service
     /// ranges may differ.
     ServiceCidrs,
     /// A cache was replaced by a (re)list: everything may differ.
     Relisted,
 }
+
+impl Change {
+    /// The change as a deletion of the object reports it.
+    fn deleted(self) -> Self {
+        match self {
+            Change::Slice { service, name, .. } => Change::Slice {
+                service,
+                name,
+                trigger: None,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Told of every change as its watcher applies it to the cache, before the
+/// sync loop takes it from the channel (so a stuck loop still shows).
+pub type ChangeHook = Arc<dyn Fn(&Change) + Send + Sync>;
 
 /// The caches, a channel reporting each change (with the time it was
 /// observed), and what each Service contributes to the model, so a change
@@ -148,10 +174,16 @@ pub struct KubeSource {
 impl KubeSource {
     /// Starts the watchers on the current tokio runtime. `service_cidr`
     /// (`--service-cidr`) is the service range if the API server does not
-    /// serve ServiceCIDR.
-    pub fn start(client: Client, service_proxy_name: Option<&str>, service_cidr: Option<Ipv4Cidr>) -> Self {
+    /// serve ServiceCIDR. `hook` is told of each change as it is observed.
+    pub fn start(
+        client: Client,
+        service_proxy_name: Option<&str>,
+        service_cidr: Option<Ipv4Cidr>,
+        hook: ChangeHook,
+    ) -> Self {
         let selector = label_selector(service_proxy_name);
-        let (tx, changes) = mpsc::unbounded_channel();
+        let (raw, changes) = mpsc::unbounded_channel();
+        let tx = Reporter { channel: raw, hook };
         let services = spawn_reflector::<CompactService>(
             Api::all(client.clone()),
             watcher::Config::default().labels(&selector),
@@ -163,7 +195,13 @@ impl KubeSource {
             Api::all(client.clone()),
             watcher::Config::default().labels(&selector),
             "endpointslices",
-            |slice| Some(Change::Slice(slice_owner(slice)?, slice.metadata.name.clone()?)),
+            |slice| {
+                Some(Change::Slice {
+                    service: slice_owner(slice)?,
+                    name: slice.metadata.name.clone()?,
+                    trigger: slice.trigger_time(),
+                })
+            },
             tx.clone(),
         );
         let service_cidrs = ServiceCidrCache::start(Api::all(client), service_cidr, tx);
@@ -234,8 +272,8 @@ impl KubeSource {
                 Change::Service(service) => {
                     touched.insert(service);
                 }
-                Change::Slice(service, slice) => {
-                    self.note_slice(service.clone(), &slice);
+                Change::Slice { service, name, .. } => {
+                    self.note_slice(service.clone(), &name);
                     touched.insert(service);
                 }
                 Change::Relisted | Change::ServiceCidrs => {}
@@ -252,7 +290,9 @@ impl KubeSource {
             let new = match self.services.get(&reference) {
                 Some(cached) => {
                     let own: Vec<&CompactSlice> = own.iter().map(AsRef::as_ref).collect();
-                    self.claim(&service, entries(&cached, &own, &self.node), &mut update.warnings)
+                    let api = cached.to_api();
+                    warn_of_sctp(&service, &api, &mut update.warnings);
+                    self.claim(&service, entries(&api, &own, &self.node), &mut update.warnings)
                 }
                 None => Vec::new(),
             };
@@ -338,15 +378,44 @@ fn slice_owner(slice: &CompactSlice) -> Option<NamespacedName> {
 }
 
 /// The entries of one Service from its own slices, for `node`.
-fn entries(
-    service: &CompactService,
-    own: &[&CompactSlice],
-    node: &NodeTopology,
-) -> Vec<(Frontend, ServicePort)> {
-    let service = service.to_api();
-    match cluster_ip(&service) {
-        ClusterIp::V4(ip) => entries_with(&service, ip, node, |p| slice_candidates(p.name, p.protocol, own)),
+fn entries(service: &Service, own: &[&CompactSlice], node: &NodeTopology) -> Vec<(Frontend, ServicePort)> {
+    match cluster_ip(service) {
+        ClusterIp::V4(ip) => entries_with(service, ip, node, |p| slice_candidates(p.name, p.protocol, own)),
         _ => Vec::new(),
+    }
+}
+
+/// Names each SCTP port of a Service with a virtual IP: none is programmed
+/// (see [`Warning::SctpPort`]).
+fn warn_of_sctp(service: &NamespacedName, api: &Service, warnings: &mut Vec<Warning>) {
+    if cluster_ip(api) == ClusterIp::NoVirtualIp {
+        return;
+    }
+    let ports = api
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default();
+    for port in ports.iter().filter(|p| p.protocol.as_deref() == Some("SCTP")) {
+        warnings.push(Warning::SctpPort {
+            service: SourceObject::service(service.clone()),
+            port: port.port,
+        });
+    }
+}
+
+/// The channel of changes, and the hook told of each.
+#[derive(Clone)]
+struct Reporter {
+    channel: mpsc::UnboundedSender<(Instant, Change)>,
+    hook: ChangeHook,
+}
+
+impl Reporter {
+    fn send(&self, change: Change) {
+        (self.hook)(&change);
+        // The receiver lives as long as the agent.
+        let _ = self.channel.send((Instant::now(), change));
     }
 }
 
@@ -355,7 +424,7 @@ fn spawn_reflector<K>(
     config: watcher::Config,
     what: &'static str,
     change_of: fn(&K) -> Option<Change>,
-    changes: mpsc::UnboundedSender<(Instant, Change)>,
+    changes: Reporter,
 ) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
@@ -379,7 +448,7 @@ async fn follow<K>(
     what: &'static str,
     change_of: fn(&K) -> Option<Change>,
     relisted: Change,
-    changes: mpsc::UnboundedSender<(Instant, Change)>,
+    changes: Reporter,
 ) {
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
@@ -393,12 +462,13 @@ async fn follow<K>(
                 // A relist is only complete at InitDone; Init and InitApply
                 // do not change what the cache shows.
                 let change = match &event {
-                    watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => change_of(obj),
+                    watcher::Event::Apply(obj) => change_of(obj),
+                    watcher::Event::Delete(obj) => change_of(obj).map(Change::deleted),
                     watcher::Event::InitDone => Some(relisted.clone()),
                     watcher::Event::Init | watcher::Event::InitApply(_) => None,
                 };
                 if let Some(change) = change {
-                    let _ = changes.send((Instant::now(), change));
+                    changes.send(change);
                 }
             }
             Err(e) => {
@@ -427,11 +497,7 @@ impl ServiceCidrCache {
     /// Asks whether the API server serves ServiceCIDR (retrying until it
     /// answers), says once where the service ranges come from, then
     /// watches them, or leaves the cache empty if the kind is not served.
-    fn start(
-        api: Api<ServiceCIDR>,
-        flag: Option<Ipv4Cidr>,
-        changes: mpsc::UnboundedSender<(Instant, Change)>,
-    ) -> Self {
+    fn start(api: Api<ServiceCIDR>, flag: Option<Ipv4Cidr>, changes: Reporter) -> Self {
         let (store, mut writer) = reflector::store();
         let served = Arc::new(OnceLock::new());
         let decided = served.clone();
@@ -527,6 +593,39 @@ mod tests {
         ] {
             assert_eq!(label_selector(name), expected, "selector for proxy name {name:?}");
         }
+    }
+
+    #[test]
+    fn sctp_ports_are_named_and_deletions_carry_no_trigger_time() {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "sig", "namespace": "core"},
+            "spec": {"clusterIP": "10.96.0.40", "ports": [
+                {"name": "s1ap", "port": 36412, "protocol": "SCTP"},
+                {"name": "http", "port": 80, "protocol": "TCP"}
+            ]}
+        }))
+        .expect("a Service");
+        let name = NamespacedName {
+            namespace: "core".into(),
+            name: "sig".into(),
+        };
+        let mut warnings = Vec::new();
+        warn_of_sctp(&name, &service, &mut warnings);
+        let text: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 1, "one warning for the one SCTP port: {text:?}");
+        assert!(
+            text[0].contains("core/sig") && text[0].contains("36412/SCTP is not programmed"),
+            "names the Service, the port and what happens: {text:?}"
+        );
+        let slice = Change::Slice {
+            service: name,
+            name: "sig-1".into(),
+            trigger: Some(SystemTime::now()),
+        };
+        assert!(
+            matches!(slice.deleted(), Change::Slice { trigger: None, .. }),
+            "a deletion's annotation is not a trigger time"
+        );
     }
 
     #[test]

@@ -119,8 +119,14 @@ pub enum Warning {
         service: SourceObject,
         service_cidr: Ipv4Cidr,
     },
-    /// A `spec.ports[].port` over SCTP, which the datapath does not handle.
-    #[error("{service}: port {port}/SCTP is not supported; not programmed")]
+    /// A `spec.ports[].port` over SCTP, which the datapath does not
+    /// translate: the TC path would have to recompute SCTP's CRC32c over the
+    /// whole packet to rewrite a port, and the socket path serves only the
+    /// node's own processes (see the README's semantics table).
+    #[error(
+        "{service}: port {port}/SCTP is not programmed (the datapath translates only TCP and UDP); \
+         SCTP packets to the clusterIP on port {port} are passed on untranslated, as to any address"
+    )]
     SctpPort { service: SourceObject, port: i32 },
     /// A frontend another Service holds already; the first keeps it, as
     /// kube-proxy does.

@@ -100,6 +100,10 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The socket tests run the test bed's `sock-client` from target/: `cargo
+    // test` builds a binary only as a test harness, never the binary itself.
+    println!("xtask test: cargo build -p testbed --bins (clients the tests run)");
+    run(cargo().args(["build", "-p", "testbed", "--bins"]))?;
     println!("xtask test: unit, datapath (BPF_PROG_TEST_RUN) and netns end-to-end tests");
     let (passed, failed) = run_counting_tests(cargo().args(["test", "--no-fail-fast"]))?;
     // One closing line for the whole suite (cargo prints one per test binary).

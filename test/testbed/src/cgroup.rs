@@ -192,8 +192,9 @@ fn remove(dir: &Path, mount: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
-/// `sock-client`, built beside the test binaries by `cargo test` (the test
-/// bed is a workspace member; `cargo build -p testbed --bins` builds it alone).
+/// `sock-client`, built beside the test binaries by `cargo build -p testbed
+/// --bins`, which `cargo xtask test` runs first (`cargo test` builds a binary
+/// only as a test harness).
 fn client_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
     // target/<profile>/deps/<test> → target/<profile>/sock-client
@@ -204,7 +205,7 @@ fn client_binary() -> PathBuf {
         .expect("the test binary is in target/<profile>/deps");
     assert!(
         binary.exists(),
-        "{} is missing: run `cargo build -p testbed --bins` (cargo test at the workspace root builds it)",
+        "{} is missing: run `cargo build -p testbed --bins` (`cargo xtask test` does)",
         binary.display()
     );
     binary

@@ -168,6 +168,28 @@ fn zone_hints_keep_traffic_in_the_clients_zone() {
     }
 }
 
+/// trafficDistribution: PreferSameNode with endpoints on nodes 0 and 2,
+/// nodes 0 and 1 in zone-a and node 2 in zone-b: a node with an endpoint of
+/// its own uses it; node 1, without one, falls back to its zone's hints.
+#[test]
+fn prefer_same_node_keeps_traffic_on_the_node_then_in_the_zone() {
+    let manifests = [
+        node_yaml(0, "zone-a"),
+        node_yaml(1, "zone-a"),
+        node_yaml(2, "zone-b"),
+        service_yaml("trafficDistribution: PreferSameNode"),
+    ]
+    .concat();
+    let (_cluster, clients, _agents) = bed("psn", 3, &[0, 2], &manifests);
+    for (node, want) in [(0, "web-0"), (1, "web-0"), (2, "web-2")] {
+        assert_eq!(
+            answering(&clients[node], &format!("a client on node {node}")),
+            set(&[want]),
+            "node {node}'s client is answered on its node, else in its zone"
+        );
+    }
+}
+
 /// The same endpoints without a policy or hints: every node uses both, so
 /// the tests above do not pass by accident of the bed.
 #[test]

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use redirector_common::conntrack::FlowState;
 use testbed::lanes::LaneKind;
 
 use crate::measure::{Figure, slope};
@@ -393,22 +394,30 @@ fn b5_section(out: &mut String, b5: &crate::progrun::B5) {
     };
     let _ = writeln!(
         out,
-        "Maps programmed by the real writer with N services × {} endpoints; per round {} distinct new flows to \
-         random services, each frame run once (repeat = 1: a repeated frame would be translated on its first \
-         run only). The kernel's own timing of one run (ns), batch median, minus an empty SCHED_CLS program \
-         (`r0 = 0; exit`) timed the same way in the same round. \"established\" replays an ACK of each flow \
-         just opened, \"miss\" is a SYN to a pod address (no service). \"explain\" runs other new flows with the \
-         program's explain mark (same lookups, selection and rewrite; no connection-table entries, no \
-         counters): hit − explain is what writing the flow's state costs. The ARP frame leaves the program at \
-         its first check (PASS_NOT_IPV4).\n",
+        "Maps programmed by the real writer with N services × {} endpoints into the connection table `CT_V2` \
+         (a plain hash, preallocated, nothing evicted; no sweeper runs here); per round {} distinct new flows \
+         to random services, from 4096 client addresses and distinct ports, so no two flows share a reply \
+         tuple and none is dropped as a clash. Each frame is run once (repeat = 1: a repeated frame would be \
+         translated on its first run only). The kernel's own timing of one run (ns), batch median, minus an \
+         empty SCHED_CLS program (`r0 = 0; exit`) timed the same way in the same round. Per flow: its SYN \
+         (\"new flow\"), the endpoint's SYN-ACK through the to-pod program (\"reply\"), the client's ACK \
+         (completes the handshake, untimed), then a data segment (\"established\": the flow is ESTABLISHED \
+         and the segment changes none of its entry's flags, so the entry is not written). \"miss\" is a SYN \
+         to a pod address (no service). \"explain\" runs other new flows with the program's explain mark \
+         (same lookups, selection and rewrite; no connection-table entries, no counters): hit − explain is \
+         what writing the flow's state costs. The ARP frame leaves the program at its first check \
+         (PASS_NOT_IPV4). Checked per frame (verdict, the endpoint or service address written, later \
+         packets to the SYN's endpoint) and per round by the program's counters (every flow counted as new, \
+         its SYN-ACK translated, its ACK and segment forwarded on its entry; no clash, no full table); after \
+         each N the table is read: every flow opened so far is in it, ESTABLISHED.\n",
         c.endpoints, c.flows_per_round
     );
     let _ = writeln!(
         out,
-        "| N | new flow (hit) | hit p99 (raw) | new flow, explain mode | established | miss | ARP (not IPv4) | empty program (raw) | miss, repeat {} | sync |",
+        "| N | new flow (hit) | hit p99 (raw) | new flow, explain mode | reply (SYN-ACK, to pod) | established | miss | ARP (not IPv4) | empty program (raw) | miss, repeat {} | sync | table after: ESTABLISHED / flows opened |",
         c.repeat
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &b5.steps {
         let repeat_net: Vec<f64> = s
             .miss_repeat
@@ -416,24 +425,42 @@ fn b5_section(out: &mut String, b5: &crate::progrun::B5) {
             .zip(&s.empty_repeat)
             .map(|(a, b)| a - b)
             .collect();
+        let established = s
+            .table_flows
+            .get(FlowState::TcpEstablished.name())
+            .copied()
+            .unwrap_or(0);
+        let others: Vec<String> = s
+            .table_flows
+            .iter()
+            .filter(|(state, _)| state.as_str() != FlowState::TcpEstablished.name())
+            .map(|(state, n)| format!("{n} {state}"))
+            .collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s | {established} / {}{} |",
             s.services,
             fmt(s.net(&s.hit), 0),
             fmt(Figure::of(&s.hit_p99), 0),
             fmt(s.net(&s.explain), 0),
+            fmt(s.net(&s.reply), 0),
             fmt(s.net(&s.established), 0),
             fmt(s.net(&s.miss), 0),
             fmt(s.net(&s.arp), 0),
             fmt(Figure::of(&s.empty), 0),
             fmt(Figure::of(&repeat_net), 1),
-            s.sync_seconds
+            s.sync_seconds,
+            s.flows_opened,
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!(" (and {})", others.join(", "))
+            }
         );
         if s.anomalies > 0 {
             let _ = writeln!(
                 out,
-                "\n**{} frames did not give the expected verdict/translation**, first: {}\n",
+                "\n**{} frames or rounds did not give the expected verdict, translation or counts**, first: {}\n",
                 s.anomalies,
                 s.first_anomaly.as_deref().unwrap_or("")
             );

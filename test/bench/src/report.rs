@@ -35,7 +35,7 @@ fn fmt(f: Option<Figure>, decimals: usize) -> String {
 }
 
 fn lanes() -> Vec<&'static str> {
-    LaneKind::ALL.iter().map(|k| k.name()).collect()
+    LaneKind::BENCH.iter().map(|k| k.name()).collect()
 }
 
 fn header(out: &mut String, first: &str, ns: &[usize]) {
@@ -152,6 +152,9 @@ pub fn markdown(r: &Results) -> String {
         b6_section(&mut out, b6);
     }
     footprint_section(&mut out, r);
+    if let Some(b9) = &r.b9 {
+        b9_section(&mut out, b9);
+    }
     method_section(&mut out, r);
     out
 }
@@ -364,6 +367,7 @@ fn lanes_section(out: &mut String, r: &Results) {
                         .clone()
                         .or(x.random.first_error.clone())
                         .or(x.pod.first_error.clone())
+                        .or(x.rate.first_error.clone())
                         .or(x.established.error.clone())
                 })
                 .unwrap_or_default();
@@ -593,6 +597,126 @@ fn footprint_section(out: &mut String, r: &Results) {
     }
 }
 
+fn b9_section(out: &mut String, b9: &crate::flood::B9) {
+    let _ = writeln!(out, "## B9 Connection flood with idle connections open\n");
+    let Some(c) = &b9.config else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "The redirector lane with {} services × {} endpoints, {} idle established connections open to them \
+         (one request each), then {} client threads opening connections to the services in turn, back to back \
+         (connect, request/response, RST close, as B3; over many services nearly every connection is a new \
+         tuple, not a closed flow's tuple reused in place) for {:.0} s; then one more request on every idle \
+         connection, which must be answered by the endpoint that answered it first. The table holds {} entries \
+         (`--max-flow-entries`; two per flow); the agent runs with `--conntrack-tcp-timeout-close {}s \
+         --conntrack-sweep-interval {}s`, so a closed flow lives at most {} s, and without the sweeper the \
+         flood would fill the table after {} flows (the row \"table filled\" says how many times over it \
+         would have). Agent CPU is its user + system time over the flood (the sweeper is nearly all it does \
+         then; /metrics is scraped only before and after); sweeps and their time are \
+         `redirector_conntrack_sweep_duration_seconds` over the flood.\n",
+        c.services,
+        c.endpoints,
+        c.idle,
+        c.threads,
+        c.seconds,
+        c.table_entries,
+        c.tcp_close_seconds,
+        c.sweep_interval_seconds,
+        c.tcp_close_seconds + c.sweep_interval_seconds,
+        c.table_entries / 2
+    );
+    if let Some(e) = &b9.error {
+        let _ = writeln!(out, "Not completed: {e}\n");
+        return;
+    }
+    let secs = b9.flood_seconds.max(f64::MIN_POSITIVE);
+    let d = &b9.during;
+    let mean_ms = if d.sweeps > 0.0 {
+        format!("{:.1}", d.sweep_seconds / d.sweeps * 1e3)
+    } else {
+        "–".into()
+    };
+    let states: Vec<String> = b9
+        .after
+        .flows
+        .iter()
+        .filter(|(_, n)| **n > 0.0)
+        .map(|(state, n)| format!("{n:.0} {state}"))
+        .collect();
+    let rows = [
+        (
+            "flood".to_owned(),
+            format!(
+                "{:.0} connections/s over {secs:.1} s, {} failed",
+                b9.flood.connections_per_second, b9.flood.errors
+            ),
+        ),
+        (
+            "flows opened (datapath counter)".to_owned(),
+            b9.flows_opened.to_string(),
+        ),
+        (
+            "table filled, without the sweeper".to_owned(),
+            format!(
+                "{:.1}× ({} entries for {})",
+                (2 * b9.flows_opened) as f64 / f64::from(c.table_entries),
+                2 * b9.flows_opened,
+                c.table_entries
+            ),
+        ),
+        (
+            "new flows dropped: table full / clash".to_owned(),
+            format!("{} / {}", b9.dropped_full, b9.dropped_clash),
+        ),
+        (
+            "idle connections answering after, same endpoint".to_owned(),
+            format!(
+                "{} of {}{}",
+                b9.idle_answered,
+                b9.idle_opened,
+                b9.idle_first_failure
+                    .as_ref()
+                    .map_or(String::new(), |f| format!(" (first failure: {f})"))
+            ),
+        ),
+        (
+            "agent CPU over the flood".to_owned(),
+            format!(
+                "{:.2} s, {:.1}% of one CPU",
+                b9.agent_cpu_seconds,
+                b9.agent_cpu_seconds / secs * 100.0
+            ),
+        ),
+        (
+            "sweeps: count, total, mean, slowest bucket".to_owned(),
+            format!(
+                "{:.0}, {:.2} s, {mean_ms} ms, ≤ {} s",
+                d.sweeps,
+                d.sweep_seconds,
+                d.slowest_bucket.map_or("–".into(), |b| b.to_string())
+            ),
+        ),
+        (
+            "flows expired / early drops over the flood".to_owned(),
+            format!("{:.0} / {:.0}", d.expired, d.early_drops),
+        ),
+        (
+            "table after the flood (first sweep), by state".to_owned(),
+            if states.is_empty() {
+                "empty".into()
+            } else {
+                states.join(", ")
+            },
+        ),
+    ];
+    let _ = writeln!(out, "| | |\n|---|---|");
+    for (what, value) in rows {
+        let _ = writeln!(out, "| {what} | {value} |");
+    }
+    out.push('\n');
+}
+
 fn method_section(out: &mut String, r: &Results) {
     let _ = writeln!(out, "## Method and caveats\n");
     let lines = [
@@ -605,6 +729,9 @@ fn method_section(out: &mut String, r: &Results) {
          names from sha256/base32, comments, probabilities, the large-cluster mode without per-endpoint comments \
          above 1000 endpoints; nat rules 5 + S(2 + 3E)); KUBE-SERVICES is in service order, so \"target last\" \
          is the worst case of its linear walk and \"random position\" the average case.",
+        "The redirector-socket lane's clients are child processes (this binary as `bench lane-client`) started \
+         in the lane's test cgroup, where its agent's socket programs are attached; every other lane's clients \
+         are threads of the bench. The timed loops are the same code, and process start-up is not timed.",
         "Connections close with RST (SO_LINGER 0): no TIME_WAIT; the node's conntrack still keeps closed \
          entries for a while in the netfilter lanes.",
         "2 vCPUs are shared by clients, node and server: the rates in B3 are the whole machine's, and CPU per \

@@ -33,10 +33,12 @@ enum Task {
     Test,
     /// Run the example manifests in a netns test bed and show who answers (needs root).
     Demo,
-    /// The benchmark suite (needs root): six netns lanes (bare, bare +
+    /// The benchmark suite (needs root): seven netns lanes (bare, bare +
     /// conntrack, kube-proxy's iptables ruleset via iptables-legacy and
-    /// iptables-nft, its nftables ruleset, the redirector) timed in interleaved
-    /// rounds, plus BPF_PROG_TEST_RUN, programming and footprint measurements.
+    /// iptables-nft, its nftables ruleset, the redirector's TC programs and
+    /// its socket programs) timed in interleaved rounds, plus
+    /// BPF_PROG_TEST_RUN, programming, footprint and connection-flood
+    /// measurements.
     /// Writes target/bench/report.md, report.json and connect_latency.png.
     Bench {
         /// Small N and short batches: a few minutes (the full run: about 30).

@@ -1,9 +1,11 @@
 //! The benchmark suite (`cargo xtask bench [--quick] [--services N,N,…]`).
 //!
-//! Six lanes (client netns → node netns → server netns over veth), all built
-//! at once: bare, bare + conntrack, kube-proxy's iptables ruleset through
-//! iptables-legacy and iptables-nft, kube-proxy's nftables ruleset, and the
-//! redirector. For each number of services N, every lane is programmed with N
+//! Seven lanes (client netns → node netns → server netns over veth), all
+//! built at once: bare, bare + conntrack, kube-proxy's iptables ruleset
+//! through iptables-legacy and iptables-nft, kube-proxy's nftables ruleset,
+//! the redirector's TC programs, and its socket programs (`--socket-lb=all`,
+//! clients in the lane's test cgroup: child processes, see [`client`]). For
+//! each number of services N, every lane is programmed with N
 //! services × E endpoints, checked (the right backend answers), then measured
 //! in interleaved rounds (A B C … A B C …):
 //!
@@ -15,14 +17,17 @@
 //!   established connection.
 //!
 //! Then B5 (BPF_PROG_TEST_RUN per-packet cost), B6 (programming: agent vs
-//! kube-proxy's rulesets) and B7 (agent RSS, map memory). Every figure is the
+//! kube-proxy's rulesets), B7 (agent RSS, map memory) and B9 (a connection
+//! flood with idle connections open: the sweeper). Every figure is the
 //! median over rounds with min–max; ratios are taken per round, in the same
 //! run. Output: `<out>/report.md`, `report.json`, `connect_latency.png`.
 //!
 //! `bench --agent PATH [--out DIR] [--quick] [--services N,N,…] [--rounds R]
-//!        [--endpoints E] [--skip lanes,b5,b6,b6-rulesets]`
+//!        [--endpoints E] [--skip lanes,b5,b6,b6-rulesets,b9]`
 
 mod chart;
+mod client;
+mod flood;
 mod measure;
 mod programming;
 mod progress;
@@ -69,7 +74,7 @@ struct Args {
         long,
         value_name = "PART,…",
         value_delimiter = ',',
-        value_parser = ["lanes", "b5", "b6", "b6-rulesets"],
+        value_parser = ["lanes", "b5", "b6", "b6-rulesets", "b9"],
     )]
     skip: Vec<String>,
 }
@@ -101,6 +106,7 @@ pub struct Config {
     pub load_cap_seconds: f64,
     pub b5: progrun::Config,
     pub b6: programming::Config,
+    pub b9: flood::Config,
     pub skip: BTreeSet<String>,
 }
 
@@ -134,6 +140,10 @@ impl Config {
                     burst: 200,
                     load_cap: Duration::from_secs(120),
                 },
+                b9: flood::Config {
+                    seconds: 30.0,
+                    ..flood::Config::default()
+                },
                 skip: BTreeSet::new(),
             }
         } else {
@@ -164,6 +174,7 @@ impl Config {
                     burst: 1_000,
                     load_cap: Duration::from_secs(180),
                 },
+                b9: flood::Config::default(),
                 skip: BTreeSet::new(),
             }
         }
@@ -221,10 +232,15 @@ pub struct Results {
     pub steps: Vec<LaneStep>,
     pub b5: Option<progrun::B5>,
     pub b6: Option<programming::B6>,
+    pub b9: Option<flood::B9>,
     pub notes: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(client::LANE_CLIENT) {
+        return client::main(&argv[2..]);
+    }
     let Args {
         agent,
         out,
@@ -299,6 +315,7 @@ fn main() -> anyhow::Result<()> {
         steps: Vec::new(),
         b5: None,
         b6: None,
+        b9: None,
         notes: Vec::new(),
     };
     if !config.skip.contains("lanes") {
@@ -311,6 +328,9 @@ fn main() -> anyhow::Result<()> {
     if !config.skip.contains("b6") {
         let rulesets = !config.skip.contains("b6-rulesets");
         results.b6 = Some(programming::run(&agent, &config.b6, rulesets, &progress));
+    }
+    if !config.skip.contains("b9") {
+        results.b9 = Some(flood::run(&config.b9, &agent, &progress));
     }
     results.meta.seconds = started.elapsed().as_secs_f64();
     let json = serde_json::to_string_pretty(&results)?;
@@ -351,12 +371,12 @@ fn run_lanes(
     };
     // Steps: building each lane; at each N, programming each lane, its three
     // measurements per round (connections, rate, established), the cross-check.
-    let built = LaneKind::ALL.len() as u64;
+    let built = LaneKind::BENCH.len() as u64;
     let per_n = built * (1 + 3 * config.rounds as u64) + 1;
     progress.stage("lanes", built + per_n * config.services.len() as u64);
-    progress.log("building the six lanes");
+    progress.log("building the lanes");
     let mut lanes = Vec::new();
-    for kind in LaneKind::ALL {
+    for kind in LaneKind::BENCH {
         progress.doing(format!("building {}", kind.name()));
         let lane =
             Lane::new(kind, &options).map_err(|e| anyhow::anyhow!("building lane {}: {e}", kind.name()))?;
@@ -413,7 +433,7 @@ fn run_lanes(
             if step.skipped.is_none() {
                 let random = Rng::new(n as u64 ^ 0x5eed).below(n);
                 step.checked = true;
-                if let Err(e) = lane.check(n, random) {
+                if let Err(e) = client::check(lane, n, random) {
                     progress.log(&format!("  {}: correctness check FAILED: {e}", lane.kind.name()));
                     step.check_error = Some(e);
                 }
@@ -458,18 +478,18 @@ fn run_lanes(
                 let lane = &lanes[k];
                 doing("new connections", lane);
                 let last = vec![lane.target(n - 1); config.samples];
-                this_round[k].last = measure::connect_batch(&lane.client, last, batch_cap);
+                this_round[k].last = client::connect_batch(lane, last, batch_cap);
                 let random = positions.iter().map(|&i| lane.target(i)).collect();
-                this_round[k].random = measure::connect_batch(&lane.client, random, batch_cap);
+                this_round[k].random = client::connect_batch(lane, random, batch_cap);
                 let pod = vec![lane.pod_target(); config.samples];
-                this_round[k].pod = measure::connect_batch(&lane.client, pod, batch_cap);
+                this_round[k].pod = client::connect_batch(lane, pod, batch_cap);
                 progress.advance(1);
             }
             for &k in &active {
                 let lane = &lanes[k];
                 doing("connection rate", lane);
-                this_round[k].rate = measure::saturate(
-                    &lane.client,
+                this_round[k].rate = client::saturate(
+                    lane,
                     lane.target(n - 1),
                     config.rate_threads,
                     Duration::from_secs_f64(config.rate_seconds),
@@ -479,12 +499,8 @@ fn run_lanes(
             for &k in &active {
                 let lane = &lanes[k];
                 doing("established connection", lane);
-                this_round[k].established = measure::established(
-                    &lane.client,
-                    lane.target(n - 1),
-                    config.round_trips,
-                    config.stream_bytes,
-                );
+                this_round[k].established =
+                    client::established(lane, lane.target(n - 1), config.round_trips, config.stream_bytes);
                 progress.advance(1);
             }
             for &k in &active {
@@ -553,7 +569,7 @@ mod tests {
             "--endpoints",
             "4",
             "--skip",
-            "lanes,b6-rulesets",
+            "lanes,b6-rulesets,b9",
         ])
         .expect("valid flags");
         assert_eq!(args.agent.to_str(), Some("target/release/redirector"));
@@ -561,7 +577,7 @@ mod tests {
         assert!(args.quick);
         assert_eq!(args.services, Some(vec![1000, 100]));
         assert_eq!((args.rounds, args.endpoints), (Some(3), Some(4)));
-        assert_eq!(args.skip, ["lanes", "b6-rulesets"]);
+        assert_eq!(args.skip, ["lanes", "b6-rulesets", "b9"]);
         let defaults = Args::try_parse_from(["bench", "--agent", "a"]).expect("only --agent is required");
         assert_eq!(defaults.out.to_str(), Some("target/bench"));
         assert!(!defaults.quick && defaults.services.is_none() && defaults.skip.is_empty());

@@ -7,14 +7,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use testbed::in_netns;
 use testbed::lanes::{set_linger_zero, stream_bytes};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// An f64 that JSON wrote as `null` (serde_json writes NaN so) reads back as NaN.
+fn f64_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 /// Summary of one batch of samples (in the batch's unit).
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
     pub n: usize,
     pub min: f64,
@@ -132,7 +137,7 @@ fn transaction(to: SocketAddrV4, buf: &mut [u8]) -> std::io::Result<(Duration, D
 
 /// New-connection latencies in µs over `targets` (one connection each, in
 /// order), at most `cap`; a few untimed connections warm the path first.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ConnectBatch {
     pub connect: Summary,
     pub transaction: Summary,
@@ -205,32 +210,51 @@ pub fn clock_ticks_per_second() -> f64 {
 /// B3: `threads` clients each opening connections to `target` back to back
 /// for `duration` (connect + request/response + RST), counted; and the CPU
 /// the whole machine spent meanwhile.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RateResult {
+    #[serde(deserialize_with = "f64_or_nan")]
     pub connections_per_second: f64,
     /// Machine CPU time (all cores: clients, node, server) per connection, µs.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub cpu_us_per_connection: f64,
     pub errors: u64,
+    /// Why the measurement could not run at all.
+    pub first_error: Option<String>,
 }
 
 pub fn saturate(client: &str, target: SocketAddrV4, threads: usize, duration: Duration) -> RateResult {
+    saturate_over(client, vec![target], threads, duration)
+}
+
+/// [`saturate`], each thread going round `targets` (from its own offset):
+/// over many services nearly every connection is a new tuple, where to one
+/// service a client port's next connection reuses its last tuple.
+pub fn saturate_over(
+    client: &str,
+    targets: Vec<SocketAddrV4>,
+    threads: usize,
+    duration: Duration,
+) -> RateResult {
+    let targets = Arc::new(targets);
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
-    for _ in 0..threads {
+    for thread in 0..threads {
         let (done, errors, stop, barrier) = (done.clone(), errors.clone(), stop.clone(), barrier.clone());
+        let targets = targets.clone();
         let client = client.to_owned();
         handles.push(std::thread::spawn(move || {
             in_netns(&client, move || {
                 let mut buf = [0u8; 256];
                 barrier.wait();
                 // Bounded: the stop flag, and a hard count cap.
-                for _ in 0..10_000_000u64 {
+                for k in 0..10_000_000usize {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
+                    let target = targets[(k + thread * targets.len() / threads) % targets.len()];
                     match transaction(target, &mut buf) {
                         Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                         Err(_) => errors.fetch_add(1, Ordering::Relaxed),
@@ -260,14 +284,16 @@ pub fn saturate(client: &str, target: SocketAddrV4, threads: usize, duration: Du
             f64::NAN
         },
         errors: errors.load(Ordering::Relaxed),
+        first_error: None,
     }
 }
 
 /// B4: request/response round trips on one established connection (µs),
 /// and single-stream throughput (Gbit/s).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EstablishedResult {
     pub rr: Summary,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub gbit_per_s: f64,
     pub error: Option<String>,
 }
@@ -349,5 +375,20 @@ mod tests {
         );
         let k = slope(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)]).expect("slope");
         assert!((k - 2.0).abs() < 1e-9, "slope of y = 2x + 1");
+    }
+
+    #[test]
+    fn a_nan_survives_json() {
+        let rate = RateResult {
+            connections_per_second: 10.0,
+            cpu_us_per_connection: f64::NAN,
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&rate).expect("encodes");
+        let back: RateResult = serde_json::from_str(&text).expect("decodes");
+        assert!(
+            back.cpu_us_per_connection.is_nan() && back.connections_per_second == 10.0,
+            "{text} read back as {back:?}"
+        );
     }
 }

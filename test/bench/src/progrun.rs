@@ -9,7 +9,10 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-use redirector::datapath::{Datapath, writer::MapWriter};
+use redirector::conntrack;
+use redirector::datapath::maps::{Maps, conntrack_from_pins};
+use redirector::datapath::{self, Datapath, writer::MapWriter};
+use redirector_common::conntrack::FlowState;
 use serde::Serialize;
 use testbed::Bpffs;
 use testbed::lanes::{ServiceSet, agent_map_sizes, service_endpoints, service_frontend};
@@ -149,6 +152,22 @@ type Check<'a> = &'a dyn Fn(usize, u32, &[u8]) -> Result<(), String>;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
+/// The destination of an IPv4-over-Ethernet frame.
+fn destination(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]),
+        u16::from_be_bytes([frame[36], frame[37]]),
+    )
+}
+
+/// The source of an IPv4-over-Ethernet frame.
+fn source(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
+        u16::from_be_bytes([frame[34], frame[35]]),
+    )
+}
+
 fn checksum(data: &[u8], initial: u32) -> u16 {
     let mut sum = initial;
     for chunk in data.chunks(2) {
@@ -208,11 +227,16 @@ fn arp_frame() -> Vec<u8> {
     f
 }
 
-/// The i-th distinct client tuple of the whole run.
+/// The i-th distinct client tuple of the whole run: consecutive flows come
+/// from different addresses (4096 of them) and ports, as from many pods. No
+/// two flows of a run share a client tuple, so none shares a reply tuple
+/// either (the reply tuple is the endpoint's and the client's): a new flow
+/// never meets an open flow's entry, which the datapath would drop as a
+/// clash (`drop_conntrack_clash`), and the counters check it.
 fn client(i: u64) -> (Ipv4Addr, u16) {
     (
-        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 1)) + (i / 50_000) as u32),
-        10_000 + (i % 50_000) as u16,
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + 1 + (i % 4096) as u32),
+        10_000 + ((i / 4096) % 50_000) as u16,
     )
 }
 
@@ -240,14 +264,26 @@ pub struct Step {
     /// EXPLAIN_MARK): the same lookups and rewrite, no connection-table
     /// entries and no counters written.
     pub explain: Vec<f64>,
+    /// A data segment of a flow whose handshake completed through the
+    /// programs (SYN, the endpoint's SYN-ACK, the client's ACK): the
+    /// forward entry is ESTABLISHED and the segment changes none of its flags.
     pub established: Vec<f64>,
+    /// The endpoint's SYN-ACK through the to-pod program (reply translated
+    /// back to the service address).
+    pub reply: Vec<f64>,
     pub miss: Vec<f64>,
     /// repeat = `Config::repeat`, one frame: ns per run.
     pub miss_repeat: Vec<f64>,
     pub empty_repeat: Vec<f64>,
     /// p99 of the hit batches.
     pub hit_p99: Vec<f64>,
-    /// Frames whose verdict or output was not what the path must give.
+    /// The connection table's flows by state after the step's rounds (every
+    /// flow opened so far must be there, ESTABLISHED: nothing is evicted).
+    pub table_flows: std::collections::BTreeMap<String, usize>,
+    /// Flows opened so far in the run (two entries each).
+    pub flows_opened: u64,
+    /// Frames whose verdict or output was not what the path must give, and
+    /// rounds whose counters disagree with the frames run.
     pub anomalies: usize,
     pub first_anomaly: Option<String>,
 }
@@ -298,10 +334,22 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
         .map_err(|e| format!("program fd: {e}"))?
         .as_fd()
         .as_raw_fd();
+    let to_pod = datapath
+        .to_pod_program()
+        .fd()
+        .map_err(|e| format!("to-pod program fd: {e}"))?
+        .as_fd()
+        .as_raw_fd();
+    // Second handles on the pinned maps: the counters and the table, to
+    // check that each path took the branch it is named for.
+    let pins = datapath::maps_pin_dir(bpffs.path());
+    let observer = Maps::from_pins(&pins).map_err(|e| format!("opening the maps' pins: {e}"))?;
+    let table = conntrack_from_pins(&pins).map_err(|e| format!("opening the connection table: {e}"))?;
     let empty = load_empty_program().map_err(|e| format!("loading the empty program: {e}"))?;
     let empty = empty.as_raw_fd();
     let all = ServiceSet::new(max, config.endpoints);
     let mut flow = 0u64;
+    let mut opened = 0u64;
     let mut out = vec![0u8; 256];
     let arp = arp_frame();
     // struct __sk_buff with only the mark set (offset 8).
@@ -335,20 +383,16 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
                     (client(flow), rng.below(n))
                 })
                 .collect();
-            let syns: Vec<Vec<u8>> = flows
-                .iter()
-                .map(|(c, i)| {
-                    let fe = service_frontend(*i);
-                    tcp_frame(*c, (fe.addr, fe.port), SYN)
-                })
-                .collect();
-            let acks: Vec<Vec<u8>> = flows
-                .iter()
-                .map(|(c, i)| {
-                    let fe = service_frontend(*i);
-                    tcp_frame(*c, (fe.addr, fe.port), ACK)
-                })
-                .collect();
+            let to_service = |flags: u8| -> Vec<Vec<u8>> {
+                flows
+                    .iter()
+                    .map(|(c, i)| {
+                        let fe = service_frontend(*i);
+                        tcp_frame(*c, (fe.addr, fe.port), flags)
+                    })
+                    .collect()
+            };
+            let (syns, acks) = (to_service(SYN), to_service(ACK));
             // Other new flows, for the explain-mode runs.
             let explained: Vec<Vec<u8>> = (0..config.flows_per_round)
                 .map(|_| {
@@ -365,6 +409,8 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
                     tcp_frame(*c, (pod, 8080), SYN)
                 })
                 .collect();
+            // The endpoint each flow's SYN was sent to, from its output frame.
+            let chosen = std::cell::RefCell::new(vec![None; flows.len()]);
             let mut time =
                 |prog: RawFd, frames: &[Vec<u8>], ctx: Option<&[u8]>, check: Check, step: &mut Step| {
                     let mut ns = Vec::with_capacity(frames.len());
@@ -387,28 +433,73 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
                 }
             };
             let (empty_returns, passed) = (verdict_is(0), verdict_is(TC_ACT_UNSPEC));
-            let translated = |k: usize, verdict: u32, frame: &[u8]| -> Result<(), String> {
-                let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+            let opened_flow = |k: usize, verdict: u32, frame: &[u8]| -> Result<(), String> {
+                let dst = destination(frame);
                 let eps = service_endpoints(flows[k].1, config.endpoints);
-                if verdict != TC_ACT_UNSPEC || !eps.iter().any(|e| e.addr == dst) {
+                if verdict != TC_ACT_UNSPEC || !eps.iter().any(|e| (e.addr, e.port) == dst) {
                     return Err(format!(
-                        "flow {k} to service {}: verdict {verdict}, destination {dst} not one of {eps:?}",
+                        "new flow {k} to service {}: verdict {verdict}, destination {dst:?} not one of {eps:?}",
                         flows[k].1
+                    ));
+                }
+                chosen.borrow_mut()[k] = Some(dst);
+                Ok(())
+            };
+            // Later packets of a flow go where its first went.
+            let chosen_ref = &chosen;
+            let pinned = |what: &'static str| {
+                move |k: usize, verdict: u32, frame: &[u8]| -> Result<(), String> {
+                    let want = chosen_ref.borrow()[k];
+                    let dst = destination(frame);
+                    if verdict != TC_ACT_UNSPEC || want != Some(dst) {
+                        return Err(format!(
+                            "{what} of flow {k}: verdict {verdict}, destination {dst:?}, its SYN went to {want:?}"
+                        ));
+                    }
+                    Ok(())
+                }
+            };
+            let before = observer.counter_totals().map_err(|e| e.to_string())?;
+            let empty_s = time(empty, &syns, None, &empty_returns, &mut step)?;
+            let hit = time(prog, &syns, None, &opened_flow, &mut step)?;
+            let explain = time(prog, &explained, Some(&explain_ctx), &passed, &mut step)?;
+            // The endpoints' SYN-ACKs, back to the clients.
+            let syn_acks: Vec<Vec<u8>> = flows
+                .iter()
+                .zip(chosen.borrow().iter())
+                .map(|((c, _), ep)| tcp_frame(ep.unwrap_or((Ipv4Addr::UNSPECIFIED, 0)), *c, SYN | ACK))
+                .collect();
+            let from_service = |k: usize, verdict: u32, frame: &[u8]| -> Result<(), String> {
+                let fe = service_frontend(flows[k].1);
+                let src = source(frame);
+                if verdict != TC_ACT_UNSPEC || src != (fe.addr, fe.port) {
+                    return Err(format!(
+                        "SYN-ACK of flow {k}: verdict {verdict}, source {src:?}, not the service {}:{}",
+                        fe.addr, fe.port
                     ));
                 }
                 Ok(())
             };
-            let empty_s = time(empty, &syns, None, &empty_returns, &mut step)?;
-            let hit = time(prog, &syns, None, &translated, &mut step)?;
-            let explain = time(prog, &explained, Some(&explain_ctx), &passed, &mut step)?;
-            let est = time(prog, &acks, None, &translated, &mut step)?;
+            let reply = time(to_pod, &syn_acks, None, &from_service, &mut step)?;
+            // The client's ACK completes the handshake (its flag is written
+            // once); the next segment is an established flow's packet.
+            time(prog, &acks, None, &pinned("handshake ACK"), &mut step)?;
+            let est = time(prog, &acks, None, &pinned("established segment"), &mut step)?;
             let miss = time(prog, &misses, None, &passed, &mut step)?;
             let arp_frames = vec![arp.clone(); frames_for_arp(config.flows_per_round)];
             let arp_s = time(prog, &arp_frames, None, &passed, &mut step)?;
+            let after = observer.counter_totals().map_err(|e| e.to_string())?;
+            opened += flows.len() as u64;
+            if let Err(what) = counted_as_named(&before, &after, flows.len() as u64, arp_frames.len() as u64)
+            {
+                step.anomalies += 1;
+                step.first_anomaly.get_or_insert(format!("round {round}: {what}"));
+            }
             step.empty.push(empty_s.p50);
             step.hit.push(hit.p50);
             step.explain.push(explain.p50);
             step.hit_p99.push(hit.p99);
+            step.reply.push(reply.p50);
             step.established.push(est.p50);
             step.miss.push(miss.p50);
             step.arp.push(arp_s.p50);
@@ -420,10 +511,60 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
             step.empty_repeat.push(f64::from(d));
             progress.advance(1);
         }
+        // Every flow of the run is still in the table, established: a plain
+        // hash with room for all of them evicts none, and no sweeper runs.
+        let flows = conntrack::read(&table).map_err(|e| format!("reading the connection table: {e}"))?;
+        for f in &flows {
+            *step.table_flows.entry(f.state().name().to_owned()).or_default() += 1;
+        }
+        step.flows_opened = opened;
+        let established = step
+            .table_flows
+            .get(FlowState::TcpEstablished.name())
+            .copied()
+            .unwrap_or(0);
+        if established as u64 != opened || flows.len() as u64 != opened {
+            step.anomalies += 1;
+            step.first_anomaly.get_or_insert(format!(
+                "{opened} flows opened, the table holds {} ({:?})",
+                flows.len(),
+                step.table_flows
+            ));
+        }
         result.steps.push(step);
     }
     drop(datapath);
     Ok(())
+}
+
+/// Whether the program's counters over one round say what its frames were:
+/// each new flow opened (no clash, no full table), each SYN-ACK translated
+/// back, each handshake ACK and established segment forwarded on its
+/// flow's entry, each miss and ARP frame passed as no service.
+fn counted_as_named(before: &[u64], after: &[u64], flows: u64, arp: u64) -> Result<(), String> {
+    use redirector_common::counters::{self as c, LABELS};
+    let expected = [
+        (c::FORWARD_NEW_FLOW, flows),
+        (c::REPLY_TRANSLATED, flows),
+        (c::FORWARD_ESTABLISHED, 2 * flows),
+        (c::PASS_NOT_SERVICE, flows),
+        (c::PASS_NOT_IPV4, arp),
+        (c::DROP_CT_CLASH, 0),
+        (c::DROP_CT_FULL, 0),
+    ];
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter_map(|&(i, want)| {
+            let i = i as usize;
+            let got = after[i] - before[i];
+            (got != want).then(|| format!("{} counted {got}, not {want}", LABELS[i]))
+        })
+        .collect();
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join(", "))
+    }
 }
 
 fn frames_for_arp(flows: usize) -> usize {

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use redirector_common::conntrack::FlowState;
 use testbed::lanes::LaneKind;
 
 use crate::measure::{Figure, slope};
@@ -34,7 +35,7 @@ fn fmt(f: Option<Figure>, decimals: usize) -> String {
 }
 
 fn lanes() -> Vec<&'static str> {
-    LaneKind::ALL.iter().map(|k| k.name()).collect()
+    LaneKind::BENCH.iter().map(|k| k.name()).collect()
 }
 
 fn header(out: &mut String, first: &str, ns: &[usize]) {
@@ -151,6 +152,9 @@ pub fn markdown(r: &Results) -> String {
         b6_section(&mut out, b6);
     }
     footprint_section(&mut out, r);
+    if let Some(b9) = &r.b9 {
+        b9_section(&mut out, b9);
+    }
     method_section(&mut out, r);
     out
 }
@@ -363,6 +367,7 @@ fn lanes_section(out: &mut String, r: &Results) {
                         .clone()
                         .or(x.random.first_error.clone())
                         .or(x.pod.first_error.clone())
+                        .or(x.rate.first_error.clone())
                         .or(x.established.error.clone())
                 })
                 .unwrap_or_default();
@@ -393,22 +398,30 @@ fn b5_section(out: &mut String, b5: &crate::progrun::B5) {
     };
     let _ = writeln!(
         out,
-        "Maps programmed by the real writer with N services × {} endpoints; per round {} distinct new flows to \
-         random services, each frame run once (repeat = 1: a repeated frame would be translated on its first \
-         run only). The kernel's own timing of one run (ns), batch median, minus an empty SCHED_CLS program \
-         (`r0 = 0; exit`) timed the same way in the same round. \"established\" replays an ACK of each flow \
-         just opened, \"miss\" is a SYN to a pod address (no service). \"explain\" runs other new flows with the \
-         program's explain mark (same lookups, selection and rewrite; no connection-table entries, no \
-         counters): hit − explain is what writing the flow's state costs. The ARP frame leaves the program at \
-         its first check (PASS_NOT_IPV4).\n",
+        "Maps programmed by the real writer with N services × {} endpoints into the connection table `CT_V2` \
+         (a plain hash, preallocated, nothing evicted; no sweeper runs here); per round {} distinct new flows \
+         to random services, from 4096 client addresses and distinct ports, so no two flows share a reply \
+         tuple and none is dropped as a clash. Each frame is run once (repeat = 1: a repeated frame would be \
+         translated on its first run only). The kernel's own timing of one run (ns), batch median, minus an \
+         empty SCHED_CLS program (`r0 = 0; exit`) timed the same way in the same round. Per flow: its SYN \
+         (\"new flow\"), the endpoint's SYN-ACK through the to-pod program (\"reply\"), the client's ACK \
+         (completes the handshake, untimed), then a data segment (\"established\": the flow is ESTABLISHED \
+         and the segment changes none of its entry's flags, so the entry is not written). \"miss\" is a SYN \
+         to a pod address (no service). \"explain\" runs other new flows with the program's explain mark \
+         (same lookups, selection and rewrite; no connection-table entries, no counters): hit − explain is \
+         what writing the flow's state costs. The ARP frame leaves the program at its first check \
+         (PASS_NOT_IPV4). Checked per frame (verdict, the endpoint or service address written, later \
+         packets to the SYN's endpoint) and per round by the program's counters (every flow counted as new, \
+         its SYN-ACK translated, its ACK and segment forwarded on its entry; no clash, no full table); after \
+         each N the table is read: every flow opened so far is in it, ESTABLISHED.\n",
         c.endpoints, c.flows_per_round
     );
     let _ = writeln!(
         out,
-        "| N | new flow (hit) | hit p99 (raw) | new flow, explain mode | established | miss | ARP (not IPv4) | empty program (raw) | miss, repeat {} | sync |",
+        "| N | new flow (hit) | hit p99 (raw) | new flow, explain mode | reply (SYN-ACK, to pod) | established | miss | ARP (not IPv4) | empty program (raw) | miss, repeat {} | sync | table after: ESTABLISHED / flows opened |",
         c.repeat
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &b5.steps {
         let repeat_net: Vec<f64> = s
             .miss_repeat
@@ -416,24 +429,42 @@ fn b5_section(out: &mut String, b5: &crate::progrun::B5) {
             .zip(&s.empty_repeat)
             .map(|(a, b)| a - b)
             .collect();
+        let established = s
+            .table_flows
+            .get(FlowState::TcpEstablished.name())
+            .copied()
+            .unwrap_or(0);
+        let others: Vec<String> = s
+            .table_flows
+            .iter()
+            .filter(|(state, _)| state.as_str() != FlowState::TcpEstablished.name())
+            .map(|(state, n)| format!("{n} {state}"))
+            .collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s | {established} / {}{} |",
             s.services,
             fmt(s.net(&s.hit), 0),
             fmt(Figure::of(&s.hit_p99), 0),
             fmt(s.net(&s.explain), 0),
+            fmt(s.net(&s.reply), 0),
             fmt(s.net(&s.established), 0),
             fmt(s.net(&s.miss), 0),
             fmt(s.net(&s.arp), 0),
             fmt(Figure::of(&s.empty), 0),
             fmt(Figure::of(&repeat_net), 1),
-            s.sync_seconds
+            s.sync_seconds,
+            s.flows_opened,
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!(" (and {})", others.join(", "))
+            }
         );
         if s.anomalies > 0 {
             let _ = writeln!(
                 out,
-                "\n**{} frames did not give the expected verdict/translation**, first: {}\n",
+                "\n**{} frames or rounds did not give the expected verdict, translation or counts**, first: {}\n",
                 s.anomalies,
                 s.first_anomaly.as_deref().unwrap_or("")
             );
@@ -566,6 +597,126 @@ fn footprint_section(out: &mut String, r: &Results) {
     }
 }
 
+fn b9_section(out: &mut String, b9: &crate::flood::B9) {
+    let _ = writeln!(out, "## B9 Connection flood with idle connections open\n");
+    let Some(c) = &b9.config else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "The redirector lane with {} services × {} endpoints, {} idle established connections open to them \
+         (one request each), then {} client threads opening connections to the services in turn, back to back \
+         (connect, request/response, RST close, as B3; over many services nearly every connection is a new \
+         tuple, not a closed flow's tuple reused in place) for {:.0} s; then one more request on every idle \
+         connection, which must be answered by the endpoint that answered it first. The table holds {} entries \
+         (`--max-flow-entries`; two per flow); the agent runs with `--conntrack-tcp-timeout-close {}s \
+         --conntrack-sweep-interval {}s`, so a closed flow lives at most {} s, and without the sweeper the \
+         flood would fill the table after {} flows (the row \"table filled\" says how many times over it \
+         would have). Agent CPU is its user + system time over the flood (the sweeper is nearly all it does \
+         then; /metrics is scraped only before and after); sweeps and their time are \
+         `redirector_conntrack_sweep_duration_seconds` over the flood.\n",
+        c.services,
+        c.endpoints,
+        c.idle,
+        c.threads,
+        c.seconds,
+        c.table_entries,
+        c.tcp_close_seconds,
+        c.sweep_interval_seconds,
+        c.tcp_close_seconds + c.sweep_interval_seconds,
+        c.table_entries / 2
+    );
+    if let Some(e) = &b9.error {
+        let _ = writeln!(out, "Not completed: {e}\n");
+        return;
+    }
+    let secs = b9.flood_seconds.max(f64::MIN_POSITIVE);
+    let d = &b9.during;
+    let mean_ms = if d.sweeps > 0.0 {
+        format!("{:.1}", d.sweep_seconds / d.sweeps * 1e3)
+    } else {
+        "–".into()
+    };
+    let states: Vec<String> = b9
+        .after
+        .flows
+        .iter()
+        .filter(|(_, n)| **n > 0.0)
+        .map(|(state, n)| format!("{n:.0} {state}"))
+        .collect();
+    let rows = [
+        (
+            "flood".to_owned(),
+            format!(
+                "{:.0} connections/s over {secs:.1} s, {} failed",
+                b9.flood.connections_per_second, b9.flood.errors
+            ),
+        ),
+        (
+            "flows opened (datapath counter)".to_owned(),
+            b9.flows_opened.to_string(),
+        ),
+        (
+            "table filled, without the sweeper".to_owned(),
+            format!(
+                "{:.1}× ({} entries for {})",
+                (2 * b9.flows_opened) as f64 / f64::from(c.table_entries),
+                2 * b9.flows_opened,
+                c.table_entries
+            ),
+        ),
+        (
+            "new flows dropped: table full / clash".to_owned(),
+            format!("{} / {}", b9.dropped_full, b9.dropped_clash),
+        ),
+        (
+            "idle connections answering after, same endpoint".to_owned(),
+            format!(
+                "{} of {}{}",
+                b9.idle_answered,
+                b9.idle_opened,
+                b9.idle_first_failure
+                    .as_ref()
+                    .map_or(String::new(), |f| format!(" (first failure: {f})"))
+            ),
+        ),
+        (
+            "agent CPU over the flood".to_owned(),
+            format!(
+                "{:.2} s, {:.1}% of one CPU",
+                b9.agent_cpu_seconds,
+                b9.agent_cpu_seconds / secs * 100.0
+            ),
+        ),
+        (
+            "sweeps: count, total, mean, slowest bucket".to_owned(),
+            format!(
+                "{:.0}, {:.2} s, {mean_ms} ms, ≤ {} s",
+                d.sweeps,
+                d.sweep_seconds,
+                d.slowest_bucket.map_or("–".into(), |b| b.to_string())
+            ),
+        ),
+        (
+            "flows expired / early drops over the flood".to_owned(),
+            format!("{:.0} / {:.0}", d.expired, d.early_drops),
+        ),
+        (
+            "table after the flood (first sweep), by state".to_owned(),
+            if states.is_empty() {
+                "empty".into()
+            } else {
+                states.join(", ")
+            },
+        ),
+    ];
+    let _ = writeln!(out, "| | |\n|---|---|");
+    for (what, value) in rows {
+        let _ = writeln!(out, "| {what} | {value} |");
+    }
+    out.push('\n');
+}
+
 fn method_section(out: &mut String, r: &Results) {
     let _ = writeln!(out, "## Method and caveats\n");
     let lines = [
@@ -578,6 +729,9 @@ fn method_section(out: &mut String, r: &Results) {
          names from sha256/base32, comments, probabilities, the large-cluster mode without per-endpoint comments \
          above 1000 endpoints; nat rules 5 + S(2 + 3E)); KUBE-SERVICES is in service order, so \"target last\" \
          is the worst case of its linear walk and \"random position\" the average case.",
+        "The redirector-socket lane's clients are child processes (this binary as `bench lane-client`) started \
+         in the lane's test cgroup, where its agent's socket programs are attached; every other lane's clients \
+         are threads of the bench. The timed loops are the same code, and process start-up is not timed.",
         "Connections close with RST (SO_LINGER 0): no TIME_WAIT; the node's conntrack still keeps closed \
          entries for a while in the netfilter lanes.",
         "2 vCPUs are shared by clients, node and server: the rates in B3 are the whole machine's, and CPU per \

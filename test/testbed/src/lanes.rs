@@ -10,6 +10,12 @@
 //! | `iptables-nft` | the same ruleset through iptables-nft-restore |
 //! | `nftables` | kube-proxy's nftables-mode ruleset, loaded with `nft -f` |
 //! | `redirector` | the agent, watching an in-process API server in the node netns |
+//! | `redirector-socket` | the agent with `--socket-lb=all`, its socket programs on a test cgroup of the lane's own |
+//!
+//! The socket lane's clients translate at `connect()` only inside its test
+//! cgroup ([`TestCgroup`]): they run as processes the lane starts there
+//! ([`Lane::run_client`]), never as threads of the caller, so it is not in
+//! [`LaneKind::ALL`] (the lanes checked from the caller's own threads).
 //!
 //! The server pod answers every connection on [`TARGET_PORT`], for its own
 //! address and for every address of [`ENDPOINT_RANGE`] (routed to it by the
@@ -24,7 +30,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +42,7 @@ use redirector_common::service::MASTER_SLOT;
 use serde_json::json;
 
 use super::apiserver::FakeApiServer;
+use super::cgroup::TestCgroup;
 use super::kubeproxy::{self, NodeConfig};
 use super::{Agent, Fixture, in_netns};
 use redirector::datapath::{self, MapSizes, Maps};
@@ -56,7 +64,7 @@ pub const ADDRESSES: usize = 60_000;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 const NAMESPACE: &str = "bench";
 
-/// The six lanes.
+/// The lanes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LaneKind {
     Bare,
@@ -65,9 +73,13 @@ pub enum LaneKind {
     IptablesNft,
     Nftables,
     Redirector,
+    /// The agent translating at connect() (`--socket-lb=all`) for clients
+    /// in the lane's test cgroup.
+    RedirectorSocket,
 }
 
 impl LaneKind {
+    /// The lanes whose clients can be threads of the caller (in the client netns).
     pub const ALL: [LaneKind; 6] = [
         LaneKind::Bare,
         LaneKind::BareConntrack,
@@ -77,6 +89,27 @@ impl LaneKind {
         LaneKind::Redirector,
     ];
 
+    /// Every lane the benchmark builds: [`LaneKind::ALL`] and the socket lane.
+    pub const BENCH: [LaneKind; 7] = [
+        LaneKind::Bare,
+        LaneKind::BareConntrack,
+        LaneKind::IptablesLegacy,
+        LaneKind::IptablesNft,
+        LaneKind::Nftables,
+        LaneKind::Redirector,
+        LaneKind::RedirectorSocket,
+    ];
+
+    /// The lane of [`LaneKind::name`] `name`.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::BENCH.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether the lane runs the agent.
+    pub fn runs_agent(self) -> bool {
+        matches!(self, LaneKind::Redirector | LaneKind::RedirectorSocket)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             LaneKind::Bare => "bare",
@@ -85,6 +118,7 @@ impl LaneKind {
             LaneKind::IptablesNft => "iptables-nft",
             LaneKind::Nftables => "nftables",
             LaneKind::Redirector => "redirector",
+            LaneKind::RedirectorSocket => "redirector-socket",
         }
     }
 
@@ -97,6 +131,7 @@ impl LaneKind {
             LaneKind::IptablesNft => "ipn",
             LaneKind::Nftables => "nft",
             LaneKind::Redirector => "rd",
+            LaneKind::RedirectorSocket => "rds",
         }
     }
 
@@ -350,6 +385,33 @@ pub struct LaneOptions {
     pub endpoints: usize,
 }
 
+/// What the redirector lane's agent and server get beyond the defaults, for
+/// runs that need more than [`Lane::new`] gives (B9's flood).
+#[derive(Clone, Debug)]
+pub struct AgentExtras {
+    /// Connection-table entries (`--max-flow-entries`); `None`: sized by
+    /// [`agent_map_sizes`].
+    pub flow_entries: Option<u32>,
+    /// Serve /metrics on this port of the node netns's loopback.
+    pub metrics_port: Option<u16>,
+    /// More agent arguments, after the lane's own.
+    pub args: Vec<String>,
+    /// Server threads: each serves one connection at a time, so this bounds
+    /// the connections the server holds open at once.
+    pub server_threads: usize,
+}
+
+impl Default for AgentExtras {
+    fn default() -> Self {
+        Self {
+            flow_entries: None,
+            metrics_port: None,
+            args: Vec::new(),
+            server_threads: 16,
+        }
+    }
+}
+
 /// How a lane was programmed.
 #[derive(Clone, Debug)]
 pub struct Programmed {
@@ -369,6 +431,9 @@ pub struct Lane {
     pub options: LaneOptions,
     _server: EchoServer,
     agent: Option<Agent>,
+    /// The socket lane's test cgroup: its agent's programs attach there and
+    /// its clients run there. Dropped after the agent (field order).
+    cgroup: Option<TestCgroup>,
     api: Option<FakeApiServer>,
     /// Services on the API server.
     applied: usize,
@@ -391,19 +456,30 @@ impl Lane {
     /// Builds the lane's namespaces and server; the redirector lane also
     /// starts its API server and agent (with no services yet).
     pub fn new(kind: LaneKind, options: &LaneOptions) -> Result<Self, String> {
-        Self::build(kind, options, None)
+        Self::build(kind, options, None, &AgentExtras::default())
+    }
+
+    /// The redirector lane with `extras` for its agent and server.
+    pub fn new_redirector(options: &LaneOptions, extras: &AgentExtras) -> Result<Self, String> {
+        Self::build(LaneKind::Redirector, options, None, extras)
     }
 
     /// The redirector lane with `set` already on the API server when the
     /// agent starts: [`Lane::cold_start`] tells how long until it served them.
     pub fn new_preloaded(options: &LaneOptions, set: &ServiceSet, timeout: Duration) -> Result<Self, String> {
-        Self::build(LaneKind::Redirector, options, Some((set, timeout)))
+        Self::build(
+            LaneKind::Redirector,
+            options,
+            Some((set, timeout)),
+            &AgentExtras::default(),
+        )
     }
 
     fn build(
         kind: LaneKind,
         options: &LaneOptions,
         preload: Option<(&ServiceSet, Duration)>,
+        extras: &AgentExtras,
     ) -> Result<Self, String> {
         let mut fixture = Fixture::new(&format!("b{}", kind.tag()));
         let client = fixture.add_host("client", CLIENT_IP);
@@ -422,7 +498,7 @@ impl Lane {
             "dev",
             "vp1",
         ])?;
-        let echo = EchoServer::start(&server, "server", TARGET_PORT, 16)?;
+        let echo = EchoServer::start(&server, "server", TARGET_PORT, extras.server_threads)?;
         let mut lane = Self {
             kind,
             client,
@@ -430,6 +506,7 @@ impl Lane {
             options: options.clone(),
             _server: echo,
             agent: None,
+            cgroup: None,
             api: None,
             applied: 0,
             programmed: 0,
@@ -444,7 +521,19 @@ impl Lane {
                     add rule ip bench forward ct state established,related accept\n";
                 lane.node_exec("nft", &["-f", "-"], Some(script), Duration::from_secs(20))?;
             }
-            LaneKind::Redirector => lane.start_agent(preload)?,
+            LaneKind::Redirector => lane.start_agent(preload, extras)?,
+            LaneKind::RedirectorSocket => {
+                let cgroup = TestCgroup::new(kind.tag());
+                let mut extras = extras.clone();
+                extras.args.extend([
+                    "--socket-lb".into(),
+                    "all".into(),
+                    "--cgroup-root".into(),
+                    cgroup.path().display().to_string(),
+                ]);
+                lane.cgroup = Some(cgroup);
+                lane.start_agent(preload, &extras)?;
+            }
             _ => {}
         }
         Ok(lane)
@@ -469,7 +558,11 @@ impl Lane {
         self.api.as_ref()
     }
 
-    fn start_agent(&mut self, preload: Option<(&ServiceSet, Duration)>) -> Result<(), String> {
+    fn start_agent(
+        &mut self,
+        preload: Option<(&ServiceSet, Duration)>,
+        extras: &AgentExtras,
+    ) -> Result<(), String> {
         let binary = self
             .options
             .agent
@@ -486,11 +579,13 @@ impl Lane {
             }
         }
         let sizes = agent_map_sizes(self.options.max_services.max(preloaded), self.options.endpoints);
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--healthz-bind-address".into(),
             String::new(),
             "--metrics-bind-address".into(),
-            String::new(),
+            extras
+                .metrics_port
+                .map_or_else(String::new, |port| format!("127.0.0.1:{port}")),
             "--max-service-entries".into(),
             sizes.services.to_string(),
             "--max-backends".into(),
@@ -498,8 +593,9 @@ impl Lane {
             "--max-service-ports".into(),
             sizes.service_ports.to_string(),
             "--max-flow-entries".into(),
-            sizes.flows.to_string(),
+            extras.flow_entries.unwrap_or(sizes.flows).to_string(),
         ];
+        args.extend(extras.args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let timeout = preload.map_or(Duration::from_secs(30), |(_, t)| t);
         // The service the writer programs last (the highest ClusterIP).
@@ -589,7 +685,7 @@ impl Lane {
                     how: "nft -f".into(),
                 }
             }
-            LaneKind::Redirector => self.program_agent(set, n, timeout)?,
+            LaneKind::Redirector | LaneKind::RedirectorSocket => self.program_agent(set, n, timeout)?,
         };
         self.programmed = n;
         Ok(programmed)
@@ -654,13 +750,7 @@ impl Lane {
     /// Where a client of this lane connects for service `i`: its ClusterIP,
     /// or on the bare lanes its first endpoint.
     pub fn target(&self, i: usize) -> SocketAddrV4 {
-        if self.kind.serves_cluster_ips() {
-            let fe = service_frontend(i);
-            SocketAddrV4::new(fe.addr, fe.port)
-        } else {
-            let ep = service_endpoints(i, self.options.endpoints)[0];
-            SocketAddrV4::new(ep.addr, ep.port)
-        }
+        target(self.kind, self.options.endpoints, i)
     }
 
     /// The plain pod address (no service).
@@ -672,65 +762,75 @@ impl Lane {
     /// first, last and at `random` answer from one of their own endpoints
     /// (every endpoint of the last one eventually), that the plain pod IP
     /// answers itself, and that the server sees the client's own address.
+    /// Not for the socket lane, whose clients must be processes in its
+    /// cgroup: run [`check_from_here`] in one ([`Lane::run_client`]).
     pub fn check(&self, n: usize, random: usize) -> Result<(), String> {
-        let e = self.options.endpoints;
-        let mut cases: Vec<(String, SocketAddrV4, Vec<SocketAddrV4>)> = Vec::new();
-        if n > 0 {
-            for (what, i) in [("first", 0), ("last", n - 1), ("random", random % n)] {
-                let allowed = if self.kind.serves_cluster_ips() {
-                    service_endpoints(i, e)
-                        .iter()
-                        .map(|ep| SocketAddrV4::new(ep.addr, ep.port))
-                        .collect()
-                } else {
-                    vec![self.target(i)]
-                };
-                cases.push((format!("{what} service (#{i})"), self.target(i), allowed));
+        if self.cgroup.is_some() {
+            return Err(format!(
+                "{}: its clients translate only in its cgroup: check from a client process there",
+                self.kind.name()
+            ));
+        }
+        let (kind, endpoints) = (self.kind, self.options.endpoints);
+        in_netns(&self.client, move || check_from_here(kind, endpoints, n, random))
+    }
+
+    /// Runs `program args` in the client netns, inside the lane's test
+    /// cgroup if it has one (moved there between fork and exec, as
+    /// [`TestCgroup`]'s clients are), with `stdin`; returns its stdout.
+    pub fn run_client(&self, program: &Path, args: &[&str], stdin: &str) -> Result<String, String> {
+        let shown = format!("{} {}", program.display(), args.join(" "));
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.client])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // The cgroup's directory is bind-mounted at its path: the same files.
+        let procs = match &self.cgroup {
+            Some(cgroup) => {
+                let path = cgroup.path().join("cgroup.procs");
+                Some(
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| format!("opening {}: {e}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        if let Some(fd) = procs.as_ref().map(AsRawFd::as_raw_fd) {
+            // SAFETY: the hook only calls write(2), async-signal-safe, on an
+            // fd this function keeps open until the child has started.
+            unsafe {
+                command.pre_exec(move || {
+                    // "0" moves the writing process: the child, before it execs.
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
         }
-        cases.push(("plain pod IP".into(), self.pod_target(), vec![self.pod_target()]));
-        let lane = self.kind.name();
-        let last_allowed = if n > 0 && self.kind.serves_cluster_ips() {
-            cases[1].2.clone()
-        } else {
-            Vec::new()
-        };
-        let last_target = self.target(n.saturating_sub(1));
-        in_netns(&self.client, move || -> Result<(), String> {
-            for (what, to, allowed) in &cases {
-                let reply = request(*to, IO_TIMEOUT).map_err(|e| format!("{lane}: {what} via {to}: {e}"))?;
-                if !allowed.contains(&reply.local) {
-                    return Err(format!(
-                        "{lane}: {what} via {to} was answered at {}, not by one of its endpoints {allowed:?}",
-                        reply.local
-                    ));
-                }
-                if *reply.client.ip() != CLIENT_IP {
-                    return Err(format!(
-                        "{lane}: {what} via {to}: the server saw {} instead of the client's address {CLIENT_IP}",
-                        reply.client
-                    ));
-                }
-            }
-            // Endpoint selection runs: every endpoint of the last service answers.
-            let mut seen = Vec::new();
-            for _ in 0..64 {
-                if last_allowed.iter().all(|a| seen.contains(a)) {
-                    break;
-                }
-                let reply = request(last_target, IO_TIMEOUT)
-                    .map_err(|e| format!("{lane}: last service via {last_target}: {e}"))?;
-                if !seen.contains(&reply.local) {
-                    seen.push(reply.local);
-                }
-            }
-            if !last_allowed.iter().all(|a| seen.contains(a)) {
-                return Err(format!(
-                    "{lane}: in 64 connections to {last_target} only {seen:?} of {last_allowed:?} answered"
-                ));
-            }
-            Ok(())
-        })
+        let mut child = command.spawn().map_err(|e| format!("starting {shown}: {e}"))?;
+        drop(procs);
+        let mut pipe = child.stdin.take().ok_or("no stdin pipe")?;
+        let input = stdin.to_owned();
+        let feeder = std::thread::spawn(move || pipe.write_all(input.as_bytes()));
+        let output = child
+            .wait_with_output()
+            .map_err(|e| format!("waiting for {shown}: {e}"))?;
+        let _ = feeder.join();
+        if !output.status.success() {
+            return Err(format!(
+                "{shown} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// PID of the agent process (its `ip netns exec` became the agent), while
@@ -740,6 +840,80 @@ impl Lane {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         (!cmdline.is_empty()).then_some(pid)
     }
+}
+
+/// Where a client of a `kind` lane connects for service `i`: its ClusterIP,
+/// or on the bare lanes its first endpoint.
+pub fn target(kind: LaneKind, endpoints: usize, i: usize) -> SocketAddrV4 {
+    if kind.serves_cluster_ips() {
+        let fe = service_frontend(i);
+        SocketAddrV4::new(fe.addr, fe.port)
+    } else {
+        let ep = service_endpoints(i, endpoints)[0];
+        SocketAddrV4::new(ep.addr, ep.port)
+    }
+}
+
+/// [`Lane::check`]'s connections, made from the calling thread (which must
+/// be in the lane's client netns, and for the socket lane in its cgroup).
+pub fn check_from_here(kind: LaneKind, endpoints: usize, n: usize, random: usize) -> Result<(), String> {
+    let e = endpoints;
+    let pod_target = SocketAddrV4::new(SERVER_IP, TARGET_PORT);
+    let mut cases: Vec<(String, SocketAddrV4, Vec<SocketAddrV4>)> = Vec::new();
+    if n > 0 {
+        for (what, i) in [("first", 0), ("last", n - 1), ("random", random % n)] {
+            let allowed = if kind.serves_cluster_ips() {
+                service_endpoints(i, e)
+                    .iter()
+                    .map(|ep| SocketAddrV4::new(ep.addr, ep.port))
+                    .collect()
+            } else {
+                vec![target(kind, e, i)]
+            };
+            cases.push((format!("{what} service (#{i})"), target(kind, e, i), allowed));
+        }
+    }
+    cases.push(("plain pod IP".into(), pod_target, vec![pod_target]));
+    let lane = kind.name();
+    let last_allowed = if n > 0 && kind.serves_cluster_ips() {
+        cases[1].2.clone()
+    } else {
+        Vec::new()
+    };
+    let last_target = target(kind, e, n.saturating_sub(1));
+    for (what, to, allowed) in &cases {
+        let reply = request(*to, IO_TIMEOUT).map_err(|e| format!("{lane}: {what} via {to}: {e}"))?;
+        if !allowed.contains(&reply.local) {
+            return Err(format!(
+                "{lane}: {what} via {to} was answered at {}, not by one of its endpoints {allowed:?}",
+                reply.local
+            ));
+        }
+        if *reply.client.ip() != CLIENT_IP {
+            return Err(format!(
+                "{lane}: {what} via {to}: the server saw {} instead of the client's address {CLIENT_IP}",
+                reply.client
+            ));
+        }
+    }
+    // Endpoint selection runs: every endpoint of the last service answers.
+    let mut seen = Vec::new();
+    for _ in 0..64 {
+        if last_allowed.iter().all(|a| seen.contains(a)) {
+            break;
+        }
+        let reply = request(last_target, IO_TIMEOUT)
+            .map_err(|e| format!("{lane}: last service via {last_target}: {e}"))?;
+        if !seen.contains(&reply.local) {
+            seen.push(reply.local);
+        }
+    }
+    if !last_allowed.iter().all(|a| seen.contains(a)) {
+        return Err(format!(
+            "{lane}: in 64 connections to {last_target} only {seen:?} of {last_allowed:?} answered"
+        ));
+    }
+    Ok(())
 }
 
 /// The endpoint count of `fe`'s master entry in the service map.

@@ -272,18 +272,11 @@ fn note_packet(entry: *mut CtEntry, entry_now: &CtEntry, tuple: &CtKey, pkt: &Pa
     }
 }
 
-/// Fragments: the first one's ports are remembered for the later ones (in
-/// explain runs too little matters to remember); a later one gets them back.
+/// Fragments: the first one's ports are remembered for the later ones (not
+/// in explain runs, which change no state); a later one gets them back.
 /// False when a later fragment's first was not seen: its ports are unknown.
 #[inline(always)]
 fn ports_of_fragment(pkt: &mut Packet, mode: Mode) -> bool {
-    let key = FragKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        id: pkt.ip_id,
-        proto: pkt.proto,
-        _pad: 0,
-    };
     match pkt.fragment {
         Fragment::None => true,
         Fragment::First => {
@@ -292,12 +285,12 @@ fn ports_of_fragment(pkt: &mut Packet, mode: Mode) -> bool {
                     sport: pkt.sport,
                     dport: pkt.dport,
                 };
-                let _ = FRAG_V1.insert(key, ports, 0);
+                let _ = FRAG_V1.insert(frag_key(pkt), ports, 0);
             }
             true
         }
         // SAFETY: the entry is copied out at once.
-        Fragment::Later => match unsafe { FRAG_V1.get(key) }.copied() {
+        Fragment::Later => match unsafe { FRAG_V1.get(frag_key(pkt)) }.copied() {
             Some(ports) => {
                 pkt.sport = ports.sport;
                 pkt.dport = ports.dport;
@@ -305,6 +298,18 @@ fn ports_of_fragment(pkt: &mut Packet, mode: Mode) -> bool {
             }
             None => false,
         },
+    }
+}
+
+/// What ties a datagram's fragments together.
+#[inline(always)]
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        id: pkt.ip_id,
+        proto: pkt.proto,
+        _pad: 0,
     }
 }
 

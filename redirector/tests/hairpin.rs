@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Agent, agent_binary, eventually, tcp_request, udp_request};
+use common::{Agent, agent_binary, eventually, tcp_request, udp_request_from};
 use redirector::datapath::{Maps, maps_pin_dir};
 use redirector_common::counters;
 use testbed::cgroup::{Request, TestCgroup};
@@ -122,6 +122,14 @@ fn strict_rp_filter(cluster: &Cluster) {
     );
 }
 
+/// Client ports of the UDP requests, below the ephemeral range and apart
+/// per service: hairpin flows from one client port to two services sharing
+/// the pod would share a reply tuple (the pod's port and the hairpin
+/// address's), and the second is dropped as a clash while the first lives,
+/// as nf_conntrack drops it without masquerade's port remapping.
+const SOLO_UDP_PORTS: u16 = 20_000;
+const WEB_UDP_PORTS: u16 = 21_000;
+
 fn reaches_itself_on_the_tc_path(tag: &str, link: PodLink) {
     let (cluster, web_a) = bed(tag, link);
     strict_rp_filter(&cluster);
@@ -146,7 +154,7 @@ fn reaches_itself_on_the_tc_path(tag: &str, link: PodLink) {
             HAIRPIN,
             "{link:?}: the pod saw its own connection come from the hairpin address"
         );
-        let answer = udp_request(&web_a, SOLO_UDP)
+        let answer = udp_request_from(&web_a, SOLO_UDP_PORTS + attempt as u16, SOLO_UDP)
             .unwrap_or_else(|e| panic!("{link:?}: UDP to solo from its own pod, attempt {attempt}: {e}"));
         assert_eq!(answer.pod, "web-a", "{link:?}: UDP: the only endpoint answered");
         assert_eq!(
@@ -155,6 +163,8 @@ fn reaches_itself_on_the_tc_path(tag: &str, link: PodLink) {
             "{link:?}: UDP: from the hairpin address"
         );
     }
+    // Every request is a new flow: TCP's closed predecessors' tuples wait
+    // in TIME_WAIT, and each UDP request has a client port of its own.
     assert_eq!(
         counter(&bpffs, counters::HAIRPIN_NEW_FLOW) - new_flows_before,
         2 * ATTEMPTS as u64,
@@ -171,7 +181,10 @@ fn reaches_itself_on_the_tc_path(tag: &str, link: PodLink) {
     for attempt in 0..ATTEMPTS {
         for (what, answer) in [
             ("TCP", tcp_request(&web_a, WEB)),
-            ("UDP", udp_request(&web_a, WEB_UDP)),
+            (
+                "UDP",
+                udp_request_from(&web_a, WEB_UDP_PORTS + attempt as u16, WEB_UDP),
+            ),
         ] {
             let answer = answer
                 .unwrap_or_else(|e| panic!("{link:?}: {what} to web from web-a, attempt {attempt}: {e}"));

@@ -580,7 +580,14 @@ pub fn tcp_request(netns: &str, to: SocketAddrV4) -> std::io::Result<Answer> {
 
 /// One UDP request/reply; the reply must come from `to` (the service address).
 pub fn udp_request(netns: &str, to: SocketAddrV4) -> std::io::Result<Answer> {
-    let socket = in_netns(netns, || UdpSocket::bind("0.0.0.0:0"))?;
+    udp_request_from(netns, 0, to)
+}
+
+/// [`udp_request`] from client port `port` (0: any).
+pub fn udp_request_from(netns: &str, port: u16, to: SocketAddrV4) -> std::io::Result<Answer> {
+    let socket = in_netns(netns, move || {
+        UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+    })?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     socket.connect(to)?;
     socket.send(b"hello")?;

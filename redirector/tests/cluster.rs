@@ -6,7 +6,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use common::manifests::{web_pod, web_service};
+use common::manifests::{KUBERNETES_SERVICE, web_pod, web_service};
 use common::{agent_binary, eventually, tcp_request, udp_request};
 use redirector::datapath::{Maps, maps_pin_dir};
 use testbed::cluster::{Cluster, PodLink, PodNetwork, pod_address};
@@ -142,37 +142,6 @@ fn l3_tunnel_pod_reaches_a_service_endpoint_on_another_node() {
     pod_to_service_on_another_node("l3", PodNetwork::L3Tunnel);
 }
 
-/// default/kubernetes, served by a process on node 0's own address (as
-/// kube-apiserver is on a control-plane node), through a selectorless
-/// Service and its EndpointSlice.
-const KUBERNETES_SERVICE: &str = "apiVersion: v1
-kind: Service
-metadata:
-  name: kubernetes
-  namespace: default
-spec:
-  clusterIP: 10.96.0.1
-  ports:
-  - name: https
-    port: 443
-    targetPort: 6443
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: kubernetes
-  namespace: default
-  labels:
-    kubernetes.io/service-name: kubernetes
-addressType: IPv4
-ports:
-- name: https
-  port: 6443
-  protocol: TCP
-endpoints:
-- addresses:
-  - 192.0.2.11
-";
 const KUBERNETES: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
 
 /// Pods on both nodes reach the API server on node 0's host network through

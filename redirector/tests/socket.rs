@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::time::Duration;
 
+use common::manifests::{KUBERNETES_SERVICE, web_pod, web_service};
 use common::{Agent, agent_binary, eventually, tcp_request};
 use redirector::datapath::{Maps, links_pin_dir, maps_pin_dir};
 use redirector_common::counters;
@@ -23,49 +24,8 @@ const KUBERNETES: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 
 const ECONNREFUSED: i32 = 111;
 const ENETUNREACH: i32 = 101;
 
-fn pod_yaml(name: &str, addr: Ipv4Addr, node: usize) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels:
-    app: web
-spec:
-  nodeName: node-{node}
-status:
-  phase: Running
-  podIP: {addr}
-  conditions:
-  - type: Ready
-    status: \"True\"
----
-"
-    )
-}
-
-/// web (TCP 80, UDP 53 → 8080), a Service whose selector matches no pod,
-/// and default/kubernetes on node 0's host network (192.0.2.11:6443).
-const SERVICES: &str = "apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: default
-spec:
-  clusterIP: 10.96.0.10
-  selector:
-    app: web
-  ports:
-  - name: http
-    port: 80
-    targetPort: 8080
-  - name: dns
-    port: 53
-    protocol: UDP
-    targetPort: 8080
----
-apiVersion: v1
+/// A Service whose selector matches no pod.
+const EMPTY_SERVICE: &str = "apiVersion: v1
 kind: Service
 metadata:
   name: empty
@@ -77,34 +37,6 @@ spec:
   ports:
   - port: 80
     targetPort: 8080
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: kubernetes
-  namespace: default
-spec:
-  clusterIP: 10.96.0.1
-  ports:
-  - name: https
-    port: 443
-    targetPort: 6443
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: kubernetes
-  namespace: default
-  labels:
-    kubernetes.io/service-name: kubernetes
-addressType: IPv4
-ports:
-- name: https
-  port: 6443
-  protocol: TCP
-endpoints:
-- addresses:
-  - 192.0.2.11
 ";
 
 /// Two nodes, an endpoint of web on each, the API server on node 0's host
@@ -120,11 +52,16 @@ fn bed(tag: &str) -> (Cluster, TestCgroup, String) {
     cluster.serve_on_node(0, "apiserver", 6443);
     cluster.write_manifest(
         "web.yaml",
-        &format!(
-            "{}{}{SERVICES}",
-            pod_yaml("web-a", pod_address(0, 10), 0),
-            pod_yaml("web-b", pod_address(1, 10), 1)
-        ),
+        &[
+            web_pod("web-a", pod_address(0, 10), Some(0)),
+            web_pod("web-b", pod_address(1, 10), Some(1)),
+            // web (TCP 80, UDP 53 → 8080), one without endpoints, and
+            // default/kubernetes on node 0's host network (192.0.2.11:6443).
+            web_service("web", *WEB.ip()),
+            EMPTY_SERVICE.to_owned(),
+            KUBERNETES_SERVICE.to_owned(),
+        ]
+        .join("---\n"),
     );
     (cluster, TestCgroup::new(tag), client)
 }

@@ -1,5 +1,5 @@
-//! The manifests the end-to-end tests write most: `app: web` Pods and the
-//! Services selecting them.
+//! The manifests the end-to-end tests write most: `app: web` Pods, the
+//! Services selecting them, and `default/kubernetes`.
 
 use std::net::Ipv4Addr;
 
@@ -55,3 +55,35 @@ spec:
 "
     )
 }
+
+/// default/kubernetes, served by a process on node 0's own address (as
+/// kube-apiserver is on a control-plane node), through a selectorless
+/// Service and its EndpointSlice.
+pub const KUBERNETES_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: kubernetes
+  namespace: default
+spec:
+  clusterIP: 10.96.0.1
+  ports:
+  - name: https
+    port: 443
+    targetPort: 6443
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kubernetes
+  namespace: default
+  labels:
+    kubernetes.io/service-name: kubernetes
+addressType: IPv4
+ports:
+- name: https
+  port: 6443
+  protocol: TCP
+endpoints:
+- addresses:
+  - 192.0.2.11
+";

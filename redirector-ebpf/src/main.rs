@@ -46,10 +46,10 @@ use aya_log_ebpf::warn;
 use redirector_common::{
     config::Config,
     conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey, FragKey, FragPorts, REFRESH_NS, seen, tcp_flags},
-    counters,
+    counters, proto,
     service::{
-        AffinityEntry, AffinityKey, Backend, MASTER_SLOT, ServiceEntry, ServiceKey, ServiceMeta,
-        ServiceStats, VipEntry,
+        AffinityEntry, AffinityKey, Backend, FLAG_NO_LOCAL_ENDPOINTS, MASTER_SLOT, ServiceEntry, ServiceKey,
+        ServiceMeta, ServiceStats, VipEntry,
     },
 };
 
@@ -231,10 +231,7 @@ fn translate_reply(
     mode: Mode,
 ) -> Result<Verdict, Verdict> {
     let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
-    if pkt.proto == redirector_common::proto::TCP
-        && pkt.tcp_flags & syn_ack == syn_ack
-        && entry_now.is_closed()
-    {
+    if pkt.proto == proto::TCP && pkt.tcp_flags & syn_ack == syn_ack && entry_now.is_closed() {
         if mode == Mode::Live {
             let _ = CT_V2.remove(tuple);
         }
@@ -340,16 +337,11 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         parsed => parsed?,
     };
 
-    if pkt.l4_truncated || !ports_of_fragment(&mut pkt, mode) {
-        return if is_service_address(pkt.daddr) {
-            Err(Verdict::drop(if pkt.l4_truncated {
-                counters::DROP_TRUNCATED
-            } else {
-                counters::DROP_FRAGMENT
-            }))
-        } else {
-            Ok(Verdict::pass(counters::PASS_UNPARSABLE))
-        };
+    if pkt.l4_truncated {
+        return without_ports(&pkt, counters::DROP_TRUNCATED);
+    }
+    if !ports_of_fragment(&mut pkt, mode) {
+        return without_ports(&pkt, counters::DROP_FRAGMENT);
     }
 
     let tuple = pkt.tuple();
@@ -374,8 +366,7 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         // A new connection on the tuple of a flow that closed, or whose
         // backend left, is a new flow.
         let reopens = pkt.opens_connection()
-            && (backend_gone(entry_now.backend_id)
-                || (pkt.proto == redirector_common::proto::TCP && entry_now.is_closed()));
+            && (backend_gone(entry_now.backend_id) || (pkt.proto == proto::TCP && entry_now.is_closed()));
         if entry_now.kind == CT_FORWARD && !reopens {
             *choice = Choice {
                 backend_id: entry_now.backend_id,
@@ -400,11 +391,7 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     // A later fragment belongs to a datagram whose first fragment chose its
     // flow; it never starts one.
     if pkt.fragment == Fragment::Later {
-        return if is_service_address(pkt.daddr) {
-            Err(Verdict::drop(counters::DROP_FRAGMENT))
-        } else {
-            Ok(Verdict::pass(counters::PASS_UNPARSABLE))
-        };
+        return without_ports(&pkt, counters::DROP_FRAGMENT);
     }
 
     // Not in the connection table. Most such packets are not for a service
@@ -429,7 +416,7 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         // Endpoints exist, only not on this node: kube-proxy drops rather
         // than refuses, so clients time out as they would against a node
         // that cannot reach the service.
-        if master.flags & redirector_common::service::FLAG_NO_LOCAL_ENDPOINTS != 0 {
+        if master.flags & FLAG_NO_LOCAL_ENDPOINTS != 0 {
             return Err(Verdict::drop(counters::DROP_NO_LOCAL_ENDPOINTS));
         }
         return refuse::port_unreachable(ctx, link, mode, &pkt, counters::REFUSED_NO_ENDPOINTS);
@@ -452,18 +439,17 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         }
     };
     choice.backend_id = chosen.backend_id;
-    if mode == Mode::Live
-        && let Some(key) = affinity
-    {
-        let used = AffinityEntry {
-            backend_id: chosen.backend_id,
-            _pad: 0,
-            last_used_ns: now_ns(),
-        };
-        let _ = AFFINITY_V1.insert(key, used, 0);
-    }
     if mode == Mode::Live {
-        remember_flow(&pkt, &tuple, &chosen, master.svc_id, replaces)?;
+        let now = now_ns();
+        if let Some(key) = affinity {
+            let used = AffinityEntry {
+                backend_id: chosen.backend_id,
+                _pad: 0,
+                last_used_ns: now,
+            };
+            let _ = AFFINITY_V1.insert(key, used, 0);
+        }
+        remember_flow(&pkt, &tuple, &chosen, master.svc_id, replaces, now)?;
     }
     count_forward(ctx, mode, master.svc_id, true);
     packet::rewrite_destination(ctx, &pkt, chosen.backend_addr, chosen.backend_port)?;
@@ -471,6 +457,18 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         return hairpin::send_request_back(ctx, link, &pkt, counters::HAIRPIN_NEW_FLOW);
     }
     Ok(Verdict::pass(counters::FORWARD_NEW_FLOW))
+}
+
+/// A packet whose ports are unknown (a cut-short L4 header, a later fragment
+/// whose first was not seen): dropped with `drop` if it is addressed to a
+/// service, which it cannot be matched to; else passed.
+#[inline(always)]
+fn without_ports(pkt: &Packet, drop: u32) -> Result<Verdict, Verdict> {
+    if is_service_address(pkt.daddr) {
+        Err(Verdict::drop(drop))
+    } else {
+        Ok(Verdict::pass(counters::PASS_UNPARSABLE))
+    }
 }
 
 /// Per service port statistics for a packet sent on to an endpoint.
@@ -545,8 +543,8 @@ fn remember_flow(
     slot: &ServiceEntry,
     svc_id: u32,
     replaces: Option<CtKey>,
+    now: u64,
 ) -> Result<(), Verdict> {
-    let now = now_ns();
     let reply = CtEntry {
         nat_addr: pkt.daddr,
         nat_port: pkt.dport,

@@ -49,7 +49,7 @@ impl Harness {
         let (datapath, maps) = Datapath::load(bpffs.path(), &MapSizes::default()).expect("load datapath");
         let mut writer = MapWriter::new(maps).expect("map writer");
         writer
-            .set_service_cidr("10.96.0.0/12".parse().unwrap())
+            .set_service_cidrs(&["10.96.0.0/12".parse().unwrap()])
             .expect("service cidr");
         let mut desired = Desired::new();
         let port = |name: &str, eps: &[(Ipv4Addr, u16)]| ServicePort {

@@ -197,11 +197,6 @@ impl MapWriter {
             .collect()
     }
 
-    /// Makes `cidr` the one service range.
-    pub fn set_service_cidr(&mut self, cidr: Ipv4Cidr) -> Result<(), SyncError> {
-        self.set_service_cidrs(&[cidr])
-    }
-
     /// Replaces the service ranges (none: nothing is dropped by range). One
     /// map write: a packet sees the old ranges or the new ones (at worst, a
     /// mix of both while the entry is copied; never an empty range that would

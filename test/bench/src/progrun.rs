@@ -326,7 +326,7 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
         Datapath::load(bpffs.path(), &sizes).map_err(|e| format!("loading the datapath: {e}"))?;
     let mut writer = MapWriter::new(maps).map_err(|e| e.to_string())?;
     writer
-        .set_service_cidr("10.96.0.0/12".parse().expect("CIDR"))
+        .set_service_cidrs(&["10.96.0.0/12".parse().expect("CIDR")])
         .map_err(|e| e.to_string())?;
     let prog = datapath
         .program()

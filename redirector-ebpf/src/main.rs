@@ -11,7 +11,9 @@
 //! attached after ours still sees them; so do the ones we translated.
 //!
 //! Per packet leaving a pod: parse → conntrack → (new flow: look up service → select backend
-//! → record both directions) → rewrite with checksums. Every outcome bumps one
+//! → record both directions) → rewrite with checksums. A TCP SYN without ACK
+//! is never taken for a reply, so one to an address of no service (a new
+//! connection to a pod, the common case) is settled without the table. Every outcome bumps one
 //! per-CPU counter. Only anomalies are logged (aya-log, forwarded into the
 //! agent's log): a slot with no backend, a failed connection-table insert;
 //! never the normal path, and only once the packet's fate is settled, so the
@@ -207,7 +209,10 @@ fn try_translate_reply(ctx: &TcContext, link: Link) -> Result<Verdict, Verdict> 
         return Ok(Verdict::pass(counters::PASS_UNPARSABLE));
     }
     let tuple = pkt.tuple();
-    if let Some(entry) = CT_V2.get_ptr_mut(tuple)
+    // A SYN without ACK opens a connection: it is no reply, whatever entry
+    // its tuple matches, and needs no lookup.
+    if !pkt.is_pure_syn()
+        && let Some(entry) = CT_V2.get_ptr_mut(tuple)
         // SAFETY: the entry is copied out at once.
         && let entry_now = unsafe { *entry }
         && entry_now.kind == CT_REPLY
@@ -345,12 +350,25 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     }
 
     let tuple = pkt.tuple();
+    // A SYN without ACK is no reply, and the only entry it can meet is a
+    // forward entry, whose key holds a service address: to any other
+    // address it is settled without the table, the lookup most packets of
+    // no service would otherwise pay (the table is large, its lines cold).
+    let pure_syn = pkt.is_pure_syn();
+    let mut destination = None;
+    if pure_syn {
+        let known = Destination::of(pkt.daddr);
+        if known == Destination::NoService {
+            return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
+        }
+        destination = Some(known);
+    }
     // The flow an opening packet replaces: its reply entry goes with it.
     let mut replaces = None;
     if let Some(entry) = CT_V2.get_ptr_mut(tuple) {
         // SAFETY: the entry is copied out at once.
         let entry_now = unsafe { *entry };
-        if entry_now.kind == CT_REPLY {
+        if entry_now.kind == CT_REPLY && !pure_syn {
             let verdict = translate_reply(ctx, &pkt, &tuple, entry, &entry_now, mode)?;
             if verdict.counter == counters::REPLY_TRANSLATED && tuple.is_hairpin(&entry_now) {
                 return hairpin::send_reply_back(
@@ -395,20 +413,20 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     }
 
     // Not in the connection table. Most such packets are not for a service
-    // at all: one address lookup settles them before any per-port lookup.
-    // As kube-proxy: an unallocated address of the service range is dropped;
+    // at all: the address settles them before any per-port lookup. As
+    // kube-proxy: an unallocated address of the service range is dropped;
     // a service address on a port it does not define, or a service port
     // without endpoints, is refused (ICMP port unreachable, rate-limited).
-    // SAFETY: only whether the entry exists is read.
-    if unsafe { VIP_V1.get(pkt.daddr) }.is_none() {
-        if in_service_cidr(pkt.daddr) {
-            return Err(Verdict::drop(counters::DROP_UNALLOCATED_IP));
-        }
+    let destination = destination.unwrap_or_else(|| Destination::of(pkt.daddr));
+    if destination == Destination::NoService {
         return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
     }
     let master_key = service_key(&pkt, MASTER_SLOT);
     // SAFETY: the entry is copied out at once.
     let Some(master) = (unsafe { SVC_V2.get(master_key) }).copied() else {
+        if destination == Destination::ServiceRange && !is_allocated(pkt.daddr) {
+            return Err(Verdict::drop(counters::DROP_UNALLOCATED_IP));
+        }
         return refuse::port_unreachable(ctx, link, mode, &pkt, counters::REFUSED_UNKNOWN_PORT);
     };
     choice.svc_id = master.svc_id;
@@ -620,8 +638,39 @@ fn backend_gone(backend_id: u32) -> bool {
 
 #[inline(always)]
 fn is_service_address(addr: u32) -> bool {
+    Destination::of(addr) != Destination::NoService
+}
+
+/// Whether a service has `addr` (network byte order).
+#[inline(always)]
+fn is_allocated(addr: u32) -> bool {
     // SAFETY: only whether the entry exists is read.
-    unsafe { VIP_V1.get(addr) }.is_some() || in_service_cidr(addr)
+    unsafe { VIP_V1.get(addr) }.is_some()
+}
+
+/// What a packet's destination address is, as far as new flows go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    /// In a service range: a service's address or an unallocated one (told
+    /// apart only when no service port matches, so a new flow to a
+    /// ClusterIP needs no address lookup).
+    ServiceRange,
+    /// A service's address outside the ranges.
+    Service,
+    NoService,
+}
+
+impl Destination {
+    #[inline(always)]
+    fn of(addr: u32) -> Self {
+        if in_service_cidr(addr) {
+            Self::ServiceRange
+        } else if is_allocated(addr) {
+            Self::Service
+        } else {
+            Self::NoService
+        }
+    }
 }
 
 /// Whether `addr` (network byte order) is in one of the service ranges. The

@@ -96,7 +96,12 @@ impl Packet {
     /// A TCP SYN without ACK, or any UDP datagram: a packet that may start a
     /// new connection on a reused tuple.
     pub fn opens_connection(&self) -> bool {
-        self.proto == proto::UDP || self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+        self.proto == proto::UDP || self.is_pure_syn()
+    }
+
+    /// A TCP SYN without ACK: a connection's first packet, never a reply.
+    pub fn is_pure_syn(&self) -> bool {
+        self.proto == proto::TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
     }
 
     fn l4_csum_offset(&self) -> usize {

@@ -1163,6 +1163,45 @@ fn a_direct_connection_after_a_service_flow_is_left_alone() {
     }
 }
 
+/// A SYN without ACK opens a connection and is never a reply, on either
+/// hook: one from the endpoint to a client port whose service flow is open
+/// (the endpoint connecting back, from its service port) is a new direct
+/// connection, left as it is, and the open flow's replies still translate.
+#[test]
+fn a_syn_is_never_taken_for_a_reply() {
+    let h = Harness::new();
+    let client = (CLIENT, 43300);
+    handshake(&h, client, VIP, "the open flow");
+    for hook in [Hook::FromPod, Hook::ToPod] {
+        check_on(
+            &h,
+            hook,
+            Case {
+                name: "a SYN from the endpoint to the open flow's client port passes as it is",
+                frame: Spec::tcp((POD, 8080), client, SYN).build(),
+                expect: Expect::Untouched,
+                counter: match hook {
+                    Hook::FromPod => counters::PASS_NOT_SERVICE,
+                    Hook::ToPod => counters::PASS_TO_POD,
+                },
+            },
+        );
+        check_on(
+            &h,
+            hook,
+            Case {
+                name: "the open flow's replies still come from its service",
+                frame: Spec::tcp((POD, 8080), client, ACK).build(),
+                expect: Expect::Translated {
+                    src: (VIP, 80),
+                    dst: client,
+                },
+                counter: counters::REPLY_TRANSLATED,
+            },
+        );
+    }
+}
+
 /// `sessionAffinity: ClientIP`: a client's new connections keep the
 /// endpoint its last one used, until the endpoint leaves or the client
 /// opened none for the timeout; other clients pick on their own.

@@ -272,6 +272,9 @@ pub struct Step {
     /// back to the service address).
     pub reply: Vec<f64>,
     pub miss: Vec<f64>,
+    /// The next segment (ACK) of each miss's connection: not a SYN, so the
+    /// program must also rule out that it is a reply.
+    pub miss_segment: Vec<f64>,
     /// repeat = `Config::repeat`, one frame: ns per run.
     pub miss_repeat: Vec<f64>,
     pub empty_repeat: Vec<f64>,
@@ -409,6 +412,15 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
                     tcp_frame(*c, (pod, 8080), SYN)
                 })
                 .collect();
+            // The same connections' later segments: a packet that is not a
+            // SYN may be a reply, which the program must rule out.
+            let miss_segments: Vec<Vec<u8>> = misses
+                .iter()
+                .map(|syn| {
+                    let (dst, src) = (destination(syn), source(syn));
+                    tcp_frame(src, dst, ACK)
+                })
+                .collect();
             // The endpoint each flow's SYN was sent to, from its output frame.
             let chosen = std::cell::RefCell::new(vec![None; flows.len()]);
             let mut time =
@@ -486,6 +498,7 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
             time(prog, &acks, None, &pinned("handshake ACK"), &mut step)?;
             let est = time(prog, &acks, None, &pinned("established segment"), &mut step)?;
             let miss = time(prog, &misses, None, &passed, &mut step)?;
+            let miss_segment = time(prog, &miss_segments, None, &passed, &mut step)?;
             let arp_frames = vec![arp.clone(); frames_for_arp(config.flows_per_round)];
             let arp_s = time(prog, &arp_frames, None, &passed, &mut step)?;
             let after = observer.counter_totals().map_err(|e| e.to_string())?;
@@ -502,6 +515,7 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
             step.reply.push(reply.p50);
             step.established.push(est.p50);
             step.miss.push(miss.p50);
+            step.miss_segment.push(miss_segment.p50);
             step.arp.push(arp_s.p50);
             let (_, d) =
                 test_run(prog, &misses[0], &mut out, config.repeat, None).map_err(|e| e.to_string())?;
@@ -540,14 +554,14 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
 /// Whether the program's counters over one round say what its frames were:
 /// each new flow opened (no clash, no full table), each SYN-ACK translated
 /// back, each handshake ACK and established segment forwarded on its
-/// flow's entry, each miss and ARP frame passed as no service.
+/// flow's entry, each miss (SYN and segment) and ARP frame passed as no service.
 fn counted_as_named(before: &[u64], after: &[u64], flows: u64, arp: u64) -> Result<(), String> {
     use redirector_common::counters::{self as c, LABELS};
     let expected = [
         (c::FORWARD_NEW_FLOW, flows),
         (c::REPLY_TRANSLATED, flows),
         (c::FORWARD_ESTABLISHED, 2 * flows),
-        (c::PASS_NOT_SERVICE, flows),
+        (c::PASS_NOT_SERVICE, 2 * flows),
         (c::PASS_NOT_IPV4, arp),
         (c::DROP_CT_CLASH, 0),
         (c::DROP_CT_FULL, 0),

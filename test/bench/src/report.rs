@@ -407,7 +407,9 @@ fn b5_section(out: &mut String, b5: &crate::progrun::B5) {
          (\"new flow\"), the endpoint's SYN-ACK through the to-pod program (\"reply\"), the client's ACK \
          (completes the handshake, untimed), then a data segment (\"established\": the flow is ESTABLISHED \
          and the segment changes none of its entry's flags, so the entry is not written). \"miss\" is a SYN \
-         to a pod address (no service). \"explain\" runs other new flows with the program's explain mark \
+         to a pod address (no service: a SYN is never a reply, so the address settles it without the \
+         connection table); \"miss, segment\" is the same connection's next segment (an ACK, which could be \
+         a reply: the table is looked up). \"explain\" runs other new flows with the program's explain mark \
          (same lookups, selection and rewrite; no connection-table entries, no counters): hit − explain is \
          what writing the flow's state costs. The ARP frame leaves the program at its first check \
          (PASS_NOT_IPV4). Checked per frame (verdict, the endpoint or service address written, later \
@@ -418,10 +420,10 @@ fn b5_section(out: &mut String, b5: &crate::progrun::B5) {
     );
     let _ = writeln!(
         out,
-        "| N | new flow (hit) | hit p99 (raw) | new flow, explain mode | reply (SYN-ACK, to pod) | established | miss | ARP (not IPv4) | empty program (raw) | miss, repeat {} | sync | table after: ESTABLISHED / flows opened |",
+        "| N | new flow (hit) | hit p99 (raw) | new flow, explain mode | reply (SYN-ACK, to pod) | established | miss | miss, segment | ARP (not IPv4) | empty program (raw) | miss, repeat {} | sync | table after: ESTABLISHED / flows opened |",
         c.repeat
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &b5.steps {
         let repeat_net: Vec<f64> = s
             .miss_repeat
@@ -442,7 +444,7 @@ fn b5_section(out: &mut String, b5: &crate::progrun::B5) {
             .collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s | {established} / {}{} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s | {established} / {}{} |",
             s.services,
             fmt(s.net(&s.hit), 0),
             fmt(Figure::of(&s.hit_p99), 0),
@@ -450,6 +452,7 @@ fn b5_section(out: &mut String, b5: &crate::progrun::B5) {
             fmt(s.net(&s.reply), 0),
             fmt(s.net(&s.established), 0),
             fmt(s.net(&s.miss), 0),
+            fmt(s.net(&s.miss_segment), 0),
             fmt(s.net(&s.arp), 0),
             fmt(Figure::of(&s.empty), 0),
             fmt(Figure::of(&repeat_net), 1),

@@ -3,14 +3,21 @@
 //! Modelled on Cilium's `lb4` maps: one hash map holds, for every service port,
 //! a master entry (`slot == 0`) with the number of backends, and entries for
 //! slots `1..=count` naming a backend ID and, so that a new flow needs no
-//! further lookup, the backend's address. Backends also live in their own map,
-//! which says whether a backend ID still exists. The writer fills backends and
-//! slots before the master entry points at them and removes them only after
-//! the master entry shrank, so the datapath never sees a half-programmed
-//! service.
+//! further lookup, the backend's address. A master entry of a port with at
+//! most [`INLINE_BACKENDS`] slots also carries copies of them, so a new flow
+//! to a small service needs no slot lookup at all (most services have a few
+//! endpoints, and at 100k services each lookup is a cache miss). Backends
+//! also live in their own map, which says whether a backend ID still exists.
+//! The writer fills backends and slots before the master entry points at them
+//! (its copies are written with it, at once) and removes them only after the
+//! master entry shrank, so the datapath never sees a half-programmed service.
 
 /// Service port → backend slots. Key [`ServiceKey`], value [`ServiceEntry`].
-pub const SERVICE_MAP: &str = "SVC_V2";
+/// V3: master entries carry their slots inline.
+pub const SERVICE_MAP: &str = "SVC_V3";
+
+/// Slots a master entry carries inline (see the module's documentation).
+pub const INLINE_BACKENDS: usize = 3;
 /// Backend ID → address. Key `u32` (host order, never 0), value [`Backend`].
 pub const BACKEND_MAP: &str = "BACKEND_V1";
 /// Service address → [`VipEntry`]; tells "a service address on an undefined
@@ -65,8 +72,25 @@ pub struct ServiceEntry {
     /// Slot entries: the backend's port, network byte order. Master: 0.
     pub backend_port: u16,
     pub _pad: [u8; 2],
+    /// Master entry with `count <= INLINE_BACKENDS`: slots `1..=count`,
+    /// copied; the rest zero. Otherwise (and in slot entries) all zero.
+    pub inline: [InlineSlot; INLINE_BACKENDS],
 }
-const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 20 + 12 * INLINE_BACKENDS);
+
+/// A slot as a master entry carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct InlineSlot {
+    /// Backend ID (host order); 0 in an unused copy.
+    pub backend_id: u32,
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<InlineSlot>() == 12);
 
 impl ServiceEntry {
     /// The master entry of a service port with `count` slots.
@@ -79,6 +103,7 @@ impl ServiceEntry {
             backend_addr: 0,
             backend_port: 0,
             _pad: [0; 2],
+            inline: [InlineSlot::EMPTY; INLINE_BACKENDS],
         }
     }
 
@@ -92,9 +117,39 @@ impl ServiceEntry {
             backend_addr: addr,
             backend_port: port,
             _pad: [0; 2],
+            inline: [InlineSlot::EMPTY; INLINE_BACKENDS],
         }
     }
+
+    /// Slot `slot` (`1..=count`) of a master entry whose slots are inline,
+    /// as a slot entry; `None` for a slot it does not carry.
+    pub const fn inline_slot(&self, slot: u16) -> Option<Self> {
+        // A match, not an index: the verifier sees every access is in bounds.
+        let copy = match slot {
+            1 => self.inline[0],
+            2 => self.inline[1],
+            3 => self.inline[2],
+            _ => return None,
+        };
+        if copy.backend_id == 0 {
+            return None;
+        }
+        Some(Self::slot(copy.backend_id, self.svc_id, copy.addr, copy.port))
+    }
 }
+
+impl InlineSlot {
+    pub const EMPTY: Self = Self {
+        backend_id: 0,
+        addr: 0,
+        port: 0,
+        _pad: [0; 2],
+    };
+}
+const _: () = assert!(
+    INLINE_BACKENDS == 3,
+    "ServiceEntry::inline_slot matches every inline slot"
+);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]

@@ -50,8 +50,8 @@ use redirector_common::{
     conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey, FragKey, FragPorts, REFRESH_NS, seen, tcp_flags},
     counters, proto,
     service::{
-        AffinityEntry, AffinityKey, Backend, FLAG_NO_LOCAL_ENDPOINTS, MASTER_SLOT, ServiceEntry, ServiceKey,
-        ServiceMeta, ServiceStats, VipEntry,
+        AffinityEntry, AffinityKey, Backend, FLAG_NO_LOCAL_ENDPOINTS, INLINE_BACKENDS, MASTER_SLOT,
+        ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VipEntry,
     },
 };
 
@@ -59,7 +59,7 @@ use packet::{Fragment, Link, Packet};
 
 // Sizes here are defaults; the agent sets the real ones at load time.
 #[map]
-static SVC_V2: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(65536, 0);
+static SVC_V3: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(65536, 0);
 #[map]
 static BACKEND_V1: HashMap<u32, Backend> = HashMap::pinned(65536, 0);
 #[map]
@@ -423,7 +423,7 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     }
     let master_key = service_key(&pkt, MASTER_SLOT);
     // SAFETY: the entry is copied out at once.
-    let Some(master) = (unsafe { SVC_V2.get(master_key) }).copied() else {
+    let Some(master) = (unsafe { SVC_V3.get(master_key) }).copied() else {
         if destination == Destination::ServiceRange && !is_allocated(pkt.daddr) {
             return Err(Verdict::drop(counters::DROP_UNALLOCATED_IP));
         }
@@ -453,7 +453,7 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
         None => {
             let slot = pick_slot(master.count);
             choice.slot = u32::from(slot);
-            slot_entry(master_key, slot)?
+            slot_entry(&master, master_key, slot)?
         }
     };
     choice.backend_id = chosen.backend_id;
@@ -533,13 +533,17 @@ fn pick_slot(count: u16) -> u16 {
 }
 
 /// The slot entry carries the backend's ID and address, so no backend lookup
-/// follows. The writer writes slots before their master: a missing or empty
+/// follows; a small service's master carries its slots, so no slot lookup
+/// either. The writer writes slots before their master: a missing or empty
 /// slot means the maps are inconsistent.
 #[inline(always)]
-fn slot_entry(master_key: ServiceKey, slot: u16) -> Result<ServiceEntry, Verdict> {
+fn slot_entry(master: &ServiceEntry, master_key: ServiceKey, slot: u16) -> Result<ServiceEntry, Verdict> {
     let missing = Verdict::drop(counters::DROP_BACKEND_MISSING);
+    if usize::from(master.count) <= INLINE_BACKENDS {
+        return master.inline_slot(slot).ok_or(missing);
+    }
     // SAFETY: the entry is copied out at once.
-    let entry = unsafe { SVC_V2.get(ServiceKey { slot, ..master_key }) }
+    let entry = unsafe { SVC_V3.get(ServiceKey { slot, ..master_key }) }
         .copied()
         .ok_or(missing)?;
     if entry.backend_id == 0 {

@@ -24,7 +24,7 @@ use redirector_common::{
     sock::{SockConfig, SockRevEntry, SockRevKey},
 };
 
-use crate::{SVC_V2, SVCSTATS_V1, VIP_V1, Verdict, count, pick_slot, slot_entry};
+use crate::{SVC_V3, SVCSTATS_V1, VIP_V1, Verdict, count, pick_slot, slot_entry};
 
 /// Entries die with the LRU, not with their socket: no hook sees every close.
 #[map]
@@ -97,7 +97,7 @@ fn to_endpoint(ctx: &SockAddrContext, translated: u32) -> i32 {
         _pad: [0; 3],
     };
     // SAFETY: the entry is copied out at once.
-    let Some(master) = (unsafe { SVC_V2.get(master_key) }).copied() else {
+    let Some(master) = (unsafe { SVC_V3.get(master_key) }).copied() else {
         return refuse(ECONNREFUSED, counters::SOCK_REFUSED_UNKNOWN_PORT);
     };
     if master.count == 0 {
@@ -108,7 +108,7 @@ fn to_endpoint(ctx: &SockAddrContext, translated: u32) -> i32 {
         }
         return refuse(ECONNREFUSED, counters::SOCK_REFUSED_NO_ENDPOINTS);
     }
-    let Ok(chosen) = slot_entry(master_key, pick_slot(master.count)) else {
+    let Ok(chosen) = slot_entry(&master, master_key, pick_slot(master.count)) else {
         return refuse(EHOSTUNREACH, counters::SOCK_REFUSED_BACKEND_MISSING);
     };
     let key = SockRevKey {

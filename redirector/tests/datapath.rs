@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -11,7 +11,10 @@ use common::packet::{
     ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, Parsed, RST, SYN, Spec, assert_checksums, fragments, icmp_error,
     quoted, reassemble,
 };
-use redirector::datapath::{Datapath, MapSizes, writer::MapWriter};
+use redirector::datapath::{
+    Datapath, MapSizes,
+    writer::{MapWriter, service_key},
+};
 use redirector::datapath::{Maps, explain, maps_pin_dir};
 use redirector::model::{
     ClientIpAffinity, Desired, Endpoint, Frontend, Ipv4Cidr, NoEndpoints, Protocol, ServicePort,
@@ -748,6 +751,92 @@ fn service(name: &str, endpoints: &[Ipv4Addr]) -> ServicePort {
     }
 }
 
+/// A master entry carries up to three slots itself; larger services use
+/// the slot entries. Either way new flows reach exactly the current
+/// endpoints, across changes that keep the count (the inline copy must
+/// follow), grow past three (to the slots) and shrink back.
+#[test]
+fn new_flows_reach_exactly_the_current_endpoints_inline_or_in_slots() {
+    let mut h = Harness::new();
+    let pod = |last: u8| Ipv4Addr::new(10, 244, 3, last);
+    let steps: [(&str, Vec<Ipv4Addr>); 6] = [
+        ("one endpoint", vec![pod(1)]),
+        ("three endpoints", vec![pod(1), pod(2), pod(3)]),
+        ("one of three replaced", vec![pod(1), pod(4), pod(3)]),
+        ("four endpoints", vec![pod(1), pod(4), pod(3), pod(5)]),
+        ("one of four replaced", vec![pod(6), pod(4), pod(3), pod(5)]),
+        ("back to two", vec![pod(4), pod(5)]),
+    ];
+    let mut client_port = 44000;
+    for (step, endpoints) in steps {
+        let mut desired = Desired::new();
+        desired.insert(fe(VIP, 80, Protocol::Tcp), service("web", &endpoints));
+        let report = h.writer.sync(&desired);
+        assert!(report.errors.is_empty(), "{step}: sync: {:?}", report.errors);
+        let mut reached = BTreeSet::new();
+        // 60 flows: each endpoint is missed with a chance below 1e-5.
+        for _ in 0..60 {
+            client_port += 1;
+            let (verdict, out) = h.run(&Spec::tcp((CLIENT, client_port), (VIP, 80), SYN).build());
+            assert_eq!(verdict, TC_ACT_UNSPEC, "{step}: verdict");
+            let p = Parsed::new(&out);
+            assert_eq!(p.dport, 8080, "{step}: endpoint port");
+            reached.insert(p.dst);
+        }
+        let want: BTreeSet<Ipv4Addr> = endpoints.into_iter().collect();
+        assert_eq!(
+            reached, want,
+            "{step}: new flows reach every current endpoint and no other"
+        );
+    }
+}
+
+/// An agent that stopped between a slot's write and its master's leaves an
+/// inline copy that is not the slot: the next agent rewrites the port, so
+/// new flows do not go to the endpoint the copy still names.
+#[test]
+fn a_restart_rewrites_a_master_whose_inline_slots_are_stale() {
+    let bpffs = common::Bpffs::new("rdt-inline");
+    let pod2 = Ipv4Addr::new(10, 244, 2, 2);
+    let mut desired = Desired::new();
+    desired.insert(fe(VIP, 80, Protocol::Tcp), service("web", &[pod2]));
+    {
+        let (_datapath, maps) = Datapath::load(bpffs.path(), &MapSizes::default()).expect("load");
+        let mut writer = MapWriter::new(maps).expect("writer");
+        let first = writer.sync(&desired);
+        assert!(first.errors.is_empty(), "first sync: {:?}", first.errors);
+        // The master's copy names another endpoint than its slot 1.
+        let key = service_key(fe(VIP, 80, Protocol::Tcp), 0);
+        let mut pins = Maps::from_pins(&maps_pin_dir(bpffs.path())).expect("the pinned maps");
+        let mut master = pins.services.get(&key, 0).expect("the master entry");
+        master.inline[0].addr = u32::from_ne_bytes(POD.octets());
+        pins.services
+            .insert(key, master, 0)
+            .expect("writing the stale copy");
+    }
+    let (datapath, maps) = Datapath::load(bpffs.path(), &MapSizes::default()).expect("reload");
+    let mut writer = MapWriter::new(maps).expect("writer after restart");
+    let resumed = writer.sync(&desired);
+    assert!(resumed.errors.is_empty(), "resync: {:?}", resumed.errors);
+    assert!(resumed.writes > 0, "the damaged port is written again");
+    let frame = Spec::tcp((CLIENT, 45000), (VIP, 80), SYN).build();
+    let mut out = vec![0u8; 2048];
+    let result = datapath
+        .program()
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    assert_eq!(
+        Parsed::new(&out).dst,
+        pod2,
+        "a new flow reaches the slot's endpoint"
+    );
+}
+
 #[test]
 fn resync_without_changes_writes_nothing_and_a_restart_resumes_from_pins() {
     let bpffs = common::Bpffs::new("rdt-resync");
@@ -825,7 +914,7 @@ fn a_full_map_names_the_service_that_did_not_fit_and_the_rest_keeps_working() {
     );
     let message = report.errors[0].to_string();
     assert!(
-        message.contains("default/too-big:http") && message.contains("SVC_V2") && message.contains("full"),
+        message.contains("default/too-big:http") && message.contains("SVC_V3") && message.contains("full"),
         "the error names the service and the map: {message}"
     );
     assert_eq!(
@@ -1480,7 +1569,7 @@ fn a_load_removes_pins_of_older_map_layouts() {
         !dir.join("AFFINITY_V0").exists(),
         "the older layout's pin is gone"
     );
-    for name in ["AFFINITY_V1", "CT_V2", "SVC_V2", "COUNTERS_V3"] {
+    for name in ["AFFINITY_V1", "CT_V2", "SVC_V3", "COUNTERS_V3"] {
         assert!(dir.join(name).exists(), "{name} is pinned");
     }
 }

@@ -13,8 +13,9 @@ use aya::maps::{MapError, PerCpuValues};
 use redirector_common::{
     config::{CONFIG_MAP, Config, MAX_SERVICE_CIDRS, ServiceCidr},
     service::{
-        BACKEND_MAP, Backend, FLAG_NO_LOCAL_ENDPOINTS, MASTER_SLOT, SERVICE_MAP, SERVICE_META_MAP,
-        SERVICE_STATS_MAP, ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VIP_MAP, VipEntry,
+        BACKEND_MAP, Backend, FLAG_NO_LOCAL_ENDPOINTS, INLINE_BACKENDS, InlineSlot, MASTER_SLOT, SERVICE_MAP,
+        SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VIP_MAP,
+        VipEntry,
     },
 };
 
@@ -327,7 +328,7 @@ impl MapWriter {
         let masters: Vec<(ServiceKey, ServiceEntry)> = planned
             .iter()
             .map(|(fe, port, svc_id, slots)| {
-                let master = master_entry(slots.len(), *svc_id, MasterParams::of(port));
+                let master = master_entry(slots, *svc_id, MasterParams::of(port));
                 (service_key(*fe, MASTER_SLOT), master)
             })
             .collect();
@@ -428,7 +429,7 @@ impl MapWriter {
         let mut undo = Vec::new();
         let result = self.write_service(
             fe,
-            master_entry(new_slots.len(), svc_id, params),
+            master_entry(&new_slots, svc_id, params),
             old.as_ref().map(|o| o.master),
             old_slots,
             &new_slots,
@@ -489,7 +490,8 @@ impl MapWriter {
     }
 
     /// Backends, then changed slots, then the master entry (when it is new,
-    /// or its count or parameters change). `old_master` is `None` for a new port.
+    /// or its count, parameters or inline slots change). `old_master` is
+    /// `None` for a new port.
     #[allow(
         clippy::too_many_arguments,
         reason = "one service port's parts, written in the order the datapath needs"
@@ -531,7 +533,8 @@ impl MapWriter {
             });
             report.writes += 1;
         }
-        if old_master != Some(MasterParams::of_entry(&master)) || old_slots.len() != new_slots.len() {
+        // Its count, parameters or inline slots changed.
+        if old_master.map(|params| master_entry(old_slots, svc_id, params)) != Some(master) {
             self.maps
                 .services
                 .insert(service_key(fe, MASTER_SLOT), master, 0)
@@ -672,19 +675,26 @@ impl MapWriter {
         let backend_ids: Vec<u32> = self.maps.backends.keys().filter_map(Result::ok).collect();
         let entries = stored.len() + backend_ids.len();
         for port in stored {
-            // A damaged port is forgotten, so the next sync rewrites it whole.
+            // A damaged port is forgotten, so the next sync rewrites it whole:
+            // a slot or backend missing, or a master whose inline slots are
+            // not its slots (an agent stopped between the two writes).
             let Some(slots) = port.slots.into_iter().collect::<Option<Vec<_>>>() else {
                 continue;
             };
+            let slots: Vec<Slot> = slots
+                .into_iter()
+                .map(|(backend_id, endpoint)| Slot { backend_id, endpoint })
+                .collect();
+            let master = MasterParams::of_entry(&port.master);
+            if master_entry(&slots, port.master.svc_id, master) != port.master {
+                continue;
+            }
             self.track(
                 port.frontend,
                 Programmed {
                     svc_id: port.master.svc_id,
-                    master: MasterParams::of_entry(&port.master),
-                    slots: slots
-                        .into_iter()
-                        .map(|(backend_id, endpoint)| Slot { backend_id, endpoint })
-                        .collect(),
+                    master,
+                    slots,
                     meta: self
                         .maps
                         .meta
@@ -796,12 +806,25 @@ fn backend_entry(fe: Frontend, slot: &Slot) -> Backend {
 }
 
 /// The service map's entry for `slot`: its backend ID and address.
-/// The master entry of a service port with `slots` slots.
-fn master_entry(slots: usize, svc_id: u32, params: MasterParams) -> ServiceEntry {
+/// The master entry of a service port with `slots`, carrying them inline
+/// when they are few enough.
+fn master_entry(slots: &[Slot], svc_id: u32, params: MasterParams) -> ServiceEntry {
+    let mut inline = [InlineSlot::EMPTY; INLINE_BACKENDS];
+    if slots.len() <= INLINE_BACKENDS {
+        for (copy, slot) in inline.iter_mut().zip(slots) {
+            *copy = InlineSlot {
+                backend_id: slot.backend_id,
+                addr: u32::from_ne_bytes(slot.endpoint.addr.octets()),
+                port: slot.endpoint.port.to_be(),
+                _pad: [0; 2],
+            };
+        }
+    }
     ServiceEntry {
         flags: params.flags,
         backend_id: params.affinity_timeout,
-        ..ServiceEntry::master(slots as u16, svc_id)
+        inline,
+        ..ServiceEntry::master(slots.len() as u16, svc_id)
     }
 }
 

@@ -55,6 +55,7 @@ impl Harness {
         let port = |name: &str, eps: &[(Ipv4Addr, u16)]| ServicePort {
             no_endpoints: Default::default(),
             affinity: None,
+            also_serving: Vec::new(),
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -678,6 +679,7 @@ fn new_connection_on_a_reused_tuple_leaves_a_removed_endpoint() {
         ServicePort {
             no_endpoints: Default::default(),
             affinity: None,
+            also_serving: Vec::new(),
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -732,6 +734,7 @@ fn service(name: &str, endpoints: &[Ipv4Addr]) -> ServicePort {
     ServicePort {
         no_endpoints: Default::default(),
         affinity: None,
+        also_serving: Vec::new(),
         info: Default::default(),
         name: ServicePortName {
             namespace: "default".into(),
@@ -1173,6 +1176,7 @@ fn session_affinity_keeps_a_client_on_its_endpoint() {
     let sticky = |timeout_seconds: u32, endpoints: &[Ipv4Addr]| ServicePort {
         no_endpoints: Default::default(),
         affinity: Some(ClientIpAffinity { timeout_seconds }),
+        also_serving: Vec::new(),
         info: Default::default(),
         name: ServicePortName {
             namespace: "default".into(),

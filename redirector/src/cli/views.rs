@@ -258,6 +258,7 @@ pub(super) mod fixture {
                 port: name.into(),
             },
             endpoints: eps.clone(),
+            also_serving: Vec::new(),
             info,
         };
         ProgrammedPort {

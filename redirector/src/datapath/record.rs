@@ -213,6 +213,7 @@ mod tests {
                     port: 80,
                 },
             ],
+            also_serving: Vec::new(),
             info: ServiceInfo {
                 labels: (0..labels)
                     .map(|i| (format!("label-{i}"), "x".repeat(20)))

@@ -3,11 +3,14 @@
 //! Modelled on Cilium's `lb4` maps: one hash map holds, for every service port,
 //! a master entry (`slot == 0`) with the number of backends, and entries for
 //! slots `1..=count` naming a backend ID and, so that a new flow needs no
-//! further lookup, the backend's address. Backends also live in their own map,
-//! which says whether a backend ID still exists. The writer fills backends and
-//! slots before the master entry points at them and removes them only after
-//! the master entry shrank, so the datapath never sees a half-programmed
-//! service.
+//! further lookup, the backend's address. Slots after `count` name the
+//! port's draining backends ([`BACKEND_FLAG_DRAINING`]), which new flows never
+//! pick; they are kept there so that a restarted agent finds them again.
+//! Backends also live in their own map, which says whether a backend ID still
+//! exists (an opening packet on a flow whose backend is gone picks again).
+//! The writer fills backends and slots before the master entry points at
+//! them and removes them only after the master entry shrank, so the datapath
+//! never sees a half-programmed service.
 
 /// Service port → backend slots. Key [`ServiceKey`], value [`ServiceEntry`].
 pub const SERVICE_MAP: &str = "SVC_V2";
@@ -35,7 +38,8 @@ pub struct ServiceKey {
     pub addr: u32,
     /// Service port, network byte order.
     pub port: u16,
-    /// 0 for the master entry, 1..=count for backend slots; host byte order.
+    /// 0 for the master entry, 1..=count for backend slots, beyond `count`
+    /// the draining backends; host byte order.
     pub slot: u16,
     /// [`crate::proto`] number.
     pub proto: u8,
@@ -105,9 +109,20 @@ pub struct Backend {
     pub port: u16,
     /// [`crate::proto`] number.
     pub proto: u8,
-    pub _pad: u8,
+    /// `BACKEND_FLAG_*` bits. A layout from before this field had padding
+    /// here, always 0: no flag.
+    pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+/// [`Backend::flags`]: the endpoint is no longer selected for its service
+/// port (terminating while others are ready, or left out by topology or
+/// policy) but still serving. Flows already on it keep it, as kube-proxy
+/// keeps the conntrack entries of a serving endpoint; new connections never
+/// go to it, session affinity included (kube-proxy's `recent` rules exist
+/// only for selected endpoints). The writer keeps it in a slot after the
+/// master's count, where new flows never pick it.
+pub const BACKEND_FLAG_DRAINING: u8 = 1 << 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]

@@ -6,11 +6,15 @@
 //! further lookup, the backend's address. A master entry of a port with at
 //! most [`INLINE_BACKENDS`] slots also carries copies of them, so a new flow
 //! to a small service needs no slot lookup at all (most services have a few
-//! endpoints, and at 100k services each lookup is a cache miss). Backends
-//! also live in their own map, which says whether a backend ID still exists.
-//! The writer fills backends and slots before the master entry points at them
-//! (its copies are written with it, at once) and removes them only after the
-//! master entry shrank, so the datapath never sees a half-programmed service.
+//! endpoints, and at 100k services each lookup is a cache miss). Slots after
+//! `count` name the port's draining backends ([`BACKEND_FLAG_DRAINING`]),
+//! which new flows never pick (and the master does not copy); they are kept
+//! there so that a restarted agent finds them again. Backends also live in
+//! their own map, which says whether a backend ID still exists (an opening
+//! packet on a flow whose backend is gone picks again). The writer fills
+//! backends and slots before the master entry points at them (its copies are
+//! written with it, at once) and removes them only after the master entry
+//! shrank, so the datapath never sees a half-programmed service.
 
 /// Service port → backend slots. Key [`ServiceKey`], value [`ServiceEntry`].
 /// V3: master entries carry their slots inline.
@@ -42,7 +46,8 @@ pub struct ServiceKey {
     pub addr: u32,
     /// Service port, network byte order.
     pub port: u16,
-    /// 0 for the master entry, 1..=count for backend slots; host byte order.
+    /// 0 for the master entry, 1..=count for backend slots, beyond `count`
+    /// the draining backends; host byte order.
     pub slot: u16,
     /// [`crate::proto`] number.
     pub proto: u8,
@@ -160,9 +165,20 @@ pub struct Backend {
     pub port: u16,
     /// [`crate::proto`] number.
     pub proto: u8,
-    pub _pad: u8,
+    /// `BACKEND_FLAG_*` bits. A layout from before this field had padding
+    /// here, always 0: no flag.
+    pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+/// [`Backend::flags`]: the endpoint is no longer selected for its service
+/// port (terminating while others are ready, or left out by topology or
+/// policy) but still serving. Flows already on it keep it, as kube-proxy
+/// keeps the conntrack entries of a serving endpoint; new connections never
+/// go to it, session affinity included (kube-proxy's `recent` rules exist
+/// only for selected endpoints). The writer keeps it in a slot after the
+/// master's count, where new flows never pick it.
+pub const BACKEND_FLAG_DRAINING: u8 = 1 << 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]

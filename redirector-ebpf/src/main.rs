@@ -506,8 +506,9 @@ fn count_forward(ctx: &TcContext, mode: Mode, svc_id: u32, new_flow: bool) {
 }
 
 /// The backend a client's last new connection to the service port used, as
-/// a slot entry, while it exists and the client opened a connection within
-/// `timeout_s` (kube-proxy's `recent --rcheck --seconds`).
+/// a slot entry, while it exists, is not draining (kube-proxy's `recent`
+/// rules exist only for selected endpoints) and the client opened a
+/// connection within `timeout_s` (kube-proxy's `recent --rcheck --seconds`).
 #[inline(always)]
 fn affine_backend(key: &AffinityKey, timeout_s: u32) -> Option<ServiceEntry> {
     // SAFETY: the entry is copied out at once.
@@ -517,6 +518,9 @@ fn affine_backend(key: &AffinityKey, timeout_s: u32) -> Option<ServiceEntry> {
     }
     // SAFETY: the entry is copied out at once.
     let backend = unsafe { BACKEND_V1.get(last.backend_id) }.copied()?;
+    if backend.flags & redirector_common::service::BACKEND_FLAG_DRAINING != 0 {
+        return None;
+    }
     Some(ServiceEntry::slot(
         last.backend_id,
         key.svc_id,

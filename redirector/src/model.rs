@@ -123,6 +123,13 @@ impl fmt::Display for ServicePortName {
 pub struct ServicePort {
     pub name: ServicePortName,
     pub endpoints: Vec<Endpoint>,
+    /// The port's other endpoints that are still serving (sorted): terminating
+    /// ones while some are ready, and those topology or the Local policy
+    /// leave out. New flows never pick them; flows already on one (picked
+    /// while it was in `endpoints`) keep it while it serves, as kube-proxy
+    /// clears a UDP endpoint's conntrack entries only once it stops serving
+    /// or goes.
+    pub also_serving: Vec<Endpoint>,
     /// What new flows get while `endpoints` is empty; always
     /// [`NoEndpoints::Reject`] when it is not, so equal behaviour compares equal.
     pub no_endpoints: NoEndpoints,

@@ -12,6 +12,8 @@ use common::{Connection, Fixture, agent_binary, eventually, tcp_request, udp_req
 use redirector::conntrack::{self, Flow};
 use redirector::datapath::maps::conntrack_from_pins;
 use redirector::datapath::maps_pin_dir;
+use redirector::datapath::record::Snapshot;
+use redirector::model::{Endpoint, Protocol};
 use redirector_common::conntrack::FlowState;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
@@ -250,18 +252,15 @@ fn services_sharing_a_pod_used_in_turn_from_one_port_each_answer() {
     }
 }
 
-/// A UDP flow whose endpoint leaves moves to another one at its next
-/// datagram, as kube-proxy clears conntrack for a removed UDP endpoint.
-#[test]
-fn udp_flows_move_off_a_removed_endpoint_at_once() {
-    let (fx, client) = bed("ctudp", &[("web-a", POD_A), ("web-b", POD_B)]);
-    let _agent = fx.start_agent(agent_binary(), &[]);
-    let socket = common::in_netns(&client, || std::net::UdpSocket::bind("0.0.0.0:0")).expect("a UDP socket");
+/// One UDP flow from `netns` to `to`: a connected socket, so every datagram
+/// has the same client port. `ask` sends one and says which pod answered.
+fn udp_flow(netns: &str, to: SocketAddrV4) -> impl Fn() -> Result<String, String> {
+    let socket = common::in_netns(netns, || std::net::UdpSocket::bind("0.0.0.0:0")).expect("a UDP socket");
     socket
         .set_read_timeout(Some(Duration::from_millis(500)))
         .expect("timeout");
-    socket.connect(DNS).expect("connect");
-    let ask = || -> Result<String, String> {
+    socket.connect(to).expect("connect");
+    move || {
         socket.send(b"hello").map_err(|e| e.to_string())?;
         let mut buf = [0u8; 512];
         let n = socket.recv(&mut buf).map_err(|e| e.to_string())?;
@@ -270,8 +269,78 @@ fn udp_flows_move_off_a_removed_endpoint_at_once() {
             .find_map(|field| field.strip_prefix("pod="))
             .map(str::to_owned)
             .ok_or(text)
+    }
+}
+
+/// Pod `name` as `web_pod` writes it, but terminating (`deletionTimestamp`
+/// set): serving while it is still Ready, not serving once it is not.
+fn terminating_pod(name: &str, addr: Ipv4Addr, serving: bool) -> String {
+    let pod = web_pod(name, addr, None).replace(
+        "  namespace: default\n",
+        "  namespace: default\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n",
+    );
+    if serving {
+        pod
+    } else {
+        pod.replace("status: \"True\"", "status: \"False\"")
+    }
+}
+
+/// Pod `name` as `web_pod` writes it, but not Ready (neither picked nor serving).
+fn unready_pod(name: &str, addr: Ipv4Addr) -> String {
+    web_pod(name, addr, None).replace("status: \"True\"", "status: \"False\"")
+}
+
+/// Waits until the agent programmed the service port at `frontend` with
+/// `picked` for new flows and `draining` kept for the flows already on them
+/// (endpoints on port 8080).
+fn wait_for_port(
+    fx: &Fixture,
+    frontend: SocketAddrV4,
+    protocol: Protocol,
+    picked: &[Ipv4Addr],
+    draining: &[Ipv4Addr],
+) {
+    let endpoints = |addrs: &[Ipv4Addr]| -> Vec<Endpoint> {
+        let mut v: Vec<Endpoint> = addrs.iter().map(|&addr| Endpoint { addr, port: 8080 }).collect();
+        v.sort();
+        v
     };
-    let first = eventually("UDP to the service", SYNC_TIMEOUT, ask);
+    let want = (endpoints(picked), endpoints(draining));
+    eventually(
+        &format!("{frontend}/{protocol}: picks {picked:?}, drains {draining:?}"),
+        SYNC_TIMEOUT,
+        || {
+            let snapshot = Snapshot::read(fx.bpffs.path()).map_err(|e| e.to_string())?;
+            let port = snapshot
+                .ports
+                .iter()
+                .find(|p| {
+                    p.frontend.addr == *frontend.ip()
+                        && p.frontend.port == frontend.port()
+                        && p.frontend.protocol == protocol
+                })
+                .ok_or("not programmed")?;
+            let mut got = (port.endpoints.clone(), port.draining.clone());
+            got.0.sort();
+            got.1.sort();
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    );
+}
+
+/// A UDP flow whose endpoint leaves moves to another one at its next
+/// datagram, as kube-proxy clears conntrack for a removed UDP endpoint.
+#[test]
+fn udp_flows_move_off_a_removed_endpoint_at_once() {
+    let (fx, client) = bed("ctudp", &[("web-a", POD_A), ("web-b", POD_B)]);
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    let ask = udp_flow(&client, DNS);
+    let first = eventually("UDP to the service", SYNC_TIMEOUT, &ask);
     assert_eq!(
         ask().as_deref(),
         Ok(first.as_str()),
@@ -290,17 +359,49 @@ fn udp_flows_move_off_a_removed_endpoint_at_once() {
     );
 }
 
-/// `sessionAffinity: ClientIP` end to end: 20 connections from one client
-/// all reach the same endpoint, and the client moves when it leaves (that it
-/// stays there once the first endpoint is back, and the timeout, are in the
-/// datapath tests).
+/// A UDP flow keeps an endpoint that is terminating but still serving, as
+/// kube-proxy keeps a UDP endpoint's conntrack entries until it stops
+/// serving: its next datagrams still reach it while new flows go to the
+/// ready endpoint; once it stops serving, the flow moves at its next datagram.
 #[test]
-fn session_affinity_holds_and_moves_when_the_endpoint_leaves() {
-    let (fx, client) = bed("ctaff", &[("web-a", POD_A), ("web-b", POD_B)]);
-    const STICKY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 22), 80);
-    fx.write_manifest(
-        "sticky.yaml",
-        "apiVersion: v1
+fn udp_flows_stay_on_a_terminating_endpoint_while_it_serves() {
+    let (fx, client) = bed("ctdrain", &[("web-a", POD_A), ("web-b", POD_B)]);
+    fx.write_manifest("web-b.yaml", &unready_pod("web-b", POD_B));
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    let ask = udp_flow(&client, DNS);
+    let first = eventually("UDP to the service", SYNC_TIMEOUT, &ask);
+    assert_eq!(first, "web-a", "web-a is the only ready endpoint");
+
+    fx.write_manifest("web-b.yaml", &web_pod("web-b", POD_B, None));
+    fx.write_manifest("web-a.yaml", &terminating_pod("web-a", POD_A, true));
+    wait_for_port(&fx, DNS, Protocol::Udp, &[POD_B], &[POD_A]);
+    for datagram in 0..5 {
+        assert_eq!(
+            ask().as_deref(),
+            Ok("web-a"),
+            "datagram {datagram} of the open flow still reaches the terminating, serving endpoint"
+        );
+    }
+    for flow in 0..5 {
+        let answer = udp_request(&client, DNS).unwrap_or_else(|e| panic!("new flow {flow}: {e}"));
+        assert_eq!(
+            answer.pod, "web-b",
+            "new flow {flow} (another client port) goes to the ready endpoint"
+        );
+    }
+
+    fx.write_manifest("web-a.yaml", &terminating_pod("web-a", POD_A, false));
+    wait_for_port(&fx, DNS, Protocol::Udp, &[POD_B], &[]);
+    assert_eq!(
+        ask().as_deref(),
+        Ok("web-b"),
+        "the flow's next datagram moves once its endpoint stops serving"
+    );
+}
+
+const STICKY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 22), 80);
+/// `STICKY`: `app: web` on port 80 with `sessionAffinity: ClientIP`.
+const STICKY_SERVICE: &str = "apiVersion: v1
 kind: Service
 metadata:
   name: sticky
@@ -317,8 +418,16 @@ spec:
   - name: http
     port: 80
     targetPort: 8080
-",
-    );
+";
+
+/// `sessionAffinity: ClientIP` end to end: 20 connections from one client
+/// all reach the same endpoint, and the client moves when it leaves (that it
+/// stays there once the first endpoint is back, and the timeout, are in the
+/// datapath tests).
+#[test]
+fn session_affinity_holds_and_moves_when_the_endpoint_leaves() {
+    let (fx, client) = bed("ctaff", &[("web-a", POD_A), ("web-b", POD_B)]);
+    fx.write_manifest("sticky.yaml", STICKY_SERVICE);
     let _agent = fx.start_agent(agent_binary(), &[]);
     let first = eventually("the sticky service", SYNC_TIMEOUT, || {
         tcp_request(&client, STICKY).map_err(|e| e.to_string())
@@ -341,6 +450,33 @@ spec:
             Err(e) => Err(e.to_string()),
         },
     );
+}
+
+/// Session affinity never sends a new connection to a terminating endpoint,
+/// even one that still serves (kube-proxy's `recent` rules exist only for
+/// the endpoints it picks from): the client's next connection goes to the
+/// ready one, and stays there.
+#[test]
+fn session_affinity_leaves_a_terminating_endpoint() {
+    let (fx, client) = bed("ctaffdrain", &[("web-a", POD_A), ("web-b", POD_B)]);
+    fx.write_manifest("sticky.yaml", STICKY_SERVICE);
+    fx.write_manifest("web-b.yaml", &unready_pod("web-b", POD_B));
+    let _agent = fx.start_agent(agent_binary(), &[]);
+    let first = eventually("the sticky service", SYNC_TIMEOUT, || {
+        tcp_request(&client, STICKY).map_err(|e| e.to_string())
+    });
+    assert_eq!(first.pod, "web-a", "web-a is the only ready endpoint");
+
+    fx.write_manifest("web-b.yaml", &web_pod("web-b", POD_B, None));
+    fx.write_manifest("web-a.yaml", &terminating_pod("web-a", POD_A, true));
+    wait_for_port(&fx, STICKY, Protocol::Tcp, &[POD_B], &[POD_A]);
+    for attempt in 0..5 {
+        let answer = tcp_request(&client, STICKY).unwrap_or_else(|e| panic!("connection {attempt}: {e}"));
+        assert_eq!(
+            answer.pod, "web-b",
+            "connection {attempt} leaves the client's draining endpoint for the ready one"
+        );
+    }
 }
 
 /// An endpoint's ICMP port unreachable reaches the client as the service's:

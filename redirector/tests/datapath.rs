@@ -58,6 +58,7 @@ impl Harness {
         let port = |name: &str, eps: &[(Ipv4Addr, u16)]| ServicePort {
             no_endpoints: Default::default(),
             affinity: None,
+            also_serving: Vec::new(),
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -681,6 +682,7 @@ fn new_connection_on_a_reused_tuple_leaves_a_removed_endpoint() {
         ServicePort {
             no_endpoints: Default::default(),
             affinity: None,
+            also_serving: Vec::new(),
             info: Default::default(),
             name: ServicePortName {
                 namespace: "default".into(),
@@ -735,6 +737,7 @@ fn service(name: &str, endpoints: &[Ipv4Addr]) -> ServicePort {
     ServicePort {
         no_endpoints: Default::default(),
         affinity: None,
+        also_serving: Vec::new(),
         info: Default::default(),
         name: ServicePortName {
             namespace: "default".into(),
@@ -1301,6 +1304,7 @@ fn session_affinity_keeps_a_client_on_its_endpoint() {
     let sticky = |timeout_seconds: u32, endpoints: &[Ipv4Addr]| ServicePort {
         no_endpoints: Default::default(),
         affinity: Some(ClientIpAffinity { timeout_seconds }),
+        also_serving: Vec::new(),
         info: Default::default(),
         name: ServicePortName {
             namespace: "default".into(),

@@ -139,6 +139,17 @@ pub fn describe_service(
             &format!("{}/{proto}", record.info.target_port),
         );
         field(&mut out, "Endpoints", &list_endpoints(&sorted(&port.endpoints)));
+        // Only while some drain, as `Chosen Here`.
+        if !port.draining.is_empty() {
+            field(
+                &mut out,
+                "Draining",
+                &format!(
+                    "{} (still serving: their flows stay, new ones go elsewhere)",
+                    list_endpoints(&sorted(&port.draining))
+                ),
+            );
+        }
         if let Some(chosen) = chosen_here(&record.info) {
             field(&mut out, "Chosen Here", &chosen);
         }
@@ -267,6 +278,30 @@ Drift:                    none (the maps hold what the agent wants)
         assert!(
             err.contains("shop/nope") && err.contains("/x"),
             "unknown service names it: {err}"
+        );
+    }
+
+    #[test]
+    fn draining_endpoints_get_a_line_under_their_port() {
+        let mut s = snapshot();
+        // The fixture's ports come https, then http.
+        s.ports[1].draining = vec![crate::cli::views::fixture::ep(3, 8080)];
+        let text = describe_service(&s, "shop", "web-app", Path::new("/x"), None).expect("described");
+        let draining: Vec<&str> = text.lines().filter(|l| l.starts_with("Draining:")).collect();
+        assert_eq!(
+            draining,
+            [
+                "Draining:                 10.244.1.3:8080 (still serving: their flows stay, new ones go elsewhere)"
+            ],
+            "a line for the port with a draining endpoint only:\n{text}"
+        );
+        assert!(
+            text.contains("Endpoints:                10.244.1.1:8080,10.244.1.2:8080\nDraining:"),
+            "under the http port's endpoints:\n{text}"
+        );
+        assert!(
+            text.contains("Drift:                    none"),
+            "draining endpoints are not drift:\n{text}"
         );
     }
 

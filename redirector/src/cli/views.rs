@@ -258,6 +258,7 @@ pub(super) mod fixture {
                 port: name.into(),
             },
             endpoints: eps.clone(),
+            also_serving: Vec::new(),
             info,
         };
         ProgrammedPort {
@@ -268,6 +269,7 @@ pub(super) mod fixture {
             },
             svc_id: index as u32 + 1,
             endpoints: eps,
+            draining: Vec::new(),
             record: Some(PortRecord::new(&sp)),
             stats: ServiceStats {
                 packets: 7,

@@ -35,6 +35,9 @@ pub struct StoredPort {
     pub frontend: Frontend,
     pub master: ServiceEntry,
     pub slots: Vec<Option<(u32, Endpoint)>>,
+    /// The draining backends: the slots after the master's count, up to the
+    /// first one missing (it or its backend).
+    pub draining: Vec<(u32, Endpoint)>,
 }
 
 /// The connection table, as the sweeper and the CLI hold it.
@@ -114,7 +117,8 @@ impl Maps {
 
     /// Every service port in the maps: its master entry and, slot by slot,
     /// the backend ID and endpoint it names (`None` where a slot or its
-    /// backend is missing, as after an interrupted update).
+    /// backend is missing, as after an interrupted update), then its
+    /// draining backends.
     pub fn stored_ports(&self) -> Result<Vec<StoredPort>, MapsError> {
         let mut backends = std::collections::HashMap::new();
         for item in self.backends.iter() {
@@ -149,16 +153,18 @@ impl Maps {
                 slots.insert((frontend, key.slot), entry.backend_id);
             }
         }
+        let named = |frontend: Frontend, slot: u16| {
+            let id = *slots.get(&(frontend, slot))?;
+            Some((id, *backends.get(&id)?))
+        };
         Ok(masters
             .into_iter()
             .map(|(frontend, master)| StoredPort {
                 frontend,
                 master,
-                slots: (1..=master.count)
-                    .map(|slot| {
-                        let id = *slots.get(&(frontend, slot))?;
-                        Some((id, *backends.get(&id)?))
-                    })
+                slots: (1..=master.count).map(|slot| named(frontend, slot)).collect(),
+                draining: (master.count..u16::MAX)
+                    .map_while(|before| named(frontend, before + 1))
                     .collect(),
             })
             .collect())

@@ -100,6 +100,9 @@ pub struct ProgrammedPort {
     pub svc_id: u32,
     /// In slot order.
     pub endpoints: Vec<Endpoint>,
+    /// No longer picked by new flows but still serving: flows already on
+    /// them keep them (see `BACKEND_FLAG_DRAINING`).
+    pub draining: Vec<Endpoint>,
     pub record: Option<PortRecord>,
     pub stats: ServiceStats,
 }
@@ -175,6 +178,7 @@ impl Snapshot {
                     .flatten()
                     .map(|(_, endpoint)| endpoint)
                     .collect(),
+                draining: port.draining.into_iter().map(|(_, endpoint)| endpoint).collect(),
                 record: records.remove(&port.master.svc_id),
                 stats: maps.service_stats(port.master.svc_id).unwrap_or_default(),
             });
@@ -213,6 +217,7 @@ mod tests {
                     port: 80,
                 },
             ],
+            also_serving: Vec::new(),
             info: ServiceInfo {
                 labels: (0..labels)
                     .map(|i| (format!("label-{i}"), "x".repeat(20)))

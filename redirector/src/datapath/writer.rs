@@ -5,6 +5,19 @@
 //! counts them, and removals (shrunk masters first, then slots, then backends,
 //! then whole services) after every addition. A service port whose writes fail
 //! is rolled back to its previous state and reported; the others go on.
+//!
+//! Draining endpoints: an endpoint that leaves a port's selection while it
+//! still serves (terminating while others are ready, or left out by topology
+//! or policy) keeps its backend, ID and all, flagged
+//! [`BACKEND_FLAG_DRAINING`], so flows already on it stay (kube-proxy keeps a
+//! UDP endpoint's conntrack entries until it stops serving or goes) and
+//! session affinity no longer sends new connections to it. Its slot moves
+//! after the master's count (slot `count + 1 + i` holds the `i`th draining
+//! backend), where new flows never pick it and where a restarted agent reads
+//! it back; it goes, slot and backend, once the endpoint stops serving or
+//! leaves the port. So the rule above has one more step: slots up to the new
+//! count are written before the master, the draining slots after it, so that
+//! no new flow picks a draining backend in between.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -13,9 +26,9 @@ use aya::maps::{MapError, PerCpuValues};
 use redirector_common::{
     config::{CONFIG_MAP, Config, MAX_SERVICE_CIDRS, ServiceCidr},
     service::{
-        BACKEND_MAP, Backend, FLAG_NO_LOCAL_ENDPOINTS, INLINE_BACKENDS, InlineSlot, MASTER_SLOT, SERVICE_MAP,
-        SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VIP_MAP,
-        VipEntry,
+        BACKEND_FLAG_DRAINING, BACKEND_MAP, Backend, FLAG_NO_LOCAL_ENDPOINTS, INLINE_BACKENDS, InlineSlot,
+        MASTER_SLOT, SERVICE_MAP, SERVICE_META_MAP, SERVICE_STATS_MAP, ServiceEntry, ServiceKey, ServiceMeta,
+        ServiceStats, VIP_MAP, VipEntry,
     },
 };
 
@@ -105,9 +118,20 @@ struct Programmed {
     master: MasterParams,
     /// Slot `i + 1` holds `slots[i]`.
     slots: Vec<Slot>,
+    /// Slot `slots.len() + 1 + i` holds `draining[i]`, beyond the master's
+    /// count: no longer selected, still serving.
+    draining: Vec<Slot>,
     /// Digest of the record last written to the metadata map (the record
     /// itself is 512 bytes; this keeps the agent small at scale).
     meta: Option<u64>,
+}
+
+impl Programmed {
+    /// Every slot in key order: the selected ones, then the draining ones.
+    fn layout(&self) -> impl Iterator<Item = (&Slot, bool)> {
+        let selected = self.slots.iter().map(|slot| (slot, false));
+        selected.chain(self.draining.iter().map(|slot| (slot, true)))
+    }
 }
 
 /// Service port IDs index per-service arrays, so they stay below the arrays'
@@ -138,8 +162,10 @@ impl SvcIds {
 /// Undo log of one service port's update, applied in reverse on failure.
 enum Undo {
     DeleteBackend(u32),
-    DeleteSlot(ServiceKey),
-    RestoreSlot(ServiceKey, ServiceEntry),
+    RestoreBackend(u32, Backend),
+    /// A slot or master entry that did not exist.
+    DeleteEntry(ServiceKey),
+    RestoreEntry(ServiceKey, ServiceEntry),
 }
 
 pub struct MapWriter {
@@ -305,7 +331,7 @@ impl MapWriter {
                 left.push((fe, port));
                 continue;
             };
-            let slots = plan_slots(&[], &port.endpoints, || alloc_id(&mut next_backend_id));
+            let slots = plan_slots(&[], &port.endpoints, |_| alloc_id(&mut next_backend_id));
             planned.push((fe, port, svc_id, slots));
         }
         let backends: Vec<(u32, Backend)> = planned
@@ -313,7 +339,7 @@ impl MapWriter {
             .flat_map(|(fe, _, _, slots)| {
                 slots
                     .iter()
-                    .map(|slot| (slot.backend_id, backend_entry(*fe, slot)))
+                    .map(|slot| (slot.backend_id, backend_entry(*fe, slot, false)))
             })
             .collect();
         let slots: Vec<(ServiceKey, ServiceEntry)> = planned
@@ -367,6 +393,7 @@ impl MapWriter {
                     svc_id,
                     master: MasterParams::of(port),
                     slots,
+                    draining: Vec::new(),
                     meta: None,
                 },
             );
@@ -401,13 +428,28 @@ impl MapWriter {
             });
         }
         let old = self.programmed.get(&fe).cloned();
-        let old_slots: &[Slot] = old.as_ref().map_or(&[], |p| &p.slots);
+        let (old_slots, old_draining): (&[Slot], &[Slot]) =
+            old.as_ref().map_or((&[], &[]), |p| (&p.slots, &p.draining));
         let mut next_backend_id = self.next_backend_id;
-        let new_slots = plan_slots(old_slots, &port.endpoints, || alloc_id(&mut next_backend_id));
+        // An endpoint selected again keeps the ID it drained with, so the
+        // flows and the affinity entries naming it stay valid.
+        let drained: HashMap<Endpoint, u32> =
+            old_draining.iter().map(|s| (s.endpoint, s.backend_id)).collect();
+        let new_slots = plan_slots(old_slots, &port.endpoints, |endpoint| {
+            drained
+                .get(endpoint)
+                .copied()
+                .unwrap_or_else(|| alloc_id(&mut next_backend_id))
+        });
+        let mut new_draining = plan_draining(old_slots, old_draining, &new_slots, &port.also_serving);
+        // Slots are numbered by a u16: beyond that, draining endpoints go
+        // (their flows move, as they did before endpoints drained).
+        new_draining.truncate(MAX_ENDPOINTS_PER_PORT - new_slots.len());
         let meta = PortRecord::new(port).encode();
         let params = MasterParams::of(port);
         if let Some(old) = &old
-            && new_slots == old_slots
+            && new_slots == old.slots
+            && new_draining == old.draining
             && old.master == params
         {
             // Forwarding unchanged; only what operators see may differ.
@@ -425,17 +467,27 @@ impl MapWriter {
                 map: SERVICE_STATS_MAP,
             })?,
         };
+        let mut new = Programmed {
+            svc_id,
+            master: params,
+            slots: new_slots,
+            draining: new_draining,
+            meta: old.as_ref().and_then(|o| o.meta),
+        };
 
         let mut undo = Vec::new();
-        let result = self.write_service(
-            fe,
-            master_entry(&new_slots, svc_id, params),
-            old.as_ref().map(|o| o.master),
-            old_slots,
-            &new_slots,
-            &mut undo,
-            report,
-        );
+        let mut result = self.write_service(fe, old.as_ref(), &new, &mut undo, report);
+        if let Err((SERVICE_MAP, e)) = &result
+            && is_map_full(e)
+            && !new.draining.is_empty()
+        {
+            // Draining slots are a courtesy to open flows: a full map drops
+            // them (the flows move, as before endpoints drained), not the
+            // update new flows need.
+            self.rollback(std::mem::take(&mut undo), report);
+            new.draining.clear();
+            result = self.write_service(fe, old.as_ref(), &new, &mut undo, report);
+        }
         if let Err(source) = result {
             self.rollback(undo, report);
             match &old {
@@ -452,22 +504,19 @@ impl MapWriter {
 
         // Now that the master no longer counts them: surplus slots, then
         // backends no slot names.
-        for slot in new_slots.len() + 1..=old_slots.len() {
+        let old_len = old.as_ref().map_or(0, |o| o.layout().count());
+        for slot in new.layout().count() + 1..=old_len {
             self.delete_service_entry(service_key(fe, slot as u16), report);
         }
-        let kept: HashSet<u32> = new_slots.iter().map(|s| s.backend_id).collect();
-        for gone in old_slots.iter().filter(|s| !kept.contains(&s.backend_id)) {
+        let kept: HashSet<u32> = new.layout().map(|(slot, _)| slot.backend_id).collect();
+        for (gone, _) in old
+            .iter()
+            .flat_map(Programmed::layout)
+            .filter(|(slot, _)| !kept.contains(&slot.backend_id))
+        {
             self.delete_backend(gone.backend_id, report);
         }
-        self.track(
-            fe,
-            Programmed {
-                svc_id,
-                master: params,
-                slots: new_slots,
-                meta: old.and_then(|o| o.meta),
-            },
-        );
+        self.track(fe, new);
         self.write_meta(fe, svc_id, meta, report)
             .map_err(|source| write_error(port, fe, SERVICE_META_MAP, source))
     }
@@ -489,56 +538,88 @@ impl MapWriter {
         Ok(())
     }
 
-    /// Backends, then changed slots, then the master entry (when it is new,
-    /// or its count, parameters or inline slots change). `old_master` is
-    /// `None` for a new port.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one service port's parts, written in the order the datapath needs"
-    )]
+    /// Backends (new ones, and those moving between selected and draining),
+    /// then the changed slots up to the new count, then the master entry
+    /// (when it is new, or its count or parameters change), then the changed
+    /// draining slots. `old` is `None` for a new port.
     fn write_service(
         &mut self,
         fe: Frontend,
-        master: ServiceEntry,
-        old_master: Option<MasterParams>,
-        old_slots: &[Slot],
-        new_slots: &[Slot],
+        old: Option<&Programmed>,
+        new: &Programmed,
         undo: &mut Vec<Undo>,
         report: &mut SyncReport,
     ) -> Result<(), (&'static str, MapError)> {
-        let old_ids: HashSet<u32> = old_slots.iter().map(|s| s.backend_id).collect();
-        let svc_id = master.svc_id;
-        for slot in new_slots.iter().filter(|s| !old_ids.contains(&s.backend_id)) {
-            self.maps
-                .backends
-                .insert(slot.backend_id, backend_entry(fe, slot), 0)
-                .map_err(|e| (BACKEND_MAP, e))?;
-            undo.push(Undo::DeleteBackend(slot.backend_id));
-            report.writes += 1;
-        }
-        for (index, slot) in new_slots.iter().enumerate() {
-            let old = old_slots.get(index);
-            if old.map(|o| o.backend_id) == Some(slot.backend_id) {
+        let was_draining: HashMap<u32, bool> = old
+            .iter()
+            .flat_map(|o| o.layout())
+            .map(|(slot, draining)| (slot.backend_id, draining))
+            .collect();
+        for (slot, draining) in new.layout() {
+            let was = was_draining.get(&slot.backend_id).copied();
+            if was == Some(draining) {
                 continue;
             }
-            let key = service_key(fe, index as u16 + 1);
-            let entry = slot_entry(slot, svc_id);
+            self.maps
+                .backends
+                .insert(slot.backend_id, backend_entry(fe, slot, draining), 0)
+                .map_err(|e| (BACKEND_MAP, e))?;
+            undo.push(match was {
+                Some(was) => Undo::RestoreBackend(slot.backend_id, backend_entry(fe, slot, was)),
+                None => Undo::DeleteBackend(slot.backend_id),
+            });
+            report.writes += 1;
+        }
+        let old_layout: Vec<&Slot> = old
+            .iter()
+            .flat_map(|o| o.layout())
+            .map(|(slot, _)| slot)
+            .collect();
+        let changed: Vec<(ServiceKey, ServiceEntry, Option<ServiceEntry>)> = new
+            .layout()
+            .enumerate()
+            .filter(|(index, (slot, _))| {
+                old_layout.get(*index).map(|o| o.backend_id) != Some(slot.backend_id)
+            })
+            .map(|(index, (slot, _))| {
+                (
+                    service_key(fe, index as u16 + 1),
+                    slot_entry(slot, new.svc_id),
+                    old_layout.get(index).map(|o| slot_entry(o, new.svc_id)),
+                )
+            })
+            .collect();
+        let counted = changed.partition_point(|(key, _, _)| usize::from(key.slot) <= new.slots.len());
+        self.write_entries(&changed[..counted], undo, report)?;
+        let master = master_entry(&new.slots, new.svc_id, new.master);
+        let old_master = old.map(|o| master_entry(&o.slots, o.svc_id, o.master));
+        if old_master != Some(master) {
+            self.write_entries(
+                &[(service_key(fe, MASTER_SLOT), master, old_master)],
+                undo,
+                report,
+            )?;
+        }
+        self.write_entries(&changed[counted..], undo, report)
+    }
+
+    /// Writes service map entries, each with what it replaces (`None`: a
+    /// new key), logging how to undo them.
+    fn write_entries(
+        &mut self,
+        entries: &[(ServiceKey, ServiceEntry, Option<ServiceEntry>)],
+        undo: &mut Vec<Undo>,
+        report: &mut SyncReport,
+    ) -> Result<(), (&'static str, MapError)> {
+        for (key, entry, before) in entries {
             self.maps
                 .services
                 .insert(key, entry, 0)
                 .map_err(|e| (SERVICE_MAP, e))?;
-            undo.push(match old {
-                Some(old) => Undo::RestoreSlot(key, slot_entry(old, svc_id)),
-                None => Undo::DeleteSlot(key),
+            undo.push(match before {
+                Some(before) => Undo::RestoreEntry(*key, *before),
+                None => Undo::DeleteEntry(*key),
             });
-            report.writes += 1;
-        }
-        // Its count, parameters or inline slots changed.
-        if old_master.map(|params| master_entry(old_slots, svc_id, params)) != Some(master) {
-            self.maps
-                .services
-                .insert(service_key(fe, MASTER_SLOT), master, 0)
-                .map_err(|e| (SERVICE_MAP, e))?;
             report.writes += 1;
         }
         Ok(())
@@ -548,9 +629,14 @@ impl MapWriter {
         for step in undo.into_iter().rev() {
             match step {
                 Undo::DeleteBackend(id) => self.delete_backend(id, report),
-                Undo::DeleteSlot(key) => self.delete_service_entry(key, report),
-                Undo::RestoreSlot(key, entry) => {
-                    // Overwriting an existing key needs no new room.
+                Undo::DeleteEntry(key) => self.delete_service_entry(key, report),
+                // Overwriting an existing key needs no new room.
+                Undo::RestoreBackend(id, entry) => {
+                    if self.maps.backends.insert(id, entry, 0).is_ok() {
+                        report.writes += 1;
+                    }
+                }
+                Undo::RestoreEntry(key, entry) => {
                     if self.maps.services.insert(key, entry, 0).is_ok() {
                         report.writes += 1;
                     }
@@ -565,10 +651,10 @@ impl MapWriter {
             return;
         };
         self.delete_service_entry(service_key(fe, MASTER_SLOT), report);
-        for slot in 1..=old.slots.len() {
+        for slot in 1..=old.layout().count() {
             self.delete_service_entry(service_key(fe, slot as u16), report);
         }
-        for slot in &old.slots {
+        for (slot, _) in old.layout() {
             self.delete_backend(slot.backend_id, report);
         }
         self.delete_meta(old.svc_id, report);
@@ -674,6 +760,12 @@ impl MapWriter {
         let stored = self.maps.stored_ports().map_err(restore_err)?;
         let backend_ids: Vec<u32> = self.maps.backends.keys().filter_map(Result::ok).collect();
         let entries = stored.len() + backend_ids.len();
+        let to_slots = |slots: Vec<(u32, Endpoint)>| -> Vec<Slot> {
+            slots
+                .into_iter()
+                .map(|(backend_id, endpoint)| Slot { backend_id, endpoint })
+                .collect()
+        };
         for port in stored {
             // A damaged port is forgotten, so the next sync rewrites it whole:
             // a slot or backend missing, or a master whose inline slots are
@@ -681,10 +773,7 @@ impl MapWriter {
             let Some(slots) = port.slots.into_iter().collect::<Option<Vec<_>>>() else {
                 continue;
             };
-            let slots: Vec<Slot> = slots
-                .into_iter()
-                .map(|(backend_id, endpoint)| Slot { backend_id, endpoint })
-                .collect();
+            let slots = to_slots(slots);
             let master = MasterParams::of_entry(&port.master);
             if master_entry(&slots, port.master.svc_id, master) != port.master {
                 continue;
@@ -695,6 +784,7 @@ impl MapWriter {
                     svc_id: port.master.svc_id,
                     master,
                     slots,
+                    draining: to_slots(port.draining),
                     meta: self
                         .maps
                         .meta
@@ -729,15 +819,18 @@ impl MapWriter {
     }
 
     /// Deletes entries that no programmed service accounts for (left by an
-    /// agent that stopped mid-update, or by services removed while it was down).
+    /// agent that stopped mid-update, or by services removed while it was
+    /// down), and gives a backend whose draining flag disagrees with where
+    /// its slot is (an agent that stopped between the two writes) the flag
+    /// its slot says: the slots are what a restart reads back.
     fn remove_unaccounted(&mut self, report: &mut SyncReport) {
         let mut keep_keys: HashSet<ServiceKey> = HashSet::new();
-        let mut keep_backends: HashSet<u32> = HashSet::new();
+        let mut keep_backends: HashMap<u32, bool> = HashMap::new();
         for (fe, p) in &self.programmed {
             keep_keys.insert(service_key(*fe, MASTER_SLOT));
-            for (index, slot) in p.slots.iter().enumerate() {
+            for (index, (slot, draining)) in p.layout().enumerate() {
                 keep_keys.insert(service_key(*fe, index as u16 + 1));
-                keep_backends.insert(slot.backend_id);
+                keep_backends.insert(slot.backend_id, draining);
             }
         }
         let stale_keys: Vec<ServiceKey> = self
@@ -750,15 +843,28 @@ impl MapWriter {
         for key in stale_keys {
             self.delete_service_entry(key, report);
         }
-        let stale_backends: Vec<u32> = self
-            .maps
-            .backends
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| !keep_backends.contains(id))
-            .collect();
+        let mut stale_backends = Vec::new();
+        let mut misflagged = Vec::new();
+        for (id, backend) in self.maps.backends.iter().filter_map(Result::ok) {
+            match keep_backends.get(&id) {
+                None => stale_backends.push(id),
+                Some(&draining) if draining != is_draining(&backend) => misflagged.push((
+                    id,
+                    Backend {
+                        flags: backend_flags(draining),
+                        ..backend
+                    },
+                )),
+                Some(_) => {}
+            }
+        }
         for id in stale_backends {
             self.delete_backend(id, report);
+        }
+        for (id, backend) in misflagged {
+            if self.maps.backends.insert(id, backend, 0).is_ok() {
+                report.writes += 1;
+            }
         }
         let orphan_addresses: HashSet<Ipv4Addr> = self.addresses.keys().copied().collect();
         self.settle_addresses(orphan_addresses, report);
@@ -796,13 +902,21 @@ fn write_error(port: &ServicePort, fe: Frontend, map: &'static str, source: MapE
 }
 
 /// The backend map's entry for the endpoint in `slot` of `fe`.
-fn backend_entry(fe: Frontend, slot: &Slot) -> Backend {
+fn backend_entry(fe: Frontend, slot: &Slot, draining: bool) -> Backend {
     Backend {
         addr: u32::from_ne_bytes(slot.endpoint.addr.octets()),
         port: slot.endpoint.port.to_be(),
         proto: fe.protocol.number(),
-        _pad: 0,
+        flags: backend_flags(draining),
     }
+}
+
+fn backend_flags(draining: bool) -> u8 {
+    if draining { BACKEND_FLAG_DRAINING } else { 0 }
+}
+
+fn is_draining(backend: &Backend) -> bool {
+    backend.flags & BACKEND_FLAG_DRAINING != 0
 }
 
 /// The service map's entry for `slot`: its backend ID and address.
@@ -873,9 +987,10 @@ fn digest(meta: &ServiceMeta) -> u64 {
 }
 
 /// Keeps surviving endpoints in their slots, fills freed slots with new
-/// endpoints, closes remaining gaps by moving the last slot in, and appends
-/// the rest: as few slot writes as possible.
-fn plan_slots(old: &[Slot], desired: &[Endpoint], mut alloc: impl FnMut() -> u32) -> Vec<Slot> {
+/// endpoints (their backend ID from `id_for`), closes remaining gaps by
+/// moving the last slot in, and appends the rest: as few slot writes as
+/// possible.
+fn plan_slots(old: &[Slot], desired: &[Endpoint], mut id_for: impl FnMut(&Endpoint) -> u32) -> Vec<Slot> {
     let wanted: HashSet<&Endpoint> = desired.iter().collect();
     let mut slots: Vec<Option<Slot>> = old
         .iter()
@@ -883,7 +998,7 @@ fn plan_slots(old: &[Slot], desired: &[Endpoint], mut alloc: impl FnMut() -> u32
         .collect();
     let present: HashSet<Endpoint> = slots.iter().flatten().map(|s| s.endpoint).collect();
     let mut fresh = desired.iter().filter(|e| !present.contains(e)).map(|e| Slot {
-        backend_id: alloc(),
+        backend_id: id_for(e),
         endpoint: *e,
     });
     for slot in slots.iter_mut().filter(|s| s.is_none()) {
@@ -906,6 +1021,23 @@ fn plan_slots(old: &[Slot], desired: &[Endpoint], mut alloc: impl FnMut() -> u32
     let mut result: Vec<Slot> = slots.into_iter().flatten().collect();
     result.extend(fresh);
     result
+}
+
+/// The draining slots after an update: of the old slots, draining ones
+/// first, those whose endpoint `new` does not select but which is still
+/// `serving`, each endpoint once; every other old backend goes.
+fn plan_draining(old: &[Slot], old_draining: &[Slot], new: &[Slot], serving: &[Endpoint]) -> Vec<Slot> {
+    let selected: HashSet<&Endpoint> = new.iter().map(|s| &s.endpoint).collect();
+    let serving: HashSet<&Endpoint> = serving.iter().collect();
+    let mut seen = HashSet::new();
+    old_draining
+        .iter()
+        .chain(old)
+        .filter(|s| {
+            !selected.contains(&s.endpoint) && serving.contains(&s.endpoint) && seen.insert(s.endpoint)
+        })
+        .cloned()
+        .collect()
 }
 
 fn alloc_id(next: &mut u32) -> u32 {
@@ -997,11 +1129,280 @@ mod tests {
         for (name, old, desired, expected) in cases {
             let desired: Vec<Endpoint> = desired.iter().map(|d| ep(*d)).collect();
             let mut next = 100;
-            let got = plan_slots(&slots(old), &desired, || {
+            let got = plan_slots(&slots(old), &desired, |_| {
                 next += 1;
                 next - 1
             });
             assert_eq!(got, slots(expected), "case {name}");
         }
+    }
+
+    #[test]
+    fn plan_draining_keeps_what_still_serves() {
+        // (name, old slots, old draining, new slots, serving, expected draining)
+        type Case<'a> = (
+            &'a str,
+            &'a [(u32, u8)],
+            &'a [(u32, u8)],
+            &'a [(u32, u8)],
+            &'a [u8],
+            &'a [(u32, u8)],
+        );
+        let cases: &[Case] = &[
+            (
+                "left the selection, still serving: drains",
+                &[(1, 1), (2, 2)],
+                &[],
+                &[(2, 2)],
+                &[1],
+                &[(1, 1)],
+            ),
+            (
+                "left the selection, not serving: goes",
+                &[(1, 1), (2, 2)],
+                &[],
+                &[(2, 2)],
+                &[],
+                &[],
+            ),
+            (
+                "draining, stops serving: goes",
+                &[(2, 2)],
+                &[(1, 1)],
+                &[(2, 2)],
+                &[],
+                &[],
+            ),
+            (
+                "draining, still serving: stays",
+                &[(2, 2)],
+                &[(1, 1)],
+                &[(2, 2)],
+                &[1],
+                &[(1, 1)],
+            ),
+            (
+                "draining, selected again: no longer draining",
+                &[(2, 2)],
+                &[(1, 1)],
+                &[(2, 2), (1, 1)],
+                &[],
+                &[],
+            ),
+            (
+                "draining ones keep their order, new ones come after",
+                &[(3, 3), (4, 4)],
+                &[(2, 2), (1, 1)],
+                &[(4, 4)],
+                &[1, 2, 3],
+                &[(2, 2), (1, 1), (3, 3)],
+            ),
+            (
+                "serving but never selected: no backend",
+                &[(1, 1)],
+                &[],
+                &[(1, 1)],
+                &[5],
+                &[],
+            ),
+        ];
+        for (name, old, old_draining, new, serving, expected) in cases {
+            let serving: Vec<Endpoint> = serving.iter().map(|d| ep(*d)).collect();
+            let got = plan_draining(&slots(old), &slots(old_draining), &slots(new), &serving);
+            assert_eq!(got, slots(expected), "case {name}");
+        }
+    }
+
+    /// Maps of the given sizes, pinned under `bpffs`.
+    fn new_maps(bpffs: &testbed::Bpffs, sizes: &crate::datapath::MapSizes) -> Maps {
+        let (datapath, maps) = crate::datapath::Datapath::load(bpffs.path(), sizes).expect("load");
+        // The pinned maps outlive the program.
+        drop(datapath);
+        maps
+    }
+
+    /// The maps a restarted agent finds: those pinned under `bpffs`.
+    fn pinned_maps(bpffs: &testbed::Bpffs) -> Maps {
+        Maps::from_pins(&crate::datapath::maps_pin_dir(bpffs.path())).expect("the pinned maps")
+    }
+
+    const DNS: Frontend = Frontend {
+        addr: Ipv4Addr::new(10, 96, 0, 53),
+        port: 53,
+        protocol: crate::model::Protocol::Udp,
+    };
+
+    /// One UDP service port picking `selected`, with `serving` still serving.
+    fn dns(selected: &[u8], serving: &[u8]) -> Desired {
+        let port = ServicePort {
+            name: ServicePortName {
+                namespace: "default".into(),
+                name: "dns".into(),
+                port: "dns".into(),
+            },
+            endpoints: selected.iter().map(|d| ep(*d)).collect(),
+            also_serving: serving.iter().map(|d| ep(*d)).collect(),
+            no_endpoints: NoEndpoints::Reject,
+            affinity: None,
+            info: Default::default(),
+        };
+        [(DNS, port)].into()
+    }
+
+    fn sync(writer: &mut MapWriter, desired: &Desired, what: &str) -> SyncReport {
+        let report = writer.sync(desired);
+        assert!(report.errors.is_empty(), "{what}: {:?}", report.errors);
+        report
+    }
+
+    /// Slots as (backend ID, the endpoint's last octet, the backend's
+    /// draining flag).
+    type HeldSlots = Vec<(u32, u8, bool)>;
+
+    /// What the maps hold for `fe`: its slots up to the count and its
+    /// draining ones.
+    fn held(maps: &Maps, fe: Frontend) -> (HeldSlots, HeldSlots) {
+        let port = maps
+            .stored_ports()
+            .expect("reading the maps")
+            .into_iter()
+            .find(|p| p.frontend == fe)
+            .expect("the port is in the maps");
+        let with_flag = |(id, endpoint): (u32, Endpoint)| {
+            let backend = maps.backends.get(&id, 0).expect("the slot's backend exists");
+            (id, endpoint.addr.octets()[3], is_draining(&backend))
+        };
+        let slots = port
+            .slots
+            .into_iter()
+            .map(|slot| with_flag(slot.expect("no slot is missing")))
+            .collect();
+        (slots, port.draining.into_iter().map(with_flag).collect())
+    }
+
+    #[test]
+    fn draining_backends_keep_their_ids_through_updates_and_restarts() {
+        let bpffs = testbed::Bpffs::new("rdt-drain");
+        let (fe, desired) = (DNS, dns);
+        let mut writer = MapWriter::new(new_maps(&bpffs, &Default::default())).expect("writer");
+        sync(&mut writer, &desired(&[1, 2], &[]), "two endpoints");
+        let (both, _) = held(writer.maps(), fe);
+        let id = |last: u8| both.iter().find(|s| s.1 == last).expect("endpoint's slot").0;
+        let (id1, id2) = (id(1), id(2));
+
+        sync(&mut writer, &desired(&[2], &[1]), "1 terminating, still serving");
+        assert_eq!(
+            held(writer.maps(), fe),
+            (vec![(id2, 2, false)], vec![(id1, 1, true)]),
+            "1 drains after the count, same backend ID, flagged; 2 alone is picked"
+        );
+
+        // A restart: a new writer on the same maps changes nothing.
+        drop(writer);
+        let mut writer = MapWriter::new(pinned_maps(&bpffs)).expect("writer after a restart");
+        let report = sync(&mut writer, &desired(&[2], &[1]), "after a restart");
+        assert_eq!(
+            (report.writes, report.deletes),
+            (0, 0),
+            "the draining backend was read back: nothing to rewrite or collect"
+        );
+        assert_eq!(
+            held(writer.maps(), fe),
+            (vec![(id2, 2, false)], vec![(id1, 1, true)]),
+            "still draining after the restart"
+        );
+
+        sync(&mut writer, &desired(&[2, 1], &[]), "1 ready again");
+        assert_eq!(
+            held(writer.maps(), fe),
+            (vec![(id2, 2, false), (id1, 1, false)], vec![]),
+            "1 is picked again with its old backend ID, no longer flagged"
+        );
+        sync(&mut writer, &desired(&[2], &[1]), "1 terminating again");
+
+        // An agent that stopped between the flag and the slot moves: the
+        // slots say what the backend is, and the first sync fixes the flag.
+        let mut backend = writer.maps().backends.get(&id1, 0).expect("backend 1");
+        backend.flags = 0;
+        drop(writer);
+        let mut maps = pinned_maps(&bpffs);
+        maps.backends.insert(id1, backend, 0).expect("clearing the flag");
+        let mut writer = MapWriter::new(maps).expect("writer after a restart");
+        sync(
+            &mut writer,
+            &desired(&[2], &[1]),
+            "after a restart with a wrong flag",
+        );
+        assert_eq!(
+            held(writer.maps(), fe),
+            (vec![(id2, 2, false)], vec![(id1, 1, true)]),
+            "the flag follows the slot again"
+        );
+
+        sync(&mut writer, &desired(&[2], &[]), "1 stops serving");
+        assert_eq!(
+            held(writer.maps(), fe),
+            (vec![(id2, 2, false)], vec![]),
+            "1's slot is gone"
+        );
+        assert!(
+            writer.maps().backends.get(&id1, 0).is_err(),
+            "1's backend is gone: its flows pick again"
+        );
+        assert_eq!(
+            writer.maps().services.keys().count(),
+            2,
+            "the master and one slot are left"
+        );
+
+        sync(
+            &mut writer,
+            &desired(&[2], &[1]),
+            "1 serving, never selected since",
+        );
+        assert_eq!(
+            held(writer.maps(), fe).1,
+            vec![],
+            "an endpoint with no backend gets none back by serving"
+        );
+        sync(&mut writer, &desired(&[1], &[2]), "2 drains");
+        sync(&mut writer, &Desired::new(), "the service goes");
+        assert_eq!(
+            (
+                writer.maps().services.keys().count(),
+                writer.maps().backends.keys().count()
+            ),
+            (0, 0),
+            "removing the service removes its draining slots and backends too"
+        );
+    }
+
+    #[test]
+    fn a_full_service_map_drops_the_draining_slots_not_the_update() {
+        let bpffs = testbed::Bpffs::new("rdt-drainfull");
+        // Room for the master and three slots.
+        let sizes = crate::datapath::MapSizes {
+            services: 4,
+            ..Default::default()
+        };
+        let mut writer = MapWriter::new(new_maps(&bpffs, &sizes)).expect("writer");
+        sync(&mut writer, &dns(&[1, 2], &[]), "two endpoints");
+        let (before, _) = held(writer.maps(), DNS);
+        let id1 = before.iter().find(|s| s.1 == 1).expect("endpoint 1's slot").0;
+
+        // Three picked and one draining would take five entries.
+        sync(&mut writer, &dns(&[2, 3, 4], &[1]), "1 drains as 3 and 4 come");
+        let (picked, draining) = held(writer.maps(), DNS);
+        let mut picked: Vec<u8> = picked.iter().map(|s| s.1).collect();
+        picked.sort_unstable();
+        assert_eq!(
+            (picked, draining),
+            (vec![2, 3, 4], vec![]),
+            "the new endpoints are programmed, without the draining slot"
+        );
+        assert!(
+            writer.maps().backends.get(&id1, 0).is_err(),
+            "1's backend is gone with its slot"
+        );
     }
 }

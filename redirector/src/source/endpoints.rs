@@ -469,8 +469,10 @@ pub fn entries_with<'a>(
                 protocol: port.protocol,
             };
             let policies = TrafficPolicies::of(service, port.spec);
-            let categorized = categorize(&candidates_for(&port), &policies, node);
+            let candidates = candidates_for(&port);
+            let categorized = categorize(&candidates, &policies, node);
             let (endpoints, no_endpoints) = categorized.internal(&policies);
+            let also_serving = also_serving(&candidates, &endpoints);
             let info = ServiceInfo {
                 // The Local set ignores topology.
                 topology: if policies.internal_local {
@@ -491,6 +493,7 @@ pub fn entries_with<'a>(
                     port: port.name.to_owned(),
                 },
                 endpoints,
+                also_serving,
                 no_endpoints,
                 affinity: client_ip_affinity(service),
                 info,
@@ -498,6 +501,19 @@ pub fn entries_with<'a>(
             (frontend, service_port)
         })
         .collect()
+}
+
+/// The serving endpoints among `candidates` that `chosen` (sorted) leaves
+/// out, sorted and once each: those whose flows kube-proxy keeps.
+fn also_serving(candidates: &[Candidate], chosen: &[Endpoint]) -> Vec<Endpoint> {
+    let mut serving: Vec<Endpoint> = candidates
+        .iter()
+        .filter(|c| c.conditions.is_serving() && chosen.binary_search(&c.endpoint).is_err())
+        .map(|c| c.endpoint)
+        .collect();
+    serving.sort_unstable();
+    serving.dedup();
+    serving
 }
 
 /// `sessionAffinity: ClientIP` and its timeout, as kube-proxy reads them (the
@@ -1384,6 +1400,7 @@ endpoints: [{addresses: ["fd00::1"]}]
                     affinity: None,
                     name: name("http"),
                     endpoints: vec![ep(1, 8080), ep(2, 8080)],
+                    also_serving: vec![ep(3, 8080)],
                     info: ServiceInfo::default(),
                 },
             ),
@@ -1398,13 +1415,15 @@ endpoints: [{addresses: ["fd00::1"]}]
                     affinity: None,
                     name: name("dns"),
                     endpoints: vec![ep(1, 5353)],
+                    also_serving: vec![ep(4, 5353)],
                     info: ServiceInfo::default(),
                 },
             ),
         ];
         assert_eq!(
             got, want,
-            "first address only, ready beats terminating, protocol and name must match, SCTP and foreign slices ignored"
+            "first address only, ready beats terminating (which still serves), protocol and name must match, SCTP \
+             and foreign slices ignored"
         );
     }
 

@@ -412,6 +412,7 @@ fn kube_proxy_backend(kind: LaneKind, config: &Config, set: &ServiceSet, progres
                 affinity: None,
                 name: service_name(i),
                 endpoints: service_endpoints(i, config.endpoints),
+                also_serving: Vec::new(),
                 info: Default::default(),
             },
         ));

@@ -595,6 +595,7 @@ mod tests {
                             port: 8080,
                         })
                         .collect(),
+                    also_serving: Vec::new(),
                     info: Default::default(),
                 };
                 (fe, sp)
@@ -716,6 +717,7 @@ mod tests {
             affinity: None,
             name: spn("ns4", "svc4", "p80"),
             endpoints: vec![ep("10.180.0.4", 80), ep("10.180.0.5", 80)],
+            also_serving: Vec::new(),
             info: Default::default(),
         };
         let restore = iptables_restore(&[(fe, sp)], &NodeConfig::default());
@@ -752,6 +754,7 @@ mod tests {
             affinity: None,
             name: spn("ns", "three", "p"),
             endpoints: vec![ep("10.1.0.1", 80), ep("10.1.0.2", 80), ep("10.1.0.3", 80)],
+            also_serving: Vec::new(),
             info: Default::default(),
         };
         let restore = iptables_restore(&[(fe, sp3)], &NodeConfig::default());
@@ -794,6 +797,7 @@ mod tests {
             affinity: None,
             name: spn("ns4", "svc4", "p80"),
             endpoints: vec![ep("10.180.0.4", 80), ep("10.180.0.5", 80)],
+            also_serving: Vec::new(),
             info: Default::default(),
         };
         let script = nft_script(&[(fe, sp)], &NodeConfig::default());

@@ -188,6 +188,7 @@ impl ServiceSet {
                             affinity: None,
                             name: service_name(i),
                             endpoints: service_endpoints(i, e),
+                            also_serving: Vec::new(),
                             info: Default::default(),
                         },
                     )

@@ -759,7 +759,8 @@ fn interfaces_that_appear_later_are_attached_and_bad_manifests_keep_the_last_goo
 }
 
 /// The datapath logs anomalies only, and the agent's log shows them: a slot
-/// that names no backend (the maps corrupted behind the agent's back) drops
+/// (or the master's copy of it) that names no backend (the maps corrupted
+/// behind the agent's back) drops
 /// the new flow, counts it, and says which service port and slot.
 #[test]
 fn datapath_anomalies_reach_the_agent_log() {
@@ -788,6 +789,15 @@ fn datapath_anomalies_reach_the_agent_log() {
         entry.backend_id = 0;
         maps.services.insert(key, entry, 0).expect("corrupting the slot");
     }
+    // A port this small is picked from its master's copies of the slots.
+    let key = service_key(frontend, 0);
+    let mut master = maps.services.get(&key, 0).expect("the master is programmed");
+    for copy in &mut master.inline {
+        copy.backend_id = 0;
+    }
+    maps.services
+        .insert(key, master, 0)
+        .expect("corrupting the master's copies");
     let dropped_before = maps.counter_totals().unwrap()[counters::DROP_BACKEND_MISSING as usize];
     assert!(
         tcp_request(&client, to).is_err(),

@@ -1,6 +1,6 @@
-//! `redirector run`: load the datapath, attach it to matching interfaces as
-//! they come and go, and keep the maps in line with the source of services
-//! (manifest files, or the Kubernetes API).
+//! `redirector run`: load the datapath, keep the maps in line with the source
+//! of services (manifest files, or the Kubernetes API) and, from the first
+//! sync on, attach the programs to matching interfaces as they come and go.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -117,21 +117,6 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         datapath::maps_pin_dir(&config.bpffs).display()
     );
     datapath.set_attach_mode(config.attach_mode);
-    match datapath.set_socket_lb(config.socket_lb, config.cgroup_root.as_deref()) {
-        Ok(Some(cgroup)) => tracing::info!(
-            "connect-time translation ({:?} sockets) attached to cgroup {}",
-            config.socket_lb,
-            cgroup.display()
-        ),
-        Ok(None) => tracing::info!("connect-time translation is off"),
-        // The default, on a host (or in a mount namespace) without cgroup
-        // v2: pods are still served per packet.
-        Err(e @ SocketLbError::NoCgroup2) => tracing::warn!(
-            "connect-time translation is off: {}; the node's own processes do not reach services",
-            Chain(&e)
-        ),
-        Err(e) => return Err(AgentError::SocketLb(e)),
-    }
     if let Some(logs) = datapath.take_logs() {
         tokio::spawn(datapath::forward_logs(logs));
     }
@@ -174,12 +159,28 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err("SIGTERM"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(signal_err("SIGINT"))?;
 
+    // The programs are attached (to cgroups and interfaces) once the first
+    // sync has programmed the maps: until then one attached now could find
+    // a map of a newer layout still empty (an upgrade) and refuse new flows,
+    // while an earlier agent's programs, pinned, keep serving.
+    let mut before_first_sync = Some(Vec::new());
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: exiting"); break; }
-            Some(event) = links.recv() => on_link_event(&mut datapath, &config.interfaces, event),
-            () = feed.changed(&metrics) => feed.sync(&mut writer, &metrics),
+            Some(event) = links.recv() => match &mut before_first_sync {
+                Some(held) => held.push(event),
+                None => on_link_event(&mut datapath, &config.interfaces, event),
+            },
+            () = feed.changed(&metrics) => {
+                feed.sync(&mut writer, &metrics);
+                if let Some(held) = before_first_sync.take() {
+                    attach_socket_lb(&mut datapath, &config)?;
+                    for event in held {
+                        on_link_event(&mut datapath, &config.interfaces, event);
+                    }
+                }
+            }
         }
     }
     // Links and maps stay pinned: traffic keeps flowing while the agent is
@@ -539,6 +540,25 @@ fn remove_unheld(writer: &mut MapWriter, holds: impl Fn(&Frontend) -> bool) -> S
         .copied()
         .collect();
     writer.sync_frontends(&[], &gone)
+}
+
+fn attach_socket_lb(datapath: &mut Datapath, config: &AgentConfig) -> Result<(), AgentError> {
+    match datapath.set_socket_lb(config.socket_lb, config.cgroup_root.as_deref()) {
+        Ok(Some(cgroup)) => tracing::info!(
+            "connect-time translation ({:?} sockets) attached to cgroup {}",
+            config.socket_lb,
+            cgroup.display()
+        ),
+        Ok(None) => tracing::info!("connect-time translation is off"),
+        // The default, on a host (or in a mount namespace) without cgroup
+        // v2: pods are still served per packet.
+        Err(e @ SocketLbError::NoCgroup2) => tracing::warn!(
+            "connect-time translation is off: {}; the node's own processes do not reach services",
+            Chain(&e)
+        ),
+        Err(e) => return Err(AgentError::SocketLb(e)),
+    }
+    Ok(())
 }
 
 fn on_link_event(datapath: &mut Datapath, globs: &InterfaceGlobs, event: LinkEvent) {

@@ -80,6 +80,13 @@ fn seed_services_reach_every_pod_and_keep_the_client_address() {
     let (fx, client) = seed_cluster("seed");
     let mut agent = fx.start_agent(agent_binary(), &[]);
     agent.wait_for_log("synced ", 1);
+    agent.wait_for_log("attached to", 1);
+    let log = agent.log();
+    let (synced, attached) = (log.find("synced "), log.find("attached to"));
+    assert!(
+        synced < attached,
+        "the programs are attached only after the first sync programmed the maps:\n{log}"
+    );
 
     for service in ["jordy-svc-alloc-port", "jordy-svc-alloc-named-port"] {
         for port in ["http", "https"] {

@@ -4,17 +4,19 @@
 //!
 //! `redirector_tc` (ingress: packets leaving a pod) translates service
 //! traffic; `redirector_tc_to_pod` (egress: packets on their way into a pod)
-//! translates replies back, wherever they come from: an endpoint on another
-//! node (over a route or a tunnel), a process on the node, or a flow that a
-//! masquerade rule rewrote after our translation. Packets that are not ours
-//! go on down the TC chain (TC_ACT_UNSPEC: tcx "next"), so a CNI's program
-//! attached after ours still sees them; so do the ones we translated.
+//! translates replies back, wherever they come from: an endpoint on the
+//! node or another node (over a route or a tunnel), a process on the node,
+//! or a flow that a masquerade rule rewrote after our translation. Only a
+//! hairpin flow's reply, which never enters a pod from outside, is
+//! translated on its way out. Packets that are not ours go on down the TC
+//! chain (TC_ACT_UNSPEC: tcx "next"), so a CNI's program attached after ours
+//! still sees them; so do the ones we translated.
 //!
-//! Per packet leaving a pod: parse → conntrack → (new flow: look up service → select backend
-//! → record both directions) → rewrite with checksums. A TCP SYN without ACK
-//! is never taken for a reply, so one to an address of no service (a new
-//! connection to a pod, the common case) is settled without the table. Every outcome bumps one
-//! per-CPU counter. Only anomalies are logged (aya-log, forwarded into the
+//! Per packet leaving a pod: parse → destination → conntrack (only when the
+//! packet can meet an entry) → (new flow: look up service → select backend
+//! → record both directions) → rewrite with checksums. A packet to no
+//! service, most of what leaves a pod, is settled without the table. Every
+//! outcome bumps one per-CPU counter. Only anomalies are logged (aya-log, forwarded into the
 //! agent's log): a slot with no backend, a failed connection-table insert;
 //! never the normal path, and only once the packet's fate is settled, so the
 //! logging code stays out of the parse-and-rewrite chain.
@@ -47,7 +49,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use redirector_common::{
     config::Config,
-    conntrack::{CT_FORWARD, CT_REPLY, CtEntry, CtKey, FragKey, FragPorts, REFRESH_NS, seen, tcp_flags},
+    conntrack::{
+        CT_FORWARD, CT_REPLY, CtEntry, CtKey, FragKey, FragPorts, HAIRPIN_ADDR, REFRESH_NS, seen, tcp_flags,
+    },
     counters, proto,
     service::{
         AffinityEntry, AffinityKey, Backend, FLAG_NO_LOCAL_ENDPOINTS, INLINE_BACKENDS, MASTER_SLOT,
@@ -350,25 +354,29 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     }
 
     let tuple = pkt.tuple();
-    // A SYN without ACK is no reply, and the only entry it can meet is a
-    // forward entry, whose key holds a service address: to any other
-    // address it is settled without the table, the lookup most packets of
-    // no service would otherwise pay (the table is large, its lines cold).
     let pure_syn = pkt.is_pure_syn();
-    let mut destination = None;
-    if pure_syn {
-        let known = Destination::of(pkt.daddr);
-        if known == Destination::NoService {
-            return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
-        }
-        destination = Some(known);
-    }
+    let destination = Destination::of(pkt.daddr);
+    // The entries this packet can meet. Forward entries are keyed by a
+    // service address (or, with no service range known, by any address that
+    // may have been one). Replies are looked up here only for hairpin flows:
+    // any other reply is translated on its way into its client pod, whose
+    // interface has `redirector_tc_to_pod`. A SYN without ACK is never a
+    // reply. So a packet to no service, most of what leaves a pod, is settled
+    // without the table (large, its lines cold).
+    let may_be_forward = match destination {
+        Destination::ServiceRange | Destination::Service => true,
+        Destination::NoService => false,
+        Destination::Unknown => !pure_syn,
+    };
+    let may_be_reply = !pure_syn && pkt.daddr == HAIRPIN_ADDR;
     // The flow an opening packet replaces: its reply entry goes with it.
     let mut replaces = None;
-    if let Some(entry) = CT_V2.get_ptr_mut(tuple) {
+    if (may_be_forward || may_be_reply)
+        && let Some(entry) = CT_V2.get_ptr_mut(tuple)
+    {
         // SAFETY: the entry is copied out at once.
         let entry_now = unsafe { *entry };
-        if entry_now.kind == CT_REPLY && !pure_syn {
+        if entry_now.kind == CT_REPLY && may_be_reply {
             let verdict = translate_reply(ctx, &pkt, &tuple, entry, &entry_now, mode)?;
             if verdict.counter == counters::REPLY_TRANSLATED && tuple.is_hairpin(&entry_now) {
                 return hairpin::send_reply_back(
@@ -417,8 +425,7 @@ fn try_redirect(ctx: &TcContext, link: Link, mode: Mode, choice: &mut Choice) ->
     // kube-proxy: an unallocated address of the service range is dropped;
     // a service address on a port it does not define, or a service port
     // without endpoints, is refused (ICMP port unreachable, rate-limited).
-    let destination = destination.unwrap_or_else(|| Destination::of(pkt.daddr));
-    if destination == Destination::NoService {
+    if !destination.is_service() {
         return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
     }
     let master_key = service_key(&pkt, MASTER_SLOT);
@@ -646,7 +653,7 @@ fn backend_gone(backend_id: u32) -> bool {
 
 #[inline(always)]
 fn is_service_address(addr: u32) -> bool {
-    Destination::of(addr) != Destination::NoService
+    Destination::of(addr).is_service()
 }
 
 /// Whether a service has `addr` (network byte order).
@@ -665,34 +672,46 @@ enum Destination {
     ServiceRange,
     /// A service's address outside the ranges.
     Service,
+    /// Outside the service ranges and no service's.
     NoService,
+    /// No service's, and no range is known: it may have been a deleted
+    /// service's ClusterIP, whose open flows still follow the table.
+    Unknown,
 }
 
 impl Destination {
     #[inline(always)]
     fn of(addr: u32) -> Self {
-        if in_service_cidr(addr) {
-            Self::ServiceRange
-        } else if is_allocated(addr) {
-            Self::Service
-        } else {
-            Self::NoService
+        match in_service_range(addr) {
+            Some(true) => Self::ServiceRange,
+            _ if is_allocated(addr) => Self::Service,
+            Some(false) => Self::NoService,
+            None => Self::Unknown,
         }
+    }
+
+    /// A service's address, or an unallocated one of a service range.
+    #[inline(always)]
+    fn is_service(self) -> bool {
+        matches!(self, Self::ServiceRange | Self::Service)
     }
 }
 
-/// Whether `addr` (network byte order) is in one of the service ranges. The
-/// loop is bounded by the array; with no range it ends after loading the count.
+/// Whether `addr` (network byte order) is in one of the service ranges;
+/// `None` when no range is known. The loop is bounded by the array.
 #[inline(always)]
-fn in_service_cidr(addr: u32) -> bool {
-    let Some(cfg) = CONFIG_V2.get(0) else {
-        return false;
-    };
+fn in_service_range(addr: u32) -> Option<bool> {
+    let cfg = CONFIG_V2.get(0)?;
     let count = cfg.service_cidr_count as usize;
-    cfg.service_cidrs
-        .iter()
-        .take(count)
-        .any(|cidr| cidr.mask != 0 && addr & cidr.mask == cidr.addr)
+    if count == 0 {
+        return None;
+    }
+    Some(
+        cfg.service_cidrs
+            .iter()
+            .take(count)
+            .any(|cidr| cidr.mask != 0 && addr & cidr.mask == cidr.addr),
+    )
 }
 
 #[inline(always)]

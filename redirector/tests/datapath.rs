@@ -259,7 +259,7 @@ fn translates_replies_on_their_way_into_the_pod() {
             counter: counters::REPLY_TRANSLATED,
         },
         Case {
-            name: "into the client pod: a reply translated on its way out of the endpoint passes as is",
+            name: "into the client pod: a packet already from the service address passes as is",
             frame: Spec::tcp((VIP, 80), (CLIENT, 42000), ACK).build(),
             expect: Expect::Untouched,
             counter: counters::PASS_TO_POD,
@@ -340,15 +340,6 @@ fn translates_forward_and_reply() {
             counter: counters::FORWARD_NEW_FLOW,
         },
         Case {
-            name: "the endpoint's SYN-ACK comes back from the service address",
-            frame: Spec::tcp((POD, 8080), (CLIENT, 40000), SYN | ACK).build(),
-            expect: Expect::Translated {
-                src: (VIP, 80),
-                dst: (CLIENT, 40000),
-            },
-            counter: counters::REPLY_TRANSLATED,
-        },
-        Case {
             name: "later segments of the flow follow the connection table",
             frame: Spec {
                 payload: payload.clone(),
@@ -369,15 +360,6 @@ fn translates_forward_and_reply() {
                 dst: (POD, 5353),
             },
             counter: counters::FORWARD_NEW_FLOW,
-        },
-        Case {
-            name: "UDP reply",
-            frame: Spec::udp((POD, 5353), (CLIENT, 41000), b"answer").build(),
-            expect: Expect::Translated {
-                src: (VIP, 53),
-                dst: (CLIENT, 41000),
-            },
-            counter: counters::REPLY_TRANSLATED,
         },
         Case {
             name: "UDP without checksum keeps a zero checksum",
@@ -404,6 +386,45 @@ fn translates_forward_and_reply() {
     ];
     for case in cases {
         check(&h, case);
+    }
+    // Replies are translated on their way into the client pod.
+    let replies = [
+        (
+            Hook::ToPod,
+            Case {
+                name: "the endpoint's SYN-ACK comes back from the service address",
+                frame: Spec::tcp((POD, 8080), (CLIENT, 40000), SYN | ACK).build(),
+                expect: Expect::Translated {
+                    src: (VIP, 80),
+                    dst: (CLIENT, 40000),
+                },
+                counter: counters::REPLY_TRANSLATED,
+            },
+        ),
+        (
+            Hook::ToPod,
+            Case {
+                name: "UDP reply",
+                frame: Spec::udp((POD, 5353), (CLIENT, 41000), b"answer").build(),
+                expect: Expect::Translated {
+                    src: (VIP, 53),
+                    dst: (CLIENT, 41000),
+                },
+                counter: counters::REPLY_TRANSLATED,
+            },
+        ),
+        (
+            Hook::FromPod,
+            Case {
+                name: "a reply leaving the endpoint pod is left for its client's interface",
+                frame: Spec::udp((POD, 5353), (CLIENT, 41000), b"answer").build(),
+                expect: Expect::Untouched,
+                counter: counters::PASS_NOT_SERVICE,
+            },
+        ),
+    ];
+    for (hook, case) in replies {
+        check_on(&h, hook, case);
     }
     // The zero checksum must really stay zero.
     let (_, out) = h.run(
@@ -1090,37 +1111,47 @@ fn every_service_range_up_to_the_count_drops_its_unused_addresses() {
 /// A TCP handshake from `client` through `vip`:80 to `POD:8080`, checked.
 fn handshake(h: &Harness, client: (Ipv4Addr, u16), vip: Ipv4Addr, what: &str) {
     let pod = (POD, 8080);
-    for case in [
-        Case {
-            name: "handshake: SYN",
-            frame: Spec::tcp(client, (vip, 80), SYN).build(),
-            expect: Expect::Translated {
-                src: client,
-                dst: pod,
+    for (hook, case) in [
+        (
+            Hook::FromPod,
+            Case {
+                name: "handshake: SYN",
+                frame: Spec::tcp(client, (vip, 80), SYN).build(),
+                expect: Expect::Translated {
+                    src: client,
+                    dst: pod,
+                },
+                counter: counters::FORWARD_NEW_FLOW,
             },
-            counter: counters::FORWARD_NEW_FLOW,
-        },
-        Case {
-            name: "handshake: SYN-ACK",
-            frame: Spec::tcp(pod, client, SYN | ACK).build(),
-            expect: Expect::Translated {
-                src: (vip, 80),
-                dst: client,
+        ),
+        (
+            Hook::ToPod,
+            Case {
+                name: "handshake: SYN-ACK",
+                frame: Spec::tcp(pod, client, SYN | ACK).build(),
+                expect: Expect::Translated {
+                    src: (vip, 80),
+                    dst: client,
+                },
+                counter: counters::REPLY_TRANSLATED,
             },
-            counter: counters::REPLY_TRANSLATED,
-        },
-        Case {
-            name: "handshake: ACK",
-            frame: Spec::tcp(client, (vip, 80), ACK).build(),
-            expect: Expect::Translated {
-                src: client,
-                dst: pod,
+        ),
+        (
+            Hook::FromPod,
+            Case {
+                name: "handshake: ACK",
+                frame: Spec::tcp(client, (vip, 80), ACK).build(),
+                expect: Expect::Translated {
+                    src: client,
+                    dst: pod,
+                },
+                counter: counters::FORWARD_ESTABLISHED,
             },
-            counter: counters::FORWARD_ESTABLISHED,
-        },
+        ),
     ] {
-        check(
+        check_on(
             h,
+            hook,
             Case {
                 name: Box::leak(format!("{what}: {}", case.name).into_boxed_str()),
                 ..case
@@ -1143,8 +1174,9 @@ fn close_with_fins(h: &Harness, client: (Ipv4Addr, u16), vip: Ipv4Addr) {
             counter: counters::FORWARD_ESTABLISHED,
         },
     );
-    check(
+    check_on(
         h,
+        Hook::ToPod,
         Case {
             name: "the endpoint's FIN",
             frame: Spec::tcp((POD, 8080), client, FIN | ACK).build(),
@@ -1175,8 +1207,9 @@ fn a_new_flow_never_overwrites_a_live_one() {
             counter: counters::DROP_CT_CLASH,
         },
     );
-    check(
+    check_on(
         &h,
+        Hook::ToPod,
         Case {
             name: "the open flow's replies still come from its own service",
             frame: Spec::tcp((POD, 8080), client, ACK).build(),
@@ -1231,34 +1264,44 @@ fn a_direct_connection_after_a_service_flow_is_left_alone() {
         },
     );
     let cases = [
-        Case {
-            name: "a direct SYN to the pod is not service traffic",
-            frame: Spec::tcp(client, (POD, 8080), SYN).build(),
-            expect: Expect::Untouched,
-            counter: counters::PASS_NOT_SERVICE,
-        },
-        Case {
-            name: "the pod's SYN-ACK is not translated, and the stale entry goes",
-            frame: Spec::tcp((POD, 8080), client, SYN | ACK).build(),
-            expect: Expect::Untouched,
-            counter: counters::PASS_STALE_REPLY,
-        },
-        Case {
-            name: "the pod's next segments pass as they are",
-            frame: Spec::tcp((POD, 8080), client, ACK).build(),
-            expect: Expect::Untouched,
-            counter: counters::PASS_NOT_SERVICE,
-        },
+        (
+            Hook::FromPod,
+            Case {
+                name: "a direct SYN to the pod is not service traffic",
+                frame: Spec::tcp(client, (POD, 8080), SYN).build(),
+                expect: Expect::Untouched,
+                counter: counters::PASS_NOT_SERVICE,
+            },
+        ),
+        (
+            Hook::ToPod,
+            Case {
+                name: "the pod's SYN-ACK into the client is not translated, and the stale entry goes",
+                frame: Spec::tcp((POD, 8080), client, SYN | ACK).build(),
+                expect: Expect::Untouched,
+                counter: counters::PASS_STALE_REPLY,
+            },
+        ),
+        (
+            Hook::ToPod,
+            Case {
+                name: "the pod's next segments pass as they are",
+                frame: Spec::tcp((POD, 8080), client, ACK).build(),
+                expect: Expect::Untouched,
+                counter: counters::PASS_TO_POD,
+            },
+        ),
     ];
-    for case in cases {
-        check(&h, case);
+    for (hook, case) in cases {
+        check_on(&h, hook, case);
     }
 }
 
-/// A SYN without ACK opens a connection and is never a reply, on either
-/// hook: one from the endpoint to a client port whose service flow is open
-/// (the endpoint connecting back, from its service port) is a new direct
-/// connection, left as it is, and the open flow's replies still translate.
+/// A SYN without ACK opens a connection and is never a reply: one from the
+/// endpoint to a client port whose service flow is open (the endpoint
+/// connecting back, from its service port) is a new direct connection, left
+/// as it is on its way out and into the client, and the open flow's replies
+/// still translate.
 #[test]
 fn a_syn_is_never_taken_for_a_reply() {
     let h = Harness::new();
@@ -1278,20 +1321,20 @@ fn a_syn_is_never_taken_for_a_reply() {
                 },
             },
         );
-        check_on(
-            &h,
-            hook,
-            Case {
-                name: "the open flow's replies still come from its service",
-                frame: Spec::tcp((POD, 8080), client, ACK).build(),
-                expect: Expect::Translated {
-                    src: (VIP, 80),
-                    dst: client,
-                },
-                counter: counters::REPLY_TRANSLATED,
-            },
-        );
     }
+    check_on(
+        &h,
+        Hook::ToPod,
+        Case {
+            name: "the open flow's replies still come from its service",
+            frame: Spec::tcp((POD, 8080), client, ACK).build(),
+            expect: Expect::Translated {
+                src: (VIP, 80),
+                dst: client,
+            },
+            counter: counters::REPLY_TRANSLATED,
+        },
+    );
 }
 
 /// `sessionAffinity: ClientIP`: a client's new connections keep the
@@ -1516,13 +1559,6 @@ fn fragmented_datagrams_are_translated_both_ways() {
             request,
             ((CLIENT, 41600), (POD, 5353)),
             [counters::FORWARD_NEW_FLOW, counters::FORWARD_ESTABLISHED],
-        ),
-        (
-            "a 3000-byte reply, leaving the endpoint pod",
-            Hook::FromPod,
-            reply.clone(),
-            ((VIP, 53), (CLIENT, 41600)),
-            [counters::REPLY_TRANSLATED; 2],
         ),
         (
             "a 3000-byte reply, entering the client pod",

@@ -407,9 +407,9 @@ fn b5_section(out: &mut String, b5: &crate::progrun::B5) {
          (\"new flow\"), the endpoint's SYN-ACK through the to-pod program (\"reply\"), the client's ACK \
          (completes the handshake, untimed), then a data segment (\"established\": the flow is ESTABLISHED \
          and the segment changes none of its entry's flags, so the entry is not written). \"miss\" is a SYN \
-         to a pod address (no service: a SYN is never a reply, so the address settles it without the \
-         connection table); \"miss, segment\" is the same connection's next segment (an ACK, which could be \
-         a reply: the table is looked up). \"explain\" runs other new flows with the program's explain mark \
+         to a pod address (no service: the address settles it without the connection table); \"miss, \
+         segment\" is the same connection's next segment (an ACK: leaving a pod, SYN or not, only packets \
+         to a service or the hairpin address are looked up). \"explain\" runs other new flows with the program's explain mark \
          (same lookups, selection and rewrite; no connection-table entries, no counters): hit − explain is \
          what writing the flow's state costs. The ARP frame leaves the program at its first check \
          (PASS_NOT_IPV4). Checked per frame (verdict, the endpoint or service address written, later \

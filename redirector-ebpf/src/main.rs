@@ -16,8 +16,9 @@
 //! packet can meet an entry) → (new flow: look up service → select backend
 //! → record both directions) → rewrite with checksums. A packet to no
 //! service, most of what leaves a pod, is settled without the table. Every
-//! outcome bumps one per-CPU counter. Only anomalies are logged (aya-log, forwarded into the
-//! agent's log): a slot with no backend, a failed connection-table insert;
+//! outcome bumps one per-CPU counter. Only anomalies are logged (aya-log,
+//! forwarded into the agent's log): a slot with no backend, a failed
+//! connection-table insert;
 //! never the normal path, and only once the packet's fate is settled, so the
 //! logging code stays out of the parse-and-rewrite chain.
 //!
@@ -54,8 +55,8 @@ use redirector_common::{
     },
     counters, proto,
     service::{
-        AffinityEntry, AffinityKey, Backend, FLAG_NO_LOCAL_ENDPOINTS, INLINE_BACKENDS, MASTER_SLOT,
-        ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VipEntry,
+        AffinityEntry, AffinityKey, BACKEND_FLAG_DRAINING, Backend, FLAG_NO_LOCAL_ENDPOINTS, INLINE_BACKENDS,
+        MASTER_SLOT, ServiceEntry, ServiceKey, ServiceMeta, ServiceStats, VipEntry,
     },
 };
 
@@ -525,7 +526,7 @@ fn affine_backend(key: &AffinityKey, timeout_s: u32) -> Option<ServiceEntry> {
     }
     // SAFETY: the entry is copied out at once.
     let backend = unsafe { BACKEND_V1.get(last.backend_id) }.copied()?;
-    if backend.flags & redirector_common::service::BACKEND_FLAG_DRAINING != 0 {
+    if backend.flags & BACKEND_FLAG_DRAINING != 0 {
         return None;
     }
     Some(ServiceEntry::slot(
@@ -663,7 +664,8 @@ fn is_allocated(addr: u32) -> bool {
     unsafe { VIP_V1.get(addr) }.is_some()
 }
 
-/// What a packet's destination address is, as far as new flows go.
+/// What a packet's destination address is: whether it can lead to a forward
+/// entry of the connection table or to a service port.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Destination {
     /// In a service range: a service's address or an unallocated one (told

@@ -1,10 +1,11 @@
 //! Writes the desired service model into the maps, changing only what differs.
 //!
 //! Ordering keeps every intermediate state valid for the datapath:
-//! backends before the slots that name them, slots before the master entry that
-//! counts them, and removals (shrunk masters first, then slots, then backends,
-//! then whole services) after every addition. A service port whose writes fail
-//! is rolled back to its previous state and reported; the others go on.
+//! backends before the slots that name them, slots before the master entry
+//! that counts them (and, for a port of at most three, carries copies of
+//! them), and removals (shrunk masters first, then slots, then backends, then
+//! whole services) after every addition. A service port whose writes fail is
+//! rolled back to its previous state and reported; the others go on.
 //!
 //! Draining endpoints: an endpoint that leaves a port's selection while it
 //! still serves (terminating while others are ready, or left out by topology

@@ -1160,6 +1160,24 @@ fn handshake(h: &Harness, client: (Ipv4Addr, u16), vip: Ipv4Addr, what: &str) {
     }
 }
 
+/// The endpoint's next segment to `client`, entering the client pod, comes
+/// from `vip`:80.
+fn replies_come_from(h: &Harness, client: (Ipv4Addr, u16), vip: Ipv4Addr, name: &'static str) {
+    check_on(
+        h,
+        Hook::ToPod,
+        Case {
+            name,
+            frame: Spec::tcp((POD, 8080), client, ACK).build(),
+            expect: Expect::Translated {
+                src: (vip, 80),
+                dst: client,
+            },
+            counter: counters::REPLY_TRANSLATED,
+        },
+    );
+}
+
 /// Both sides send FIN: the flow is over (TIME_WAIT for nf_conntrack).
 fn close_with_fins(h: &Harness, client: (Ipv4Addr, u16), vip: Ipv4Addr) {
     check(
@@ -1207,18 +1225,11 @@ fn a_new_flow_never_overwrites_a_live_one() {
             counter: counters::DROP_CT_CLASH,
         },
     );
-    check_on(
+    replies_come_from(
         &h,
-        Hook::ToPod,
-        Case {
-            name: "the open flow's replies still come from its own service",
-            frame: Spec::tcp((POD, 8080), client, ACK).build(),
-            expect: Expect::Translated {
-                src: (VIP, 80),
-                dst: client,
-            },
-            counter: counters::REPLY_TRANSLATED,
-        },
+        client,
+        VIP,
+        "the open flow's replies still come from its own service",
     );
 }
 
@@ -1322,18 +1333,11 @@ fn a_syn_is_never_taken_for_a_reply() {
             },
         );
     }
-    check_on(
+    replies_come_from(
         &h,
-        Hook::ToPod,
-        Case {
-            name: "the open flow's replies still come from its service",
-            frame: Spec::tcp((POD, 8080), client, ACK).build(),
-            expect: Expect::Translated {
-                src: (VIP, 80),
-                dst: client,
-            },
-            counter: counters::REPLY_TRANSLATED,
-        },
+        client,
+        VIP,
+        "the open flow's replies still come from its service",
     );
 }
 

@@ -541,7 +541,8 @@ impl MapWriter {
 
     /// Backends (new ones, and those moving between selected and draining),
     /// then the changed slots up to the new count, then the master entry
-    /// (when it is new, or its count or parameters change), then the changed
+    /// (when it is new, or its count, parameters or inline copies change),
+    /// then the changed
     /// draining slots. `old` is `None` for a new port.
     fn write_service(
         &mut self,
@@ -927,10 +928,11 @@ fn master_entry(slots: &[Slot], svc_id: u32, params: MasterParams) -> ServiceEnt
     let mut inline = [InlineSlot::EMPTY; INLINE_BACKENDS];
     if slots.len() <= INLINE_BACKENDS {
         for (copy, slot) in inline.iter_mut().zip(slots) {
+            let entry = slot_entry(slot, svc_id);
             *copy = InlineSlot {
-                backend_id: slot.backend_id,
-                addr: u32::from_ne_bytes(slot.endpoint.addr.octets()),
-                port: slot.endpoint.port.to_be(),
+                backend_id: entry.backend_id,
+                addr: entry.backend_addr,
+                port: entry.backend_port,
                 _pad: [0; 2],
             };
         }

@@ -404,23 +404,20 @@ fn run_inner(config: &Config, result: &mut B5, progress: &Progress) -> Result<()
                     tcp_frame(client(flow), (fe.addr, fe.port), SYN)
                 })
                 .collect();
-            let misses: Vec<Vec<u8>> = flows
+            // Connections to pod addresses: their SYNs, then their next
+            // segments (which, unlike a SYN, could be replies).
+            let direct: Vec<((Ipv4Addr, u16), (Ipv4Addr, u16))> = flows
                 .iter()
                 .enumerate()
                 .map(|(k, (c, _))| {
                     let pod = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 1, 0)) + (k % 250) as u32 + 1);
-                    tcp_frame(*c, (pod, 8080), SYN)
+                    (*c, (pod, 8080))
                 })
                 .collect();
-            // The same connections' later segments: a packet that is not a
-            // SYN may be a reply, which the program must rule out.
-            let miss_segments: Vec<Vec<u8>> = misses
-                .iter()
-                .map(|syn| {
-                    let (dst, src) = (destination(syn), source(syn));
-                    tcp_frame(src, dst, ACK)
-                })
-                .collect();
+            let direct_frames = |flags: u8| -> Vec<Vec<u8>> {
+                direct.iter().map(|&(c, pod)| tcp_frame(c, pod, flags)).collect()
+            };
+            let (misses, miss_segments) = (direct_frames(SYN), direct_frames(ACK));
             // The endpoint each flow's SYN was sent to, from its output frame.
             let chosen = std::cell::RefCell::new(vec![None; flows.len()]);
             let mut time =
